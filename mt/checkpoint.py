@@ -1,0 +1,127 @@
+"""Checkpoints: atomic save, safe load, the run directory's checkpoint layout, keep-N pruning.
+
+A checkpoint is a dict of tensors and plain Python values written with ``torch.save`` and read with
+``torch.load(weights_only=True)``, so loading never runs code from the file. It is written to a
+temporary file in the same directory, flushed and fsynced, then renamed over the target: a crash
+leaves the previous file or the new one, never a truncated one.
+
+Layout: ``RUN_DIR/checkpoints/step_00001000.pt`` (keep-N), ``last.pt`` and ``best.pt``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+FORMAT_VERSION = 1
+_STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or is not an mt checkpoint; the message names the file."""
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: dict, path: str | Path) -> Path:
+    """Write ``obj`` to ``path`` so that readers see the old file or the complete new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_copy(src: Path, dst: Path) -> None:
+    """Copy a finished checkpoint under another name, atomically (for last.pt / best.pt)."""
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    try:
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(dst.parent)
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Read a checkpoint safely (no code execution); errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # pickle refused, truncated zip, not a torch file...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            reason = "it contains Python objects that could run code when loaded (refused)"
+        raise CheckpointError(f"{path}: not a readable mt checkpoint: {reason}") from None
+    if not isinstance(state, dict) or state.get("format") != "mt" or "model" not in state:
+        raise CheckpointError(f"{path}: not an mt checkpoint")
+    if state.get("version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: written by a newer mt (format {state['version']} > {FORMAT_VERSION})")
+    return state
+
+
+def step_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
+    """Step checkpoints in ``directory`` ordered by the step in their name (never by mtime)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for p in directory.iterdir():
+        m = _STEP_FILE.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def step_path(directory: str | Path, step: int) -> Path:
+    return Path(directory) / f"step_{step:08d}.pt"
+
+
+def prune(directory: str | Path, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` newest step checkpoints; return what was deleted."""
+    found = step_checkpoints(directory)
+    doomed = [p for _, p in found[: max(len(found) - keep, 0)]]
+    for p in doomed:
+        p.unlink(missing_ok=True)
+    return doomed
+
+
+def resolve(run_dir: str | Path, which: str = "best") -> Path:
+    """``best``, ``last``, a step number or a path -> a checkpoint file of ``run_dir``."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    if which in ("best", "last"):
+        path = ckpt_dir / f"{which}.pt"
+        if which == "best" and not path.exists():
+            path = ckpt_dir / "last.pt"
+    elif which.isdigit():
+        path = step_path(ckpt_dir, int(which))
+    else:
+        path = Path(which)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint (choose best, last, a step or a path)")
+    return path

@@ -1,0 +1,398 @@
+"""Typed configuration: dataclasses with defaults, YAML loading, ``key=value`` overrides, validation.
+
+A config file is YAML with the sections ``data``, ``tokenizer``, ``model``, ``train`` and ``decode``.
+Every key has a default here, so a file only names what it changes. Values are validated where the
+dataclass is built (``__post_init__``) and errors name the key and the valid choices. The resolved
+config (every key, defaults included) is written to ``RUN_DIR/config.yaml`` and is all that
+``mt translate`` needs besides the tokenizer and the checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names it."""
+
+
+def _choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+@dataclass
+class CorpusConfig:
+    """Where one split of parallel text comes from. Set exactly one of: src+tgt, path, hub."""
+
+    src: str = ""
+    """Source side as plain text, one sentence per line (``.gz`` allowed)."""
+    tgt: str = ""
+    """Target side as plain text, line N translating line N of ``src``."""
+    path: str = ""
+    """A single file: ``.tsv`` (source<TAB>target) or ``.jsonl`` ({"src","tgt"} or HF {"translation"})."""
+    hub: str = ""
+    """A Hugging Face hub dataset name (needs network), read with ``datasets.load_dataset``."""
+    hub_config: str = ""
+    """The hub dataset's configuration name, e.g. ``de-en``."""
+    split: str = "train"
+    """The hub dataset's split."""
+
+    def __post_init__(self) -> None:
+        given = [name for name, on in (("src/tgt", self.src or self.tgt), ("path", self.path),
+                                       ("hub", self.hub)) if on]
+        if len(given) > 1:
+            raise ConfigError(f"corpus: set only one of src+tgt, path, hub (got {', '.join(given)})")
+        if bool(self.src) != bool(self.tgt):
+            raise ConfigError("corpus: src and tgt must be given together")
+
+    @property
+    def is_set(self) -> bool:
+        return bool(self.src or self.path or self.hub)
+
+    def describe(self) -> str:
+        if self.src:
+            return f"{self.src} + {self.tgt}"
+        if self.path:
+            return self.path
+        return f"hub:{self.hub}" + (f"/{self.hub_config}" if self.hub_config else "") + f"[{self.split}]"
+
+
+@dataclass
+class DataConfig:
+    """Parallel corpora and the cleaning applied to the training pairs."""
+
+    src_lang: str = "de"
+    """Source language code (the key in HF ``{"translation": {..}}`` records)."""
+    tgt_lang: str = "en"
+    """Target language code."""
+    train: CorpusConfig = field(default_factory=CorpusConfig)
+    valid: CorpusConfig = field(default_factory=CorpusConfig)
+    test: CorpusConfig = field(default_factory=CorpusConfig)
+    """Optional held-out test split (used by recipes and ``mt eval``, never for training decisions)."""
+    max_len: int = 128
+    """Training pairs with more tokens than this on either side (``</s>`` included) are dropped."""
+    max_ratio: float = 3.0
+    """Training pairs whose token-length ratio exceeds this are dropped; 0 disables the filter."""
+    num_proc: int = 1
+    """Processes for tokenizing with ``Dataset.map``."""
+    cache_dir: str = ""
+    """Where tokenized datasets are cached; empty: the Hugging Face datasets default."""
+
+    def __post_init__(self) -> None:
+        _positive("data.max_len", self.max_len)
+        _positive("data.max_ratio", self.max_ratio, allow_zero=True)
+        _positive("data.num_proc", self.num_proc)
+        if self.src_lang == self.tgt_lang:
+            raise ConfigError(f"data.src_lang and data.tgt_lang are both {self.src_lang!r}")
+
+
+@dataclass
+class TokenizerConfig:
+    """SentencePiece subword model(s). Trained on the training corpus when no model is named."""
+
+    src_model: str = ""
+    """An existing SentencePiece model for the source side (or both sides when joint)."""
+    tgt_model: str = ""
+    """An existing SentencePiece model for the target side (separate vocabularies only)."""
+    type: str = "unigram"
+    """SentencePiece algorithm: unigram or bpe."""
+    vocab_size: int = 8000
+    """Vocabulary size, special tokens included."""
+    joint: bool = True
+    """One vocabulary for both languages; allows sharing all embeddings."""
+    character_coverage: float = 1.0
+    """Share of characters the model covers; the rest map to <unk> (0.9995 for CJK-sized alphabets)."""
+    input_sentence_size: int = 2_000_000
+    """Sentences sampled (shuffled) from big corpora for training the model; 0 uses all."""
+
+    def __post_init__(self) -> None:
+        _choice("tokenizer.type", self.type, ("unigram", "bpe"))
+        if self.vocab_size < 8:
+            raise ConfigError(f"tokenizer.vocab_size: must be >= 8, got {self.vocab_size}")
+        if not 0 < self.character_coverage <= 1:
+            raise ConfigError("tokenizer.character_coverage: must be in (0, 1]")
+        if self.joint and self.tgt_model and self.tgt_model != self.src_model:
+            raise ConfigError("tokenizer.tgt_model: a joint tokenizer uses src_model for both sides")
+
+
+@dataclass
+class ModelConfig:
+    """Transformer shape. Defaults map one-to-one onto HF ``M2M100ForConditionalGeneration``."""
+
+    d_model: int = 512
+    n_heads: int = 8
+    ffn_dim: int = 2048
+    encoder_layers: int = 6
+    decoder_layers: int = 6
+    dropout: float = 0.1
+    """Dropout on embeddings and on each sub-layer's output."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities."""
+    activation_dropout: float = 0.0
+    """Dropout after the feed-forward activation."""
+    activation: str = "relu"
+    """Feed-forward activation: relu or gelu."""
+    norm: str = "pre"
+    """pre: LayerNorm before each sub-layer plus a final one (M2M100); post: after (the 2017 paper)."""
+    scale_embedding: bool = True
+    """Multiply token embeddings by sqrt(d_model)."""
+    share_embeddings: bool = True
+    """Tie the target embedding and the output projection (and the source embedding when joint)."""
+    max_positions: int = 1024
+    """Longest sequence the sinusoidal position table covers."""
+
+    def __post_init__(self) -> None:
+        for key in ("d_model", "n_heads", "ffn_dim", "encoder_layers", "decoder_layers", "max_positions"):
+            _positive(f"model.{key}", getattr(self, key))
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})")
+        for key in ("dropout", "attention_dropout", "activation_dropout"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"model.{key}: must be in [0, 1)")
+        _choice("model.activation", self.activation, ("relu", "gelu"))
+        _choice("model.norm", self.norm, ("pre", "post"))
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, precision, validation and checkpointing."""
+
+    run_dir: str = "runs/default"
+    """Where config, tokenizer, checkpoints and metrics go (``mt train -o`` overrides it)."""
+    seed: int = 1
+    max_tokens: int = 4096
+    """Token budget of a batch: sentences x longest side, padding included."""
+    accum_steps: int = 1
+    """Batches whose gradients are summed into one update."""
+    max_steps: int = 0
+    """Stop after this many updates; 0: no limit (then max_epochs must be set)."""
+    max_epochs: int = 0
+    """Stop after this many passes over the training data; 0: no limit."""
+    optimizer: str = "adamw"
+    """adam or adamw."""
+    lr: float = 7e-4
+    """Peak learning rate, reached at the end of warmup."""
+    min_lr: float = 0.0
+    """Floor of the cosine schedule."""
+    schedule: str = "inverse_sqrt"
+    """inverse_sqrt (linear warmup, then lr * sqrt(warmup/step)), cosine (to min_lr at max_steps) or constant."""
+    warmup_steps: int = 4000
+    betas: tuple[float, float] = (0.9, 0.98)
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    """Clip the gradient's global L2 norm to this; 0 disables clipping."""
+    label_smoothing: float = 0.1
+    precision: str = "fp32"
+    """fp32 or bf16 (autocast on CPU and CUDA; weights and optimizer stay fp32)."""
+    device: str = "auto"
+    """auto (CUDA when available), cpu, cuda or cuda:N."""
+    num_threads: int = 0
+    """CPU threads for torch; 0 keeps torch's default."""
+    valid_every: int = 1000
+    """Validate and checkpoint every this many updates (and at the end)."""
+    log_every: int = 100
+    """Write a training row to metrics.jsonl every this many updates."""
+    keep_checkpoints: int = 5
+    """Step checkpoints kept besides last.pt and best.pt; 0 keeps none."""
+    patience: int = 0
+    """Stop after this many validations without a better validation loss; 0 disables early stopping."""
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # YAML gives a list
+        _positive("train.max_tokens", self.max_tokens)
+        _positive("train.accum_steps", self.accum_steps)
+        _positive("train.max_steps", self.max_steps, allow_zero=True)
+        _positive("train.max_epochs", self.max_epochs, allow_zero=True)
+        _positive("train.lr", self.lr)
+        _positive("train.warmup_steps", self.warmup_steps, allow_zero=True)
+        _positive("train.valid_every", self.valid_every)
+        _positive("train.log_every", self.log_every)
+        _positive("train.keep_checkpoints", self.keep_checkpoints, allow_zero=True)
+        _positive("train.patience", self.patience, allow_zero=True)
+        _positive("train.clip_norm", self.clip_norm, allow_zero=True)
+        _choice("train.optimizer", self.optimizer, ("adam", "adamw"))
+        _choice("train.schedule", self.schedule, ("inverse_sqrt", "cosine", "constant"))
+        _choice("train.precision", self.precision, ("fp32", "bf16"))
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"train.device: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError("train.label_smoothing: must be in [0, 1)")
+        if len(self.betas) != 2:
+            raise ConfigError("train.betas: must be two numbers")
+        if self.schedule == "cosine" and not self.max_steps:
+            raise ConfigError("train.schedule: cosine needs train.max_steps")
+
+
+@dataclass
+class DecodeConfig:
+    """Defaults for ``mt translate`` and validation BLEU; command-line options override them."""
+
+    beam: int = 5
+    lenpen: float = 1.0
+    """Length penalty exponent alpha; hypotheses are ranked by score / len**alpha."""
+    max_len_a: float = 1.2
+    max_len_b: int = 10
+    """Output length limit: a * source_length + b tokens."""
+    min_len: int = 1
+    batch_tokens: int = 8192
+    """Source-token budget of a translation batch."""
+
+    def __post_init__(self) -> None:
+        _positive("decode.beam", self.beam)
+        _positive("decode.batch_tokens", self.batch_tokens)
+        _positive("decode.min_len", self.min_len, allow_zero=True)
+        _positive("decode.max_len_a", self.max_len_a, allow_zero=True)
+        _positive("decode.max_len_b", self.max_len_b, allow_zero=True)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.max_len > self.train.max_tokens:
+            raise ConfigError(f"data.max_len ({self.data.max_len}) exceeds train.max_tokens "
+                              f"({self.train.max_tokens}): a longest pair would not fit in a batch")
+        if self.data.max_len > self.model.max_positions:
+            raise ConfigError(f"data.max_len ({self.data.max_len}) exceeds model.max_positions "
+                              f"({self.model.max_positions})")
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    """Tuples to lists, recursively, so the YAML stays plain."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _build(cls: type, values: dict, where: str) -> Any:
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        name = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            raise ConfigError(f"unknown key {name!r}; valid keys{' in ' + where if where else ''}: "
+                              f"{', '.join(fields)}")
+        kwargs[key] = _coerce(hints[key], value, name)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - fields all have defaults
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _coerce(hint: Any, value: Any, name: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value if value is not None else {}, name)
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        return tuple(_coerce(arg, v, name) for arg, v in zip(typing.get_args(hint), value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return str(value)
+    if origin in (typing.Union, types.UnionType):  # pragma: no cover - no unions in the schema yet
+        return value
+    return value
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``train.max_steps=100`` -> (["train", "max_steps"], 100); the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def _merge_override(tree: dict, path: list[str], value: Any, text: str) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {text!r}: {part!r} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (or start from defaults), apply ``key=value`` overrides, validate."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+        try:
+            tree = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for text in overrides:
+        keys, value = parse_override(text)
+        _merge_override(tree, keys, value, text)
+    try:
+        return _build(Config, tree, "")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
+
+
+def config_from_dict(tree: dict) -> Config:
+    return _build(Config, tree, "")
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically: temp file, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    tmp.replace(path)

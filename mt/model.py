@@ -1,0 +1,311 @@
+"""The Transformer encoder-decoder (Vaswani et al., 2017, "Attention Is All You Need").
+
+Written from torch primitives. One ``MultiHeadAttention`` module serves three roles:
+
+* encoder self-attention — bidirectional; padded source keys are masked;
+* decoder self-attention — causal: position t attends to positions <= t only;
+* decoder cross-attention — queries from the decoder, keys/values from the encoder output.
+
+All three compute softmax(QKᵀ/√d_head)·V with ``F.scaled_dot_product_attention``. The defaults are
+the layout of Hugging Face ``M2M100ForConditionalGeneration`` (and fairseq's pre-norm Transformer):
+pre-norm sub-layers with a final LayerNorm after each stack, token embeddings scaled by √d_model,
+sinusoidal positions whose first token sits at position ``PAD_ID + 1`` (= 2), ReLU, attention
+projections with biases, shared embeddings and an output projection without bias.
+
+The decoder has an incremental API for search: ``init_cache`` computes the cross-attention keys and
+values once per source and pre-allocates the self-attention cache; each ``decode`` call with the
+cache appends the new positions' keys/values; ``DecoderCache.reorder`` follows beams (and drops
+finished sentences) by selecting rows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mt.config import ModelConfig
+from mt.tokenizer import PAD_ID
+
+POSITION_OFFSET = PAD_ID + 1  # M2M100/fairseq: positions count from padding_idx + 1
+
+
+def sinusoidal_table(num_positions: int, dim: int) -> torch.Tensor:
+    """(num_positions, dim) table: row p is [sin(p·ω_0..ω_{h-1}), cos(p·ω_0..ω_{h-1})], h = dim // 2,
+    ω_i = 10000^(-i/(h-1)) (the tensor2tensor/fairseq/M2M100 layout, not interleaved)."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float) * -(math.log(10000.0) / (half - 1)))
+    angles = torch.arange(num_positions, dtype=torch.float)[:, None] * freqs[None, :]  # (P, half)
+    table = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    if dim % 2:
+        table = torch.cat([table, torch.zeros(num_positions, 1)], dim=1)
+    table[PAD_ID] = 0.0  # the padding position (never used for real tokens)
+    return table
+
+
+@dataclass
+class EncoderOut:
+    memory: torch.Tensor  # (B, S, D) encoder output
+    src_mask: torch.Tensor  # (B, S) True at real (non-pad) source tokens
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention with one packed input projection [W_q; W_k; W_v] of shape (3D, D)."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
+        self.dropout = dropout
+        self.in_proj = nn.Linear(d_model, 3 * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def _heads(self, x: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+        """(B, T, n·D) -> n tensors of (B, H, T, hd)."""
+        B, T, _ = x.shape
+        x = x.view(B, T, n, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (n, B, H, T, hd)
+        return x.unbind(0)
+
+    def _attend(self, q, k, v, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                             dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, hd)
+        B, _, T, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(B, T, self.d_model))  # (B, T, D)
+
+    def self_attention(self, x: torch.Tensor, *, key_mask: torch.Tensor | None = None, causal: bool = False,
+                       cache: LayerCache | None = None) -> torch.Tensor:
+        """x (B, T, D). ``key_mask`` (B, 1, 1, T) bool, True = attend. With ``cache``, x holds the next
+        positions of a causal sequence and attends to the cached prefix too."""
+        q, k, v = self._heads(self.in_proj(x), 3)  # each (B, H, T, hd)
+        if cache is None:
+            return self._attend(q, k, v, key_mask, causal)
+        past = cache.append(k, v)
+        k, v = cache.keys(), cache.values()  # (B, H, past + T, hd)
+        T = q.shape[2]
+        if T == 1 or not causal:
+            return self._attend(q, k, v, None, False)
+        if past == 0:
+            return self._attend(q, k, v, None, True)
+        # new positions past..past+T-1 see the whole cached prefix and themselves causally
+        mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        return self._attend(q, k, v, mask, False)
+
+    def cross_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values from the encoder output: (B, S, D) -> 2 x (B, H, S, hd)."""
+        kv = F.linear(memory, self.in_proj.weight[self.d_model:], self.in_proj.bias[self.d_model:])
+        return self._heads(kv, 2)
+
+    def cross_attention(self, x: torch.Tensor, *, memory: torch.Tensor | None = None,
+                        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                        key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Queries from x (B, T, D); keys/values from ``memory`` (B, S, D) or precomputed ``kv``."""
+        q = F.linear(x, self.in_proj.weight[: self.d_model], self.in_proj.bias[: self.d_model])
+        (q,) = self._heads(q, 1)  # (B, H, T, hd)
+        k, v = kv if kv is not None else self.cross_kv(memory)
+        return self._attend(q, k, v, key_mask, False)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_model: int, ffn_dim: int, activation: str, activation_dropout: float):
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, d_model)
+        self.activation = F.relu if activation == "relu" else F.gelu
+        self.dropout = nn.Dropout(activation_dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.dropout(self.activation(self.fc1(x))))
+
+
+class Sublayer(nn.Module):
+    """Residual connection around a sub-layer with LayerNorm before (pre-norm) or after (post-norm)."""
+
+    def __init__(self, d_model: int, dropout: float, pre_norm: bool):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.pre_norm = pre_norm
+
+    def forward(self, x: torch.Tensor, fn) -> torch.Tensor:
+        if self.pre_norm:
+            return x + self.dropout(fn(self.norm(x)))
+        return self.norm(x + self.dropout(fn(x)))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        pre = cfg.norm == "pre"
+        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
+        self.ffn = FeedForward(cfg.d_model, cfg.ffn_dim, cfg.activation, cfg.activation_dropout)
+        self.attn_block = Sublayer(cfg.d_model, cfg.dropout, pre)
+        self.ffn_block = Sublayer(cfg.d_model, cfg.dropout, pre)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        x = self.attn_block(x, lambda h: self.self_attn.self_attention(h, key_mask=key_mask))
+        return self.ffn_block(x, self.ffn)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        pre = cfg.norm == "pre"
+        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
+        self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
+        self.ffn = FeedForward(cfg.d_model, cfg.ffn_dim, cfg.activation, cfg.activation_dropout)
+        self.self_block = Sublayer(cfg.d_model, cfg.dropout, pre)
+        self.cross_block = Sublayer(cfg.d_model, cfg.dropout, pre)
+        self.ffn_block = Sublayer(cfg.d_model, cfg.dropout, pre)
+
+    def forward(self, x: torch.Tensor, *, memory: torch.Tensor | None, key_mask: torch.Tensor,
+                cache: LayerCache | None = None) -> torch.Tensor:
+        x = self.self_block(x, lambda h: self.self_attn.self_attention(h, causal=True, cache=cache))
+        kv = cache.cross if cache is not None else None
+        x = self.cross_block(x, lambda h: self.cross_attn.cross_attention(h, memory=memory, kv=kv,
+                                                                           key_mask=key_mask))
+        return self.ffn_block(x, self.ffn)
+
+
+class LayerCache:
+    """One decoder layer's incremental state: a pre-allocated self-attention K/V buffer that grows by
+    the decoded positions, and the cross-attention K/V computed once from the encoder output."""
+
+    def __init__(self, cross: tuple[torch.Tensor, torch.Tensor], capacity: int):
+        self.cross = cross  # 2 x (B, H, S, hd)
+        B, H, _, hd = cross[0].shape
+        self._k = cross[0].new_empty(B, H, capacity, hd)
+        self._v = cross[0].new_empty(B, H, capacity, hd)
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> int:
+        """Store k, v (B, H, T, hd) after the cached positions; return the previous length."""
+        past, T = self.length, k.shape[2]
+        if past + T > self._k.shape[2]:  # grow geometrically
+            grow = max(past + T, 2 * self._k.shape[2]) - self._k.shape[2]
+            self._k = torch.cat([self._k, self._k.new_empty(*self._k.shape[:2], grow, self._k.shape[3])], 2)
+            self._v = torch.cat([self._v, self._v.new_empty(*self._v.shape[:2], grow, self._v.shape[3])], 2)
+        self._k[:, :, past: past + T] = k
+        self._v[:, :, past: past + T] = v
+        self.length = past + T
+        return past
+
+    def keys(self) -> torch.Tensor:
+        return self._k[:, :, : self.length]
+
+    def values(self) -> torch.Tensor:
+        return self._v[:, :, : self.length]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows ``index`` (B',) of the batch, in that order (beam reordering, dropping rows)."""
+        self.cross = (self.cross[0].index_select(0, index), self.cross[1].index_select(0, index))
+        self._k = self._k.index_select(0, index)
+        self._v = self._v.index_select(0, index)
+
+
+class DecoderCache:
+    """Incremental decoding state of the whole decoder (see ``Transformer.init_cache``)."""
+
+    def __init__(self, layers: list[LayerCache], src_mask: torch.Tensor):
+        self.layers = layers
+        self.src_mask = src_mask  # (B, S)
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+    def reorder(self, index: torch.Tensor) -> None:
+        for layer in self.layers:
+            layer.reorder(index)
+        self.src_mask = self.src_mask.index_select(0, index)
+
+
+class Transformer(nn.Module):
+    """Encoder-decoder with ``encode`` / ``decode`` / ``forward`` (Annotated-Transformer style)."""
+
+    def __init__(self, cfg: ModelConfig, src_vocab: int, tgt_vocab: int):
+        super().__init__()
+        self.cfg = cfg
+        self.src_vocab, self.tgt_vocab = src_vocab, tgt_vocab
+        D = cfg.d_model
+        self.embed_scale = math.sqrt(D) if cfg.scale_embedding else 1.0
+        self.tgt_embed = nn.Embedding(tgt_vocab, D, padding_idx=PAD_ID)
+        shared_src = cfg.share_embeddings and src_vocab == tgt_vocab
+        self.src_embed = self.tgt_embed if shared_src else nn.Embedding(src_vocab, D, padding_idx=PAD_ID)
+        self.register_buffer("positions", sinusoidal_table(cfg.max_positions + POSITION_OFFSET, D),
+                             persistent=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
+        self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
+        pre = cfg.norm == "pre"
+        self.encoder_norm = nn.LayerNorm(D) if pre else nn.Identity()
+        self.decoder_norm = nn.LayerNorm(D) if pre else nn.Identity()
+        self.output_proj = None if cfg.share_embeddings else nn.Linear(D, tgt_vocab, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """fairseq's initialisation: Xavier-uniform projections, zero biases, N(0, D^-½) embeddings."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for emb in {self.src_embed, self.tgt_embed}:
+            nn.init.normal_(emb.weight, mean=0.0, std=self.cfg.d_model ** -0.5)
+            with torch.no_grad():
+                emb.weight[PAD_ID].zero_()
+        if self.output_proj is not None:
+            nn.init.normal_(self.output_proj.weight, mean=0.0, std=self.cfg.d_model ** -0.5)
+
+    def _embed(self, embedding: nn.Embedding, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """ids (B, T) -> (B, T, D): scaled token embedding + position embedding (positions start..)."""
+        T = ids.shape[1]
+        if start + T > self.cfg.max_positions:
+            raise ValueError(f"sequence of {start + T} tokens exceeds model.max_positions={self.cfg.max_positions}")
+        pos = self.positions[POSITION_OFFSET + start: POSITION_OFFSET + start + T]  # (T, D)
+        return self.dropout(embedding(ids) * self.embed_scale + pos)
+
+    def encode(self, src: torch.Tensor) -> EncoderOut:
+        """src (B, S) ids, right-padded -> memory (B, S, D) and the source mask."""
+        src_mask = src != PAD_ID  # (B, S)
+        key_mask = src_mask[:, None, None, :]  # (B, 1, 1, S)
+        x = self._embed(self.src_embed, src)
+        for layer in self.encoder_layers:
+            x = layer(x, key_mask)
+        return EncoderOut(memory=self.encoder_norm(x), src_mask=src_mask)
+
+    def decode_hidden(self, tgt_in: torch.Tensor, enc: EncoderOut | None = None, *,
+                      cache: DecoderCache | None = None) -> torch.Tensor:
+        """tgt_in (B, T) -> decoder states (B, T, D). With ``cache``, tgt_in continues the cached prefix
+        (and ``enc`` is not needed: its keys/values live in the cache)."""
+        start = cache.length if cache is not None else 0
+        src_mask = cache.src_mask if cache is not None else enc.src_mask
+        key_mask = src_mask[:, None, None, :]  # (B, 1, 1, S)
+        memory = enc.memory if enc is not None and cache is None else None
+        x = self._embed(self.tgt_embed, tgt_in, start)
+        for i, layer in enumerate(self.decoder_layers):
+            x = layer(x, memory=memory, key_mask=key_mask, cache=cache.layers[i] if cache is not None else None)
+        return self.decoder_norm(x)
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Decoder states (..., D) -> logits (..., V)."""
+        weight = self.tgt_embed.weight if self.output_proj is None else self.output_proj.weight
+        return F.linear(hidden, weight)
+
+    def decode(self, tgt_in: torch.Tensor, enc: EncoderOut | None = None, *,
+               cache: DecoderCache | None = None) -> torch.Tensor:
+        """tgt_in (B, T) -> logits (B, T, V)."""
+        return self.project(self.decode_hidden(tgt_in, enc, cache=cache))
+
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits (B, T, V) for src (B, S) and decoder input tgt_in (B, T)."""
+        return self.decode(tgt_in, self.encode(src))
+
+    def init_cache(self, enc: EncoderOut, capacity: int = 64) -> DecoderCache:
+        """Start incremental decoding: cross-attention K/V from ``enc``, empty self-attention buffers."""
+        layers = [LayerCache(layer.cross_attn.cross_kv(enc.memory), capacity) for layer in self.decoder_layers]
+        return DecoderCache(layers, enc.src_mask)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

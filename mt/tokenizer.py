@@ -1,0 +1,139 @@
+"""SentencePiece subword models (Kudo & Richardson, 2018): training and a thin encode/decode wrapper.
+
+Special ids follow fairseq and Hugging Face M2M100, so a model exports without remapping:
+``<s>`` = 0, ``<pad>`` = 1, ``</s>`` = 2, ``<unk>`` = 3. A sentence is encoded as its pieces followed
+by ``</s>``; the decoder's input starts with ``<s>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import sentencepiece as spm
+
+BOS_ID, PAD_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+SPECIAL_PIECES = {"bos": "<s>", "pad": "<pad>", "eos": "</s>", "unk": "<unk>"}
+
+
+class TokenizerError(ValueError):
+    """SentencePiece could not be trained or loaded; the message says why and what to change."""
+
+
+def train_sentencepiece(
+    sentences: Iterable[str],
+    out_path: str | Path,
+    *,
+    vocab_size: int,
+    model_type: str = "unigram",
+    character_coverage: float = 1.0,
+    input_sentence_size: int = 0,
+    num_threads: int = 2,
+) -> Path:
+    """Train a SentencePiece model on ``sentences`` and write it to ``out_path`` (atomically).
+
+    With ``input_sentence_size`` > 0, SentencePiece samples that many sentences (shuffled) from the
+    stream, which keeps memory bounded on big corpora.
+    """
+    out_path = Path(out_path)
+    buffer = io.BytesIO()
+    count = 0
+
+    def stream() -> Iterator[str]:
+        nonlocal count
+        for sentence in sentences:
+            if sentence:
+                count += 1
+                yield sentence
+
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=stream(),
+            model_writer=buffer,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            character_coverage=character_coverage,
+            input_sentence_size=input_sentence_size,
+            shuffle_input_sentence=True,
+            bos_id=BOS_ID, pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID,
+            bos_piece=SPECIAL_PIECES["bos"], pad_piece=SPECIAL_PIECES["pad"],
+            eos_piece=SPECIAL_PIECES["eos"], unk_piece=SPECIAL_PIECES["unk"],
+            num_threads=num_threads,
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        message = str(e)
+        limit = re.search(r"value <= (\d+)", message)
+        if limit:
+            raise TokenizerError(
+                f"tokenizer.vocab_size={vocab_size} is more than SentencePiece can build from this corpus "
+                f"({count} sentences): set tokenizer.vocab_size <= {limit.group(1)}") from None
+        raise TokenizerError(f"SentencePiece training failed: {message.splitlines()[-1]}") from None
+    if count == 0:
+        raise TokenizerError("SentencePiece training failed: no non-empty sentences")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    tmp.write_bytes(buffer.getvalue())
+    tmp.replace(out_path)
+    return out_path
+
+
+class Tokenizer:
+    """Encode text to ids (pieces + ``</s>``) and decode ids to text. Picklable (for ``num_proc``)."""
+
+    def __init__(self, model: str | Path | bytes):
+        if isinstance(model, (str, Path)):
+            try:
+                model = Path(model).read_bytes()
+            except OSError as e:
+                raise TokenizerError(f"{model}: cannot read SentencePiece model ({e.strerror})") from None
+        self._proto = bytes(model)
+        self._load()
+
+    def _load(self) -> None:
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.LoadFromSerializedProto(self._proto)
+        except RuntimeError:
+            raise TokenizerError("not a valid SentencePiece model") from None
+        for name, want in (("bos", BOS_ID), ("pad", PAD_ID), ("eos", EOS_ID), ("unk", UNK_ID)):
+            got = getattr(self.sp, f"{name}_id")()
+            if got != want:
+                raise TokenizerError(f"SentencePiece model has {name}_id={got}; mt needs {want} "
+                                     f"(train it with `mt tokenizer train`)")
+
+    def __getstate__(self) -> dict:
+        return {"proto": self._proto}
+
+    def __setstate__(self, state: dict) -> None:
+        self._proto = state["proto"]
+        self._load()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    @property
+    def fingerprint(self) -> str:
+        """A digest of the model, used to key cached tokenized datasets."""
+        return hashlib.sha256(self._proto).hexdigest()[:16]
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Each text to its piece ids followed by ``</s>``."""
+        return [ids + [EOS_ID] for ids in self.sp.encode(texts, out_type=int)]
+
+    def decode(self, ids: list[list[int]]) -> list[str]:
+        """Ids to text; special tokens (``<s>``, ``</s>``, ``<pad>``) are dropped."""
+        return self.sp.decode([[i for i in seq if i >= UNK_ID] for seq in ids])
+
+    def pieces(self, text: str) -> list[str]:
+        return self.sp.encode(text, out_type=str)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(self._proto)
+        tmp.replace(path)

@@ -1,0 +1,390 @@
+"""Training: data and tokenizer preparation, the optimisation loop, validation, checkpoints.
+
+Teacher forcing (Vaswani et al., 2017): the decoder reads ``<s> y1 .. y(n-1)`` and is trained to
+predict ``y1 .. yn </s>`` with label-smoothed cross-entropy (Szegedy et al., 2016) over non-pad
+tokens. Adam(W) with linear warmup and an inverse-square-root (or cosine) decay, gradient clipping,
+gradient accumulation, optional bf16 autocast. Everything that decides what happens next — model,
+optimizer, step, epoch, sampler position, best score, RNG states — is saved in each checkpoint, so
+``resume`` continues the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from mt import checkpoint as ckpt
+from mt.config import Config, ConfigError, config_from_dict, save_config
+from mt.data import Batch, ParallelData, clean, load_corpus, tokenize
+from mt.model import Transformer
+from mt.tokenizer import PAD_ID, Tokenizer, train_sentencepiece
+
+TRAINER_STATE_VERSION = 1
+MAX_BAD_UPDATES = 5  # consecutive non-finite updates before training gives up
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says why."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Pieces
+
+
+def label_smoothed_loss(logits: torch.Tensor, target: torch.Tensor, epsilon: float,
+                        ignore_index: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed label-smoothed cross-entropy and summed NLL over non-ignored targets.
+
+    logits (N, V), target (N,). The smoothed target puts 1 - ε on the reference and ε/V on every
+    class (the reference included), as ``F.cross_entropy(label_smoothing=ε)`` does:
+    loss = (1 - ε)·(-log p_y) + (ε/V)·Σ_v(-log p_v).
+    """
+    lprobs = F.log_softmax(logits.float(), dim=-1)  # (N, V)
+    keep = target != ignore_index
+    lprobs, target = lprobs[keep], target[keep]
+    nll = -lprobs.gather(1, target[:, None]).squeeze(1)  # (N',)
+    smooth = -lprobs.sum(dim=-1)  # (N',)
+    loss = (1.0 - epsilon) * nll + (epsilon / lprobs.shape[-1]) * smooth
+    return loss.sum(), nll.sum()
+
+
+def learning_rate(step: int, cfg) -> float:
+    """LR for update number ``step`` (1-based): linear warmup, then the chosen decay."""
+    warmup = cfg.warmup_steps
+    if warmup and step <= warmup:
+        return cfg.lr * step / warmup
+    if cfg.schedule == "inverse_sqrt":
+        return cfg.lr * math.sqrt(warmup / step) if warmup else cfg.lr
+    if cfg.schedule == "cosine":
+        progress = min((step - warmup) / max(cfg.max_steps - warmup, 1), 1.0)
+        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+    return cfg.lr
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Run directory, tokenizer, data
+
+
+def tokenizer_files(run_dir: Path, joint: bool) -> tuple[Path, Path]:
+    if joint:
+        return run_dir / "spm.model", run_dir / "spm.model"
+    return run_dir / "spm.src.model", run_dir / "spm.tgt.model"
+
+
+def _text_stream(ds, column: str) -> Iterator[str]:
+    for batch in ds.iter(batch_size=10_000):
+        yield from batch[column]
+
+
+def prepare_tokenizers(cfg: Config, run_dir: Path, train_ds, log: Callable[[str], None]) -> tuple[Tokenizer, Tokenizer]:
+    """Reuse the run's tokenizer, copy the configured one in, or train SentencePiece on ``train_ds``."""
+    tok = cfg.tokenizer
+    src_path, tgt_path = tokenizer_files(run_dir, tok.joint)
+    if src_path.exists() and tgt_path.exists():
+        return Tokenizer(src_path), Tokenizer(tgt_path)
+    if tok.src_model:
+        Tokenizer(tok.src_model).save(src_path)
+        if not tok.joint:
+            if not tok.tgt_model:
+                raise ConfigError("tokenizer.tgt_model: needed with tokenizer.src_model when joint is false")
+            Tokenizer(tok.tgt_model).save(tgt_path)
+        return Tokenizer(src_path), Tokenizer(tgt_path)
+    options = dict(vocab_size=tok.vocab_size, model_type=tok.type, character_coverage=tok.character_coverage,
+                   input_sentence_size=tok.input_sentence_size)
+    t0 = time.time()
+    if tok.joint:
+        def both() -> Iterator[str]:
+            yield from _text_stream(train_ds, "src")
+            yield from _text_stream(train_ds, "tgt")
+        train_sentencepiece(both(), src_path, **options)
+    else:
+        train_sentencepiece(_text_stream(train_ds, "src"), src_path, **options)
+        train_sentencepiece(_text_stream(train_ds, "tgt"), tgt_path, **options)
+    log(f"trained SentencePiece {tok.type} ({'joint' if tok.joint else 'separate'}, {tok.vocab_size} pieces) "
+        f"in {time.time() - t0:.1f}s -> {src_path.name}" + ("" if tok.joint else f", {tgt_path.name}"))
+    return Tokenizer(src_path), Tokenizer(tgt_path)
+
+
+def load_split(cfg: Config, which: str, src_tok: Tokenizer, tgt_tok: Tokenizer, raw=None) -> ParallelData:
+    """Read, tokenize and clean one split. Training pairs get the full cleaning; validation pairs only
+    lose empty sides and what the model cannot hold."""
+    data = cfg.data
+    corpus = getattr(data, which)
+    raw = raw if raw is not None else load_corpus(corpus, data.src_lang, data.tgt_lang, data.cache_dir)
+    ds = tokenize(raw, src_tok, tgt_tok, data.num_proc)
+    if which == "train":
+        ds, report = clean(ds, data.max_len, data.max_ratio)
+    else:
+        ds, report = clean(ds, cfg.model.max_positions)
+    if report.kept == 0:
+        raise TrainingError(f"{corpus.describe()}: no pairs left after cleaning ({report})")
+    return ParallelData(ds, report)
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class TrainResult:
+    step: int
+    epoch: int
+    best_valid_nll: float
+    stopped: str  # why training ended
+    run_dir: Path
+
+
+class MetricsLog:
+    """Append-only JSON lines (``metrics.jsonl``), one row per log or validation event."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, **row) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+@torch.no_grad()
+def validate(model: Transformer, data: ParallelData, *, max_tokens: int, epsilon: float,
+             device: torch.device, precision: str) -> dict:
+    """Per-token label-smoothed loss, NLL and perplexity over a whole split."""
+    was_training = model.training
+    model.eval()
+    loss_sum = nll_sum = 0.0
+    tokens = 0
+    for indices in data.sampler(max_tokens, shuffle=False):
+        batch = data.batch(indices).to(device)
+        with autocast(device, precision):
+            logits = model(batch.src, batch.tgt_in)
+        loss, nll = label_smoothed_loss(logits.flatten(0, 1), batch.tgt_out.flatten(), epsilon)
+        loss_sum, nll_sum, tokens = loss_sum + loss.item(), nll_sum + nll.item(), tokens + batch.num_tgt_tokens
+    model.train(was_training)
+    nll = nll_sum / tokens
+    return {"loss": loss_sum / tokens, "nll": nll, "ppl": math.exp(min(nll, 50.0)), "tokens": tokens}
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """Fail at start, not after an hour: the run directory must be writable and, unless resuming,
+    must not already hold a run."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as e:
+        raise TrainingError(f"{run_dir}: run directory is not writable ({e.strerror})") from None
+    if not resume and (run_dir / "checkpoints" / "last.pt").exists():
+        raise TrainingError(f"{run_dir}: already holds a trained run; pass --resume to continue it "
+                            "or choose another run directory with -o")
+
+
+def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | None = None,
+          progress: bool | None = None) -> TrainResult:
+    """Train the model described by ``cfg`` into ``cfg.train.run_dir``; return where it stopped."""
+    log = log or (lambda message: print(message, file=sys.stderr))
+    tc = cfg.train
+    run_dir = Path(tc.run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    check_run_dir(run_dir, resume)
+    resume_state = None
+    if resume:
+        last = ckpt_dir / "last.pt"
+        if not last.exists():
+            raise TrainingError(f"{last}: nothing to resume")
+        resume_state = ckpt.load(last)
+        saved = config_from_dict(resume_state["config"])
+        if saved.model != cfg.model or saved.tokenizer.joint != cfg.tokenizer.joint:
+            raise TrainingError(f"{last}: the model or tokenizer settings differ from the checkpoint's; "
+                                "resume with the run's own config.yaml")
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
+    device = pick_device(tc.device)
+    random.seed(tc.seed)
+    np.random.seed(tc.seed)
+    torch.manual_seed(tc.seed)
+
+    # data and tokenizer
+    if not cfg.data.train.is_set:
+        raise ConfigError("data.train: no training corpus configured (set data.train.src and data.train.tgt)")
+    raw_train = load_corpus(cfg.data.train, cfg.data.src_lang, cfg.data.tgt_lang, cfg.data.cache_dir)
+    src_tok, tgt_tok = prepare_tokenizers(cfg, run_dir, raw_train, log)
+    train_data = load_split(cfg, "train", src_tok, tgt_tok, raw=raw_train)
+    log(f"train {cfg.data.train.describe()}: {train_data.report}")
+    valid_data = None
+    if cfg.data.valid.is_set:
+        valid_data = load_split(cfg, "valid", src_tok, tgt_tok)
+        log(f"valid {cfg.data.valid.describe()}: {valid_data.report}")
+    save_config(cfg, run_dir / "config.yaml")
+
+    # model and optimizer
+    model = Transformer(cfg.model, src_tok.vocab_size, tgt_tok.vocab_size).to(device)
+    optimizer_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
+    optimizer = optimizer_cls(model.parameters(), lr=tc.lr, betas=tc.betas, eps=tc.adam_eps,
+                              weight_decay=tc.weight_decay)
+    sampler = train_data.sampler(tc.max_tokens, shuffle=True, seed=tc.seed)
+    step, best_nll, bad_validations = 0, math.inf, 0
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        sampler.load_state_dict(resume_state["sampler"])
+        trainer = resume_state["trainer"]
+        if trainer.get("version") != TRAINER_STATE_VERSION:
+            raise TrainingError(f"{ckpt_dir / 'last.pt'}: trainer state version {trainer.get('version')} "
+                                f"is not {TRAINER_STATE_VERSION}")
+        step, best_nll, bad_validations = trainer["step"], trainer["best_valid_nll"], trainer["bad_validations"]
+        set_rng_state(resume_state["rng"])
+        log(f"resumed from {ckpt_dir / 'last.pt'} at step {step} (epoch {sampler.epoch + 1}, "
+            f"batch {sampler.position}/{len(sampler)})")
+    else:
+        log(f"model: {model.num_parameters():,} parameters, {cfg.model.encoder_layers}+{cfg.model.decoder_layers} "
+            f"layers, d_model {cfg.model.d_model}; device {device}, {tc.precision}")
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+
+    def save(tag: str, valid: dict | None) -> None:
+        state = {
+            "format": "mt", "version": ckpt.FORMAT_VERSION,
+            "model": model.state_dict(), "config": cfg.to_dict(),
+            "vocab": {"src": src_tok.vocab_size, "tgt": tgt_tok.vocab_size},
+            "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(),
+            "trainer": {"version": TRAINER_STATE_VERSION, "step": step, "best_valid_nll": best_nll,
+                        "bad_validations": bad_validations},
+            "rng": rng_state(), "valid": valid or {},
+        }
+        path = ckpt.atomic_save(state, ckpt.step_path(ckpt_dir, step))
+        ckpt.atomic_copy(path, ckpt_dir / "last.pt")
+        if tag == "best":
+            ckpt.atomic_copy(path, ckpt_dir / "best.pt")
+        ckpt.prune(ckpt_dir, tc.keep_checkpoints)
+
+    def batch_stream() -> Iterator[np.ndarray]:
+        """Batches across epochs; ``sampler`` holds the position, so this resumes mid-epoch."""
+        while not tc.max_epochs or sampler.epoch < tc.max_epochs:
+            yield from sampler
+            sampler.set_epoch(sampler.epoch + 1)
+
+    def run_validation() -> tuple[dict | None, bool]:
+        """Validate, log, and say whether this is the best model so far."""
+        nonlocal best_nll, bad_validations
+        if valid_data is None:
+            return None, False
+        result = validate(model, valid_data, max_tokens=tc.max_tokens, epsilon=tc.label_smoothing,
+                          device=device, precision=tc.precision)
+        improved = result["nll"] < best_nll
+        if improved:
+            best_nll, bad_validations = result["nll"], 0
+        else:
+            bad_validations += 1
+        metrics.write(kind="valid", step=step, epoch=sampler.epoch + 1, **result, best=improved)
+        log(f"step {step}: valid loss {result['loss']:.4f} nll {result['nll']:.4f} ppl {result['ppl']:.2f}"
+            + (" (best)" if improved else f" (no improvement for {bad_validations})"))
+        return result, improved
+
+    model.train()
+    stream = batch_stream()
+    bar = tqdm(total=tc.max_steps or None, initial=step, disable=progress is False if progress is not None else None,
+               file=sys.stderr, dynamic_ncols=True, unit="step")
+    window_tokens, window_start, window_loss, window_nll = 0, time.time(), 0.0, 0.0
+    bad_updates, stopped = 0, ""
+    while not stopped:
+        if tc.max_steps and step >= tc.max_steps:
+            stopped = f"reached train.max_steps={tc.max_steps}"
+            break
+        group = [train_data.batch(i) for _, i in zip(range(tc.accum_steps), stream)]
+        if not group:
+            stopped = f"reached train.max_epochs={tc.max_epochs}"
+            break
+        step += 1
+        # lr for this update, then forward/backward over the accumulated batches
+        lr = learning_rate(step, tc)
+        for group_ in optimizer.param_groups:
+            group_["lr"] = lr
+        tokens = sum(b.num_tgt_tokens for b in group)
+        loss_total = nll_total = 0.0
+        for batch in group:
+            batch = batch.to(device)
+            with autocast(device, tc.precision):
+                hidden = model.decode_hidden(batch.tgt_in, model.encode(batch.src))
+                keep = batch.tgt_out != PAD_ID
+                logits = model.project(hidden[keep])  # (N, V): logits only where there is a target
+            loss, nll = label_smoothed_loss(logits, batch.tgt_out[keep], tc.label_smoothing)
+            # normalise by the update's token count so accumulation equals one big batch
+            (loss / tokens).backward()
+            loss_total, nll_total = loss_total + loss.item(), nll_total + nll.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm or float("inf"))
+        if not (math.isfinite(loss_total) and torch.isfinite(grad_norm)):
+            # skip the update rather than poison the weights; give up if it keeps happening
+            optimizer.zero_grad(set_to_none=True)
+            bad_updates += 1
+            log(f"step {step}: non-finite loss or gradient, update skipped ({bad_updates} in a row)")
+            if bad_updates >= MAX_BAD_UPDATES:
+                raise TrainingError(f"{bad_updates} non-finite updates in a row at step {step}; lower "
+                                    "train.lr, raise train.warmup_steps or use train.precision=fp32")
+            continue
+        bad_updates = 0
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        window_tokens += tokens
+        window_loss += loss_total
+        window_nll += nll_total
+        bar.update(1)
+        if step % tc.log_every == 0 or step == 1:
+            elapsed = max(time.time() - window_start, 1e-9)
+            row = {"loss": window_loss / window_tokens, "nll": window_nll / window_tokens, "lr": lr,
+                   "tokens_per_s": window_tokens / elapsed, "grad_norm": float(grad_norm)}
+            metrics.write(kind="train", step=step, epoch=sampler.epoch + 1, **row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+            window_tokens, window_start, window_loss, window_nll = 0, time.time(), 0.0, 0.0
+        if step % tc.valid_every == 0:
+            valid, improved = run_validation()
+            save("best" if improved else "step", valid)
+            if tc.patience and bad_validations >= tc.patience:
+                stopped = f"early stopping: no improvement in {tc.patience} validations"
+    bar.close()
+    if step % tc.valid_every != 0:  # the final state, validated and saved
+        valid, improved = run_validation()
+        save("best" if improved or valid_data is None else "step", valid)
+    log(f"stopped at step {step}: {stopped}")
+    metrics.write(kind="end", step=step, epoch=sampler.epoch + 1, reason=stopped, best_valid_nll=best_nll)
+    return TrainResult(step=step, epoch=sampler.epoch + 1, best_valid_nll=best_nll, stopped=stopped, run_dir=run_dir)
