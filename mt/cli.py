@@ -34,10 +34,12 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from mt.config import ConfigError
     from mt.data import CorpusError
     from mt.multi30k import DataFetchError
+    from mt.evaluate import EvaluationError
     from mt.tokenizer import TokenizerError
     from mt.train import TrainingError
 
-    return ConfigError, CorpusError, TokenizerError, CheckpointError, TrainingError, DataFetchError, OSError
+    return (ConfigError, CorpusError, TokenizerError, CheckpointError, TrainingError, DataFetchError,
+            EvaluationError, OSError)
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -150,6 +152,160 @@ def data_multi30k(
 
     fetch(dest, source or None, log=_log)
     _log(f"Multi30k ready in {dest}")
+
+
+# Decoding options shared by translate and eval; None means "the run's decode section".
+Beam = Annotated[Optional[int], typer.Option("--beam", "-b", help="Beam size (default: the run's decode.beam).")]
+Lenpen = Annotated[Optional[float], typer.Option("--lenpen", help="Length penalty α: rank by log p / len**α.")]
+MaxLenA = Annotated[Optional[float], typer.Option("--max-len-a", help="Output length limit a·src_len + b: a.")]
+MaxLenB = Annotated[Optional[int], typer.Option("--max-len-b", help="Output length limit a·src_len + b: b.")]
+MinLen = Annotated[Optional[int], typer.Option("--min-len", help="Minimum output tokens before </s>.")]
+BatchTokens = Annotated[Optional[int], typer.Option("--batch-tokens", help="Source tokens per batch.")]
+Greedy = Annotated[bool, typer.Option("--greedy", help="Greedy search instead of beam search.")]
+Checkpoint = Annotated[str, typer.Option("--checkpoint", "-c", help="best, last, a step number or a file.")]
+Average = Annotated[int, typer.Option("--average", help="Average the weights of the last N step checkpoints.")]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+RunDir = Annotated[Path, typer.Option("--model", "-m", help="Run directory written by mt train.")]
+
+
+def _translator(run_dir, checkpoint, average, device, greedy, nbest, beam, lenpen, max_len_a, max_len_b,
+                min_len, batch_tokens):
+    from mt.translate import Translator
+
+    if nbest > 1 and greedy:
+        _fail("--nbest needs beam search; drop --greedy")
+    return Translator.from_run(run_dir, checkpoint=checkpoint, average=average, device=device, greedy=greedy,
+                               nbest=nbest, beam=beam, lenpen=lenpen, max_len_a=max_len_a,
+                               max_len_b=max_len_b, min_len=min_len, batch_tokens=batch_tokens)
+
+
+def _input_lines(stream, name: str):
+    """Lines of a binary stream split on \\n only; invalid UTF-8 is replaced, with a warning."""
+    for lineno, raw in enumerate(stream, start=1):
+        raw = raw.rstrip(b"\n").rstrip(b"\r")
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            _log(f"mt: warning: {name}:{lineno}: invalid UTF-8 at byte {e.start}, replaced with U+FFFD")
+            yield raw.decode("utf-8", errors="replace")
+
+
+@app.command()
+@_handles_errors
+def translate(
+    model: RunDir,
+    input: Annotated[Optional[Path], typer.Option("--input", "-i", help="Input file (default: stdin).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file (default: stdout).")] = None,
+    checkpoint: Checkpoint = "best",
+    average: Average = 0,
+    beam: Beam = None,
+    lenpen: Lenpen = None,
+    max_len_a: MaxLenA = None,
+    max_len_b: MaxLenB = None,
+    min_len: MinLen = None,
+    nbest: Annotated[int, typer.Option("--nbest", help="Print the N best as index<TAB>score<TAB>hypothesis.")] = 1,
+    scores: Annotated[bool, typer.Option("--scores", help="Print score<TAB>hypothesis.")] = False,
+    batch_tokens: BatchTokens = None,
+    greedy: Greedy = False,
+    device: Device = "auto",
+):
+    """Translate lines from stdin (or -i) to stdout (or -o): one output line per input line, in order.
+
+    Empty input lines give empty output lines. Scores are length-normalised log-probabilities.
+    """
+    import contextlib
+    import io
+    import sys
+
+    from tqdm import tqdm
+
+    translator = _translator(model, checkpoint, average, device, greedy, nbest, beam, lenpen, max_len_a,
+                             max_len_b, min_len, batch_tokens)
+    with contextlib.ExitStack() as stack:
+        if input is None:
+            source, name = sys.stdin.buffer, "<stdin>"
+        else:
+            try:
+                source, name = stack.enter_context(open(input, "rb")), str(input)
+            except OSError as e:
+                _fail(f"{input}: cannot open ({e.strerror})")
+        if output is None:
+            sink = io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8", newline="\n", write_through=True)
+        else:
+            tmp = output.with_name(f".{output.name}.tmp")
+            sink = stack.enter_context(open(tmp, "w", encoding="utf-8", newline="\n"))
+        bar = stack.enter_context(tqdm(disable=None, unit=" lines", file=sys.stderr, leave=False))
+        for index, result in enumerate(translator.translate(_input_lines(source, name))):
+            if nbest > 1:
+                hyps = result.hypotheses or [None] * nbest
+                texts = result.texts if result.hypotheses else [""] * nbest
+                for hyp, text in zip(hyps, texts):
+                    sink.write(f"{index}\t{hyp.score if hyp else 0.0:.4f}\t{text}\n")
+            elif scores:
+                hyp = result.hypotheses[0] if result.hypotheses else None
+                sink.write(f"{hyp.score if hyp else 0.0:.4f}\t{result.texts[0]}\n")
+            else:
+                sink.write(result.texts[0] + "\n")
+            bar.update(1)
+        sink.flush()
+        if output is None:
+            sink.detach()
+    if output is not None:
+        tmp.replace(output)
+
+
+@app.command("eval")
+@_handles_errors
+def evaluate(
+    ref: Annotated[Path, typer.Option("--ref", "-r", help="Reference translations, one per line.")],
+    system: Annotated[Optional[Path], typer.Option("--sys", "-s", help="System output (default: stdin).")] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Translate --src with this run first.")] = None,
+    src: Annotated[Optional[Path], typer.Option("--src", help="Source file to translate (with -m).")] = None,
+    metrics: Annotated[str, typer.Option("--metrics", help="Comma-separated: bleu, chrf, ter.")] = "bleu,chrf,ter",
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list (sacreBLEU's fields).")] = False,
+    width: Annotated[int, typer.Option("--width", "-w", help="Decimals, as sacrebleu -w.")] = 1,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="With -m: also write the translations here.")] = None,
+    checkpoint: Checkpoint = "best",
+    average: Average = 0,
+    beam: Beam = None,
+    lenpen: Lenpen = None,
+    max_len_a: MaxLenA = None,
+    max_len_b: MaxLenB = None,
+    min_len: MinLen = None,
+    batch_tokens: BatchTokens = None,
+    greedy: Greedy = False,
+    device: Device = "auto",
+):
+    """Score translations with sacreBLEU (BLEU, chrF, TER with signatures).
+
+    Either score a system output (-s FILE or stdin) against -r REF, or translate --src with -m RUN
+    first. The numbers equal the sacrebleu command line's on the same files.
+    """
+    import json
+    import sys
+
+    from mt.evaluate import decode_lines, parse_metrics, read_text, score
+
+    names = parse_metrics(metrics)
+    references = read_text(ref)
+    if model is not None:
+        if src is None:
+            _fail("-m needs --src (the source side to translate)")
+        translator = _translator(model, checkpoint, average, device, greedy, 1, beam, lenpen, max_len_a,
+                                 max_len_b, min_len, batch_tokens)
+        hypotheses = translator.translate_lines(read_text(src))
+        if output is not None:
+            output.write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
+    elif system is not None:
+        hypotheses = read_text(system)
+    else:
+        hypotheses = decode_lines(sys.stdin.buffer.read().split(b"\n"), "<stdin>")
+    results = score(hypotheses, references, names, width=width)
+    if as_json:
+        typer.echo(json.dumps([r.as_dict() for r in results], indent=1))
+    else:
+        for r in results:
+            typer.echo(r.text)
 
 
 def main() -> None:

@@ -1,0 +1,165 @@
+"""Greedy and beam search over the model's incremental decoding API (fairseq's SequenceGenerator idea:
+search lives outside the model and drives ``init_cache`` / ``decode(cache=...)`` / ``cache.reorder``).
+
+Both searches are batched over sentences and beams: one decoder call per step for the whole batch,
+rows of size B·K. Cross-attention keys/values are computed once per source and selected with the
+beams; the self-attention cache is reordered every step. Sentences whose search is over leave the
+running batch, so each sentence's result does not depend on the others.
+
+Scores. A hypothesis y of |y| tokens (``</s>`` included) has model score log p(y|x) = Σ_t log p(y_t|..)
+and is ranked by the length-normalised score  log p(y|x) / |y|^α  (α = ``lenpen``; α = 0 ranks by
+model score, α = 1 by per-token score; fairseq's convention). Output length is at most
+``max_len_a · |x| + max_len_b`` tokens (|x| counts the source's ``</s>``) and at least ``min_len``
+tokens before ``</s>``. A sentence stops when it holds ``beam`` finished hypotheses and no open
+hypothesis can still beat the worst of them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mt.model import Transformer
+from mt.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # output ids, without </s>
+    score: float  # length-normalised: model_score / len**lenpen
+    model_score: float  # log p(tokens + </s> | source)
+
+
+def _max_lengths(src: torch.Tensor, max_len_a: float, max_len_b: int, limit: int) -> torch.Tensor:
+    """(B,) maximum output lengths (``</s>`` included), at least 1, at most the model's positions."""
+    src_len = (src != PAD_ID).sum(dim=1)
+    return (max_len_a * src_len + max_len_b).long().clamp(min=1, max=limit)
+
+
+def _normalise(score: float, length: int, lenpen: float) -> float:
+    return score / length ** lenpen if lenpen else score
+
+
+def _step_logprobs(model: Transformer, last: torch.Tensor, cache, step: int, min_len: int,
+                   must_end: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities (R, V) of the next token for rows whose last token is ``last`` (R,).
+    ``step`` tokens have been generated; ``must_end`` (R,) rows may only produce ``</s>``."""
+    logits = model.decode(last[:, None], cache=cache)[:, -1]  # (R, V)
+    lprobs = F.log_softmax(logits.float(), dim=-1)
+    lprobs[:, PAD_ID] = -math.inf
+    lprobs[:, BOS_ID] = -math.inf
+    if step < min_len:
+        lprobs[:, EOS_ID] = -math.inf
+    if must_end.any():
+        eos = lprobs[must_end, EOS_ID].clone()
+        lprobs[must_end] = -math.inf
+        lprobs[must_end, EOS_ID] = eos.clamp(min=torch.finfo(lprobs.dtype).min)
+    return lprobs
+
+
+@torch.inference_mode()
+def greedy_search(model: Transformer, src: torch.Tensor, *, max_len_a: float = 1.2, max_len_b: int = 10,
+                  min_len: int = 1, lenpen: float = 1.0) -> list[Hypothesis]:
+    """Pick the most probable token at every step. src (B, S) -> one hypothesis per sentence."""
+    B = src.shape[0]
+    max_len = _max_lengths(src, max_len_a, max_len_b, model.cfg.max_positions)
+    cache = model.init_cache(model.encode(src), capacity=int(max_len.max()))
+    alive = torch.arange(B, device=src.device)  # original index of each running row
+    last = torch.full((B,), BOS_ID, dtype=torch.long, device=src.device)
+    scores = torch.zeros(B, device=src.device)
+    out = torch.full((B, int(max_len.max())), EOS_ID, dtype=torch.long, device=src.device)
+    final = torch.zeros(B, device=src.device)
+    step = 0
+    while alive.numel():
+        lprobs = _step_logprobs(model, last, cache, step, min_len, must_end=max_len[alive] == step + 1)
+        best, last = lprobs.max(dim=-1)  # (R,)
+        scores = scores + best
+        out[alive, step] = last
+        step += 1
+        done = last == EOS_ID
+        if done.any():
+            final[alive[done]] = scores[done]
+            keep = (~done).nonzero().squeeze(1)
+            alive, last, scores = alive[keep], last[keep], scores[keep]
+            cache.reorder(keep)
+    results = []
+    for row, score in zip(out.tolist(), final.tolist()):
+        n = row.index(EOS_ID)
+        results.append(Hypothesis(row[:n], _normalise(score, n + 1, lenpen), score))
+    return results
+
+
+@torch.inference_mode()
+def beam_search(model: Transformer, src: torch.Tensor, *, beam: int = 5, lenpen: float = 1.0,
+                max_len_a: float = 1.2, max_len_b: int = 10, min_len: int = 1,
+                nbest: int = 1) -> list[list[Hypothesis]]:
+    """Beam search for each sentence of src (B, S); returns the ``nbest`` best hypotheses of each,
+    best first."""
+    if nbest > beam:
+        raise ValueError(f"nbest ({nbest}) cannot exceed beam ({beam})")
+    B, K, device = src.shape[0], beam, src.device
+    max_len = _max_lengths(src, max_len_a, max_len_b, model.cfg.max_positions)
+    cache = model.init_cache(model.encode(src), capacity=int(max_len.max()))
+    cache.reorder(torch.arange(B, device=device).repeat_interleave(K))  # rows: sentence-major, (B·K)
+    alive = torch.arange(B, device=device)  # (B') original sentence index of each running sentence
+    scores = torch.full((B, K), -math.inf, device=device)
+    scores[:, 0] = 0.0  # only one live beam at the start
+    prefix = torch.full((B * K, 1), BOS_ID, dtype=torch.long, device=device)  # (B'·K, step + 1)
+    finished: list[list[Hypothesis]] = [[] for _ in range(B)]
+    step = 0
+    while alive.numel():
+        Ba = alive.numel()
+        must_end = (max_len[alive] == step + 1).repeat_interleave(K)
+        lprobs = _step_logprobs(model, prefix[:, -1], cache, step, min_len, must_end)  # (B'·K, V)
+        V = lprobs.shape[-1]
+        candidates = (scores.view(-1, 1) + lprobs).view(Ba, K * V)
+        top_scores, top_index = candidates.topk(min(2 * K, K * V), dim=1)  # (B', 2K), best first
+        top_beam, top_token = top_index // V, top_index % V
+        is_eos = top_token == EOS_ID
+        step += 1
+
+        # </s> among the K best candidates finishes a hypothesis
+        ends = (is_eos[:, :K] & (top_scores[:, :K] > -math.inf)).nonzero().tolist()
+        for b, j in ends:
+            sid, row = int(alive[b]), b * K + int(top_beam[b, j])
+            model_score = float(top_scores[b, j])
+            hyp = Hypothesis(prefix[row, 1:].tolist(), _normalise(model_score, step, lenpen), model_score)
+            finished[sid].append(hyp)
+        if ends:
+            for sid in {int(alive[b]) for b, _ in ends}:
+                finished[sid] = sorted(finished[sid], key=lambda h: -h.score)[:K]
+
+        # the K best candidates that do not end continue
+        rank = torch.arange(top_index.shape[1], device=device) + is_eos * top_index.shape[1]
+        pick = rank.topk(K, dim=1, largest=False).indices  # (B', K), in score order
+        scores = top_scores.gather(1, pick)
+        rows = (torch.arange(Ba, device=device) * K)[:, None] + top_beam.gather(1, pick)  # (B', K)
+        rows = rows.view(-1)
+        prefix = torch.cat([prefix[rows], top_token.gather(1, pick).view(-1, 1)], dim=1)
+        cache.reorder(rows)
+
+        # a sentence is over when no open hypothesis can beat its K finished ones
+        done = _sentences_done(finished, alive, scores, max_len[alive], step, K, lenpen)
+        if done.any():
+            keep = (~done).nonzero().squeeze(1)
+            keep_rows = ((keep * K)[:, None] + torch.arange(K, device=device)).view(-1)
+            alive, scores, prefix = alive[keep], scores[keep], prefix[keep_rows]
+            cache.reorder(keep_rows)
+    return [hyps[:nbest] for hyps in finished]
+
+
+def _sentences_done(finished: list[list[Hypothesis]], alive: torch.Tensor, scores: torch.Tensor,
+                    max_len: torch.Tensor, step: int, K: int, lenpen: float) -> torch.Tensor:
+    """(B',) bool: the sentence reached its length limit, or it has K finished hypotheses and the best
+    open one (raw score only falls as it grows) cannot reach the worst finished normalised score."""
+    best_open = scores[:, 0]  # (B',) scores are sorted, best first
+    if lenpen > 0:  # dividing a negative score by a longer length raises it: bound at the limit
+        bound = best_open / max_len.float() ** lenpen
+    else:
+        bound = best_open / float(step + 1) ** lenpen
+    worst = torch.tensor([finished[int(s)][-1].score if len(finished[int(s)]) >= K else -math.inf
+                          for s in alive.tolist()], device=scores.device)
+    return (max_len <= step) | (worst >= bound) | torch.isneginf(best_open)
