@@ -209,7 +209,11 @@ class TrainConfig:
     keep_checkpoints: int = 5
     """Step checkpoints kept besides last.pt and best.pt; 0 keeps none."""
     patience: int = 0
-    """Stop after this many validations without a better validation loss; 0 disables early stopping."""
+    """Stop after this many validations without a better best_metric; 0 disables early stopping."""
+    valid_beam: int = 0
+    """Also translate the validation source and report BLEU: 0 off, 1 greedy, k beam search of size k."""
+    best_metric: str = "nll"
+    """What picks best.pt and drives early stopping: nll (validation NLL) or bleu (needs valid_beam)."""
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # YAML gives a list
@@ -227,6 +231,10 @@ class TrainConfig:
         _choice("train.optimizer", self.optimizer, ("adam", "adamw"))
         _choice("train.schedule", self.schedule, ("inverse_sqrt", "cosine", "constant"))
         _choice("train.precision", self.precision, ("fp32", "bf16"))
+        _choice("train.best_metric", self.best_metric, ("nll", "bleu"))
+        _positive("train.valid_beam", self.valid_beam, allow_zero=True)
+        if self.best_metric == "bleu" and not self.valid_beam:
+            raise ConfigError("train.best_metric: bleu needs train.valid_beam >= 1")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"train.device: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
         if not 0 <= self.label_smoothing < 1:

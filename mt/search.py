@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mt.model import Transformer
+from mt.model import EncoderOut, Transformer
 from mt.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 
@@ -43,12 +43,32 @@ def _normalise(score: float, length: int, lenpen: float) -> float:
     return score / length ** lenpen if lenpen else score
 
 
-def _step_logprobs(model: Transformer, last: torch.Tensor, cache, step: int, min_len: int,
+class _DecoderState:
+    """The decoder's view of the running rows: the KV cache, or (``use_cache=False``, for comparison
+    and tests) the encoder output, re-running the decoder on the whole prefix every step."""
+
+    def __init__(self, model: Transformer, enc: EncoderOut, capacity: int, use_cache: bool):
+        self.model, self.enc = model, enc
+        self.cache = model.init_cache(enc, capacity=capacity) if use_cache else None
+
+    def logits(self, prefix: torch.Tensor) -> torch.Tensor:
+        """prefix (R, t) of ids -> logits (R, V) of the next token."""
+        if self.cache is not None:
+            return self.model.decode(prefix[:, -1:], cache=self.cache)[:, -1]
+        return self.model.decode(prefix, self.enc)[:, -1]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        if self.cache is not None:
+            self.cache.reorder(index)
+        else:
+            self.enc = EncoderOut(self.enc.memory.index_select(0, index), self.enc.src_mask.index_select(0, index))
+
+
+def _step_logprobs(state: _DecoderState, prefix: torch.Tensor, step: int, min_len: int,
                    must_end: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities (R, V) of the next token for rows whose last token is ``last`` (R,).
-    ``step`` tokens have been generated; ``must_end`` (R,) rows may only produce ``</s>``."""
-    logits = model.decode(last[:, None], cache=cache)[:, -1]  # (R, V)
-    lprobs = F.log_softmax(logits.float(), dim=-1)
+    """Log-probabilities (R, V) of the next token after ``prefix`` (R, step + 1). ``step`` tokens have
+    been generated; ``must_end`` (R,) rows may only produce ``</s>``."""
+    lprobs = F.log_softmax(state.logits(prefix).float(), dim=-1)
     lprobs[:, PAD_ID] = -math.inf
     lprobs[:, BOS_ID] = -math.inf
     if step < min_len:
@@ -62,20 +82,21 @@ def _step_logprobs(model: Transformer, last: torch.Tensor, cache, step: int, min
 
 @torch.inference_mode()
 def greedy_search(model: Transformer, src: torch.Tensor, *, max_len_a: float = 1.2, max_len_b: int = 10,
-                  min_len: int = 1, lenpen: float = 1.0) -> list[Hypothesis]:
+                  min_len: int = 1, lenpen: float = 1.0, use_cache: bool = True) -> list[Hypothesis]:
     """Pick the most probable token at every step. src (B, S) -> one hypothesis per sentence."""
     B = src.shape[0]
     max_len = _max_lengths(src, max_len_a, max_len_b, model.cfg.max_positions)
-    cache = model.init_cache(model.encode(src), capacity=int(max_len.max()))
+    state = _DecoderState(model, model.encode(src), int(max_len.max()), use_cache)
     alive = torch.arange(B, device=src.device)  # original index of each running row
-    last = torch.full((B,), BOS_ID, dtype=torch.long, device=src.device)
+    prefix = torch.full((B, 1), BOS_ID, dtype=torch.long, device=src.device)  # (R, step + 1)
     scores = torch.zeros(B, device=src.device)
     out = torch.full((B, int(max_len.max())), EOS_ID, dtype=torch.long, device=src.device)
     final = torch.zeros(B, device=src.device)
     step = 0
     while alive.numel():
-        lprobs = _step_logprobs(model, last, cache, step, min_len, must_end=max_len[alive] == step + 1)
+        lprobs = _step_logprobs(state, prefix, step, min_len, must_end=max_len[alive] == step + 1)
         best, last = lprobs.max(dim=-1)  # (R,)
+        prefix = torch.cat([prefix, last[:, None]], dim=1)
         scores = scores + best
         out[alive, step] = last
         step += 1
@@ -83,8 +104,8 @@ def greedy_search(model: Transformer, src: torch.Tensor, *, max_len_a: float = 1
         if done.any():
             final[alive[done]] = scores[done]
             keep = (~done).nonzero().squeeze(1)
-            alive, last, scores = alive[keep], last[keep], scores[keep]
-            cache.reorder(keep)
+            alive, prefix, scores = alive[keep], prefix[keep], scores[keep]
+            state.reorder(keep)
     results = []
     for row, score in zip(out.tolist(), final.tolist()):
         n = row.index(EOS_ID)
@@ -95,15 +116,15 @@ def greedy_search(model: Transformer, src: torch.Tensor, *, max_len_a: float = 1
 @torch.inference_mode()
 def beam_search(model: Transformer, src: torch.Tensor, *, beam: int = 5, lenpen: float = 1.0,
                 max_len_a: float = 1.2, max_len_b: int = 10, min_len: int = 1,
-                nbest: int = 1) -> list[list[Hypothesis]]:
+                nbest: int = 1, use_cache: bool = True) -> list[list[Hypothesis]]:
     """Beam search for each sentence of src (B, S); returns the ``nbest`` best hypotheses of each,
     best first."""
     if nbest > beam:
         raise ValueError(f"nbest ({nbest}) cannot exceed beam ({beam})")
     B, K, device = src.shape[0], beam, src.device
     max_len = _max_lengths(src, max_len_a, max_len_b, model.cfg.max_positions)
-    cache = model.init_cache(model.encode(src), capacity=int(max_len.max()))
-    cache.reorder(torch.arange(B, device=device).repeat_interleave(K))  # rows: sentence-major, (B·K)
+    state = _DecoderState(model, model.encode(src), int(max_len.max()), use_cache)
+    state.reorder(torch.arange(B, device=device).repeat_interleave(K))  # rows: sentence-major, (B·K)
     alive = torch.arange(B, device=device)  # (B') original sentence index of each running sentence
     scores = torch.full((B, K), -math.inf, device=device)
     scores[:, 0] = 0.0  # only one live beam at the start
@@ -113,7 +134,7 @@ def beam_search(model: Transformer, src: torch.Tensor, *, beam: int = 5, lenpen:
     while alive.numel():
         Ba = alive.numel()
         must_end = (max_len[alive] == step + 1).repeat_interleave(K)
-        lprobs = _step_logprobs(model, prefix[:, -1], cache, step, min_len, must_end)  # (B'·K, V)
+        lprobs = _step_logprobs(state, prefix, step, min_len, must_end)  # (B'·K, V)
         V = lprobs.shape[-1]
         candidates = (scores.view(-1, 1) + lprobs).view(Ba, K * V)
         top_scores, top_index = candidates.topk(min(2 * K, K * V), dim=1)  # (B', 2K), best first
@@ -139,7 +160,7 @@ def beam_search(model: Transformer, src: torch.Tensor, *, beam: int = 5, lenpen:
         rows = (torch.arange(Ba, device=device) * K)[:, None] + top_beam.gather(1, pick)  # (B', K)
         rows = rows.view(-1)
         prefix = torch.cat([prefix[rows], top_token.gather(1, pick).view(-1, 1)], dim=1)
-        cache.reorder(rows)
+        state.reorder(rows)
 
         # a sentence is over when no open hypothesis can beat its K finished ones
         done = _sentences_done(finished, alive, scores, max_len[alive], step, K, lenpen)
@@ -147,7 +168,7 @@ def beam_search(model: Transformer, src: torch.Tensor, *, beam: int = 5, lenpen:
             keep = (~done).nonzero().squeeze(1)
             keep_rows = ((keep * K)[:, None] + torch.arange(K, device=device)).view(-1)
             alive, scores, prefix = alive[keep], scores[keep], prefix[keep_rows]
-            cache.reorder(keep_rows)
+            state.reorder(keep_rows)
     return [hyps[:nbest] for hyps in finished]
 
 

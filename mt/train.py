@@ -17,16 +17,17 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sacrebleu.metrics import BLEU
 from tqdm import tqdm
 
 from mt import checkpoint as ckpt
-from mt.config import Config, ConfigError, config_from_dict, save_config
+from mt.config import Config, ConfigError, DecodeConfig, config_from_dict, save_config
 from mt.data import Batch, ParallelData, clean, load_corpus, tokenize
 from mt.model import Transformer
 from mt.tokenizer import PAD_ID, Tokenizer, train_sentencepiece
@@ -169,7 +170,7 @@ def load_split(cfg: Config, which: str, src_tok: Tokenizer, tgt_tok: Tokenizer, 
 class TrainResult:
     step: int
     epoch: int
-    best_valid_nll: float
+    best: float  # best validation value of train.best_metric (inf / -inf without validation)
     stopped: str  # why training ended
     run_dir: Path
 
@@ -183,6 +184,20 @@ class MetricsLog:
     def write(self, **row) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
+
+
+def validation_bleu(model: Transformer, data: ParallelData, src_tok: Tokenizer, tgt_tok: Tokenizer,
+                    decode: DecodeConfig, beam: int) -> float:
+    """Corpus BLEU (sacreBLEU defaults) of translating the split's source with greedy (beam 1) or
+    beam search, against its target text."""
+    from mt.translate import Translator
+
+    was_training = model.training
+    model.eval()
+    translator = Translator(model, src_tok, tgt_tok, replace(decode, beam=beam), greedy=beam == 1)
+    hypotheses = translator.translate_lines(data.ds["src"])
+    model.train(was_training)
+    return BLEU(force=True).corpus_score(hypotheses, [data.ds["tgt"]]).score  # force: no tokenized-input warning
 
 
 @torch.no_grad()
@@ -263,7 +278,8 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
     optimizer = optimizer_cls(model.parameters(), lr=tc.lr, betas=tc.betas, eps=tc.adam_eps,
                               weight_decay=tc.weight_decay)
     sampler = train_data.sampler(tc.max_tokens, shuffle=True, seed=tc.seed)
-    step, best_nll, bad_validations = 0, math.inf, 0
+    higher_is_better = tc.best_metric == "bleu"
+    step, best, bad_validations = 0, (-math.inf if higher_is_better else math.inf), 0
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
@@ -272,7 +288,10 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
         if trainer.get("version") != TRAINER_STATE_VERSION:
             raise TrainingError(f"{ckpt_dir / 'last.pt'}: trainer state version {trainer.get('version')} "
                                 f"is not {TRAINER_STATE_VERSION}")
-        step, best_nll, bad_validations = trainer["step"], trainer["best_valid_nll"], trainer["bad_validations"]
+        if trainer["best_metric"] != tc.best_metric:
+            raise TrainingError(f"{ckpt_dir / 'last.pt'}: the run picked best.pt by {trainer['best_metric']}, "
+                                f"not train.best_metric={tc.best_metric}")
+        step, best, bad_validations = trainer["step"], trainer["best"], trainer["bad_validations"]
         set_rng_state(resume_state["rng"])
         log(f"resumed from {ckpt_dir / 'last.pt'} at step {step} (epoch {sampler.epoch + 1}, "
             f"batch {sampler.position}/{len(sampler)})")
@@ -287,8 +306,8 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
             "model": model.state_dict(), "config": cfg.to_dict(),
             "vocab": {"src": src_tok.vocab_size, "tgt": tgt_tok.vocab_size},
             "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(),
-            "trainer": {"version": TRAINER_STATE_VERSION, "step": step, "best_valid_nll": best_nll,
-                        "bad_validations": bad_validations},
+            "trainer": {"version": TRAINER_STATE_VERSION, "step": step, "best_metric": tc.best_metric,
+                        "best": best, "bad_validations": bad_validations},
             "rng": rng_state(), "valid": valid or {},
         }
         path = ckpt.atomic_save(state, ckpt.step_path(ckpt_dir, step))
@@ -305,18 +324,22 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
 
     def run_validation() -> tuple[dict | None, bool]:
         """Validate, log, and say whether this is the best model so far."""
-        nonlocal best_nll, bad_validations
+        nonlocal best, bad_validations
         if valid_data is None:
             return None, False
         result = validate(model, valid_data, max_tokens=tc.max_tokens, epsilon=tc.label_smoothing,
                           device=device, precision=tc.precision)
-        improved = result["nll"] < best_nll
+        if tc.valid_beam:
+            result["bleu"] = validation_bleu(model, valid_data, src_tok, tgt_tok, cfg.decode, tc.valid_beam)
+        value = result[tc.best_metric]
+        improved = value > best if higher_is_better else value < best
         if improved:
-            best_nll, bad_validations = result["nll"], 0
+            best, bad_validations = value, 0
         else:
             bad_validations += 1
         metrics.write(kind="valid", step=step, epoch=sampler.epoch + 1, **result, best=improved)
         log(f"step {step}: valid loss {result['loss']:.4f} nll {result['nll']:.4f} ppl {result['ppl']:.2f}"
+            + (f" bleu {result['bleu']:.2f}" if "bleu" in result else "")
             + (" (best)" if improved else f" (no improvement for {bad_validations})"))
         return result, improved
 
@@ -386,5 +409,6 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
         valid, improved = run_validation()
         save("best" if improved or valid_data is None else "step", valid)
     log(f"stopped at step {step}: {stopped}")
-    metrics.write(kind="end", step=step, epoch=sampler.epoch + 1, reason=stopped, best_valid_nll=best_nll)
-    return TrainResult(step=step, epoch=sampler.epoch + 1, best_valid_nll=best_nll, stopped=stopped, run_dir=run_dir)
+    metrics.write(kind="end", step=step, epoch=sampler.epoch + 1, reason=stopped,
+                  **{f"best_{tc.best_metric}": best})
+    return TrainResult(step=step, epoch=sampler.epoch + 1, best=best, stopped=stopped, run_dir=run_dir)

@@ -1,0 +1,162 @@
+"""Greedy and beam search: equivalences (beam 1 = greedy, batched = alone, cache = no cache), n-best
+order, length limits, and a model trained in-test on sequence reversal that beam search solves."""
+
+import math
+
+import pytest
+import torch
+
+from mt.config import ModelConfig
+from mt.data import pad
+from mt.model import Transformer
+from mt.search import beam_search, greedy_search
+from mt.tokenizer import BOS_ID, EOS_ID
+
+VOCAB = 24  # ids 4..23 are symbols; 0-3 are <s> <pad> </s> <unk>
+
+
+def reversal_batch(gen: torch.Generator, n: int, lo: int = 3, hi: int = 8) -> list[list[int]]:
+    lengths = torch.randint(lo, hi + 1, (n,), generator=gen).tolist()
+    return [torch.randint(4, VOCAB, (k,), generator=gen).tolist() for k in lengths]
+
+
+@pytest.fixture(scope="module")
+def reversal_model() -> Transformer:
+    """A small Transformer taught to reverse sequences (it needs cross-attention to do it)."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    cfg = ModelConfig(d_model=64, n_heads=4, ffn_dim=128, encoder_layers=2, decoder_layers=2, dropout=0.0,
+                      max_positions=64)
+    model = Transformer(cfg, VOCAB, VOCAB)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3, betas=(0.9, 0.98))
+    for step in range(1, 801):
+        for group in opt.param_groups:
+            group["lr"] = 3e-3 * min(1.0, step / 100)  # warmup
+        seqs = reversal_batch(gen, 64)
+        src = pad([s + [EOS_ID] for s in seqs])
+        tgt = [list(reversed(s)) + [EOS_ID] for s in seqs]
+        tgt_in, tgt_out = pad([[BOS_ID] + t[:-1] for t in tgt]), pad(tgt)
+        logits = model(src, tgt_in)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tgt_out.flatten(), ignore_index=1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def random_model() -> Transformer:
+    torch.manual_seed(3)
+    cfg = ModelConfig(d_model=32, n_heads=4, ffn_dim=64, encoder_layers=2, decoder_layers=2, dropout=0.0,
+                      max_positions=128)
+    return Transformer(cfg, 50, 50).eval()
+
+
+def sources(n: int, seed: int, vocab: int = VOCAB, lo: int = 1, hi: int = 12) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [s + [EOS_ID] for s in reversal_batch(gen, n, lo, hi)] + [[EOS_ID]]  # and an empty sentence
+
+
+def test_beam_search_reverses_sequences(reversal_model):
+    srcs = sources(40, seed=123, lo=3, hi=8)[:-1]
+    hyps = beam_search(reversal_model, pad(srcs), beam=5, max_len_a=1.0, max_len_b=5)
+    right = sum(h[0].tokens == list(reversed(s[:-1])) for s, h in zip(srcs, hyps))
+    assert right >= 37, f"only {right}/40 reversed correctly"
+
+
+@pytest.mark.parametrize("model_name", ["reversal_model", "random_model"])
+def test_beam_size_one_equals_greedy(model_name, request):
+    model = request.getfixturevalue(model_name)
+    src = pad(sources(30, seed=7))
+    greedy = greedy_search(model, src, lenpen=0.7)
+    beam1 = beam_search(model, src, beam=1, lenpen=0.7)
+    for g, (b,) in zip(greedy, beam1):
+        assert g.tokens == b.tokens
+        assert g.score == pytest.approx(b.score, abs=1e-5)
+        assert g.model_score == pytest.approx(b.model_score, abs=1e-5)
+
+
+@pytest.mark.parametrize("model_name", ["reversal_model", "random_model"])
+def test_batched_beam_equals_one_by_one(model_name, request):
+    model = request.getfixturevalue(model_name)
+    srcs = sources(25, seed=11)
+    batched = beam_search(model, pad(srcs), beam=4, nbest=4, max_len_b=8)
+    for src, hyps in zip(srcs, batched):
+        alone = beam_search(model, pad([src]), beam=4, nbest=4, max_len_b=8)[0]
+        assert [h.tokens for h in hyps] == [h.tokens for h in alone]
+        assert [h.score for h in hyps] == pytest.approx([h.score for h in alone], abs=1e-4)
+    greedy_batched = greedy_search(model, pad(srcs), max_len_b=8)
+    for src, hyp in zip(srcs, greedy_batched):
+        assert hyp.tokens == greedy_search(model, pad([src]), max_len_b=8)[0].tokens
+
+
+@pytest.mark.parametrize("model_name", ["reversal_model", "random_model"])
+def test_cache_gives_the_same_search_as_full_decoding(model_name, request):
+    model = request.getfixturevalue(model_name)
+    src = pad(sources(12, seed=5))
+    with_cache = beam_search(model, src, beam=3, nbest=3)
+    without = beam_search(model, src, beam=3, nbest=3, use_cache=False)
+    for a, b in zip(with_cache, without):
+        assert [h.tokens for h in a] == [h.tokens for h in b]
+        assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-4)
+    assert [h.tokens for h in greedy_search(model, src)] == [h.tokens for h in greedy_search(model, src, use_cache=False)]
+
+
+def test_nbest_sorted_and_top_equals_one_best(random_model):
+    src = pad(sources(10, seed=2, vocab=50))
+    nbest = beam_search(random_model, src, beam=5, nbest=5, lenpen=1.0)
+    best = beam_search(random_model, src, beam=5, nbest=1, lenpen=1.0)
+    for hyps, (top,) in zip(nbest, best):
+        assert len(hyps) == 5
+        scores = [h.score for h in hyps]
+        assert scores == sorted(scores, reverse=True)
+        assert hyps[0].tokens == top.tokens
+        assert len({tuple(h.tokens) for h in hyps}) == 5  # distinct hypotheses
+        for h in hyps:  # the reported score is the model score normalised by length (</s> counted)
+            assert h.score == pytest.approx(h.model_score / (len(h.tokens) + 1), abs=1e-5)
+
+
+def test_model_score_is_the_sum_of_token_log_probabilities(reversal_model):
+    src = pad(sources(5, seed=9)[:-1])
+    hyps = beam_search(reversal_model, src, beam=3, lenpen=0.0)
+    for i, (h,) in enumerate(hyps):
+        tgt = h.tokens + [EOS_ID]
+        with torch.no_grad():
+            lprobs = torch.log_softmax(reversal_model(src[i: i + 1], torch.tensor([[BOS_ID] + tgt[:-1]])), -1)
+        expected = lprobs[0, torch.arange(len(tgt)), torch.tensor(tgt)].sum().item()
+        assert h.model_score == pytest.approx(expected, abs=1e-4)
+
+
+def test_beam_finds_at_least_the_greedy_score(reversal_model):
+    src = pad(sources(30, seed=21))
+    for lenpen in (0.0, 1.0):
+        greedy = greedy_search(reversal_model, src, lenpen=lenpen)
+        beam = beam_search(reversal_model, src, beam=5, lenpen=lenpen)
+        for g, (b,) in zip(greedy, beam):
+            assert b.score >= g.score - 1e-5
+
+
+def test_length_limits(random_model):
+    srcs = sources(8, seed=4, vocab=50)
+    src = pad(srcs)
+    for hyps in beam_search(random_model, src, beam=3, max_len_a=0.0, max_len_b=3, nbest=3):
+        assert all(len(h.tokens) + 1 <= 3 for h in hyps)
+    for h in greedy_search(random_model, src, max_len_a=0.0, max_len_b=3):
+        assert len(h.tokens) + 1 <= 3
+    for hyps in beam_search(random_model, src, beam=3, min_len=6, max_len_b=20):
+        assert len(hyps[0].tokens) >= 6
+    for h in greedy_search(random_model, src, min_len=6, max_len_b=20):
+        assert len(h.tokens) >= 6
+    # a = 1, b = 0: at most as many tokens as the source (its </s> included)
+    for s, (h,) in zip(srcs, beam_search(random_model, src, beam=2, max_len_a=1.0, max_len_b=0)):
+        assert len(h.tokens) + 1 <= len(s)
+
+
+def test_nbest_larger_than_beam_is_refused(random_model):
+    with pytest.raises(ValueError, match="nbest"):
+        beam_search(random_model, pad(sources(2, seed=0)), beam=2, nbest=3)
+
+
+def test_scores_are_finite_for_empty_source(random_model):
+    (h,) = beam_search(random_model, pad([[EOS_ID]]), beam=4)[0:1][0][:1]
+    assert math.isfinite(h.score)

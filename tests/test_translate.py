@@ -1,0 +1,195 @@
+"""`mt translate` and `mt eval` end to end on real Multi30k lines, with a run trained in-test."""
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+from sacrebleu.metrics import BLEU, CHRF, TER
+from typer.testing import CliRunner
+
+from mt.cli import app
+from mt.config import config_from_dict
+from mt.train import train
+from mt.translate import Translator, average_checkpoints
+
+ROOT = Path(__file__).resolve().parents[1]
+MULTI30K = ROOT / "data" / "multi30k"
+runner = CliRunner()
+
+
+def head(name: str, n: int) -> list[str]:
+    if not (MULTI30K / name).exists():
+        pytest.fail(f"{MULTI30K / name} is missing: run `make data`")
+    with gzip.open(MULTI30K / name, "rt", encoding="utf-8") as f:
+        return [next(f).rstrip("\n") for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A tiny de->en run trained for a few seconds on 3,000 Multi30k pairs."""
+    tmp = tmp_path_factory.mktemp("translate")
+    for lang in ("de", "en"):
+        (tmp / f"train.{lang}").write_text("\n".join(head(f"train.{lang}.gz", 3000)) + "\n", encoding="utf-8")
+        (tmp / f"val.{lang}").write_text("\n".join(head(f"val.{lang}.gz", 100)) + "\n", encoding="utf-8")
+    cfg = config_from_dict({
+        "data": {"train": {"src": str(tmp / "train.de"), "tgt": str(tmp / "train.en")},
+                 "valid": {"src": str(tmp / "val.de"), "tgt": str(tmp / "val.en")},
+                 "max_len": 64, "cache_dir": str(tmp / "cache")},
+        "tokenizer": {"vocab_size": 500},
+        "model": {"d_model": 32, "n_heads": 2, "ffn_dim": 64, "encoder_layers": 1, "decoder_layers": 1,
+                  "dropout": 0.0, "max_positions": 256},
+        "train": {"run_dir": str(tmp / "run"), "max_steps": 30, "valid_every": 10, "max_tokens": 1024,
+                  "lr": 3e-3, "warmup_steps": 10, "keep_checkpoints": 3, "valid_beam": 1, "best_metric": "bleu"},
+        "decode": {"beam": 3, "max_len_b": 10},
+    })
+    train(cfg, log=lambda _: None, progress=False)
+    return tmp / "run"
+
+
+def test_validation_bleu_is_logged_and_picks_best(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    valid = [r for r in rows if r["kind"] == "valid"]
+    assert [r["step"] for r in valid] == [10, 20, 30]
+    assert all(0.0 <= r["bleu"] <= 100.0 for r in valid)
+    best_step = max(valid, key=lambda r: r["bleu"])["step"]  # first of equals wins, as in training
+    import torch
+
+    best = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
+    assert best["trainer"]["step"] == best_step
+
+
+def test_translate_keeps_line_count_and_order_with_empty_and_long_lines(run_dir):
+    lines = head("test_2016_flickr.de.gz", 12)
+    long_line = " ".join(lines) * 8  # far more tokens than max_positions = 256
+    text = "\n".join([lines[0], "", lines[1], "   ", long_line, *lines[2:], ""]) + "\n"
+    result = runner.invoke(app, ["translate", "-m", str(run_dir), "--beam", "2"], input=text)
+    assert result.exit_code == 0, result.output
+    out = result.stdout.split("\n")
+    assert out[-1] == ""  # ends with a newline
+    out = out[:-1]
+    n_in = len(text.split("\n")) - 1
+    assert len(out) == n_in == 16
+    assert out[1] == "" and out[3] == "" and out[-1] == ""
+    assert out[0] and out[2] and out[4]  # real lines give something
+    # the same lines alone give the same translations (order restored after sorting by length)
+    alone = runner.invoke(app, ["translate", "-m", str(run_dir), "--beam", "2"], input=lines[1] + "\n")
+    assert alone.stdout == out[2] + "\n"
+    assert "truncated" in result.stderr
+
+
+def test_translate_file_options_nbest_and_scores(run_dir, tmp_path):
+    lines = head("test_2016_flickr.de.gz", 5)
+    src = tmp_path / "in.de"
+    src.write_text("\n".join(lines[:2] + [""] + lines[2:]) + "\n", encoding="utf-8")
+    out = tmp_path / "out.en"
+    result = runner.invoke(app, ["translate", "-m", str(run_dir), "-i", str(src), "-o", str(out), "--nbest", "3"])
+    assert result.exit_code == 0, result.output
+    rows = [line.split("\t") for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 3 * 6
+    assert [int(r[0]) for r in rows] == [i for i in range(6) for _ in range(3)]
+    for i in range(6):
+        scores = [float(r[1]) for r in rows[3 * i: 3 * i + 3]]
+        assert scores == sorted(scores, reverse=True)
+    best = runner.invoke(app, ["translate", "-m", str(run_dir), "-i", str(src), "--beam", "3"]).stdout.splitlines()
+    assert [rows[3 * i][2] for i in range(6)] == best
+    scored = runner.invoke(app, ["translate", "-m", str(run_dir), "-i", str(src), "--scores"]).stdout.splitlines()
+    assert [line.split("\t", 1)[1] for line in scored] == best
+    assert all(float(line.split("\t")[0]) <= 0 for line in scored)
+
+
+def test_translate_greedy_equals_beam_one_and_invalid_utf8_keeps_lines(run_dir):
+    lines = head("test_2016_flickr.de.gz", 6)
+    text = "\n".join(lines) + "\n"
+    greedy = runner.invoke(app, ["translate", "-m", str(run_dir), "--greedy"], input=text).stdout
+    beam1 = runner.invoke(app, ["translate", "-m", str(run_dir), "--beam", "1"], input=text).stdout
+    assert greedy == beam1
+    raw = [line.encode("utf-8") for line in lines]
+    raw[2] = b"\xff\xfe" + raw[2]
+    bad = b"\n".join(raw) + b"\n"
+    result = runner.invoke(app, ["translate", "-m", str(run_dir)], input=bad)
+    assert result.exit_code == 0
+    assert len(result.stdout.splitlines()) == 6
+    assert "<stdin>:3: invalid UTF-8" in result.stderr
+
+
+def test_translator_streams_in_chunks(run_dir, monkeypatch):
+    import mt.translate
+
+    monkeypatch.setattr(mt.translate, "CHUNK_LINES", 4)
+    translator = Translator.from_run(run_dir, beam=2)
+    lines = head("test_2016_flickr.de.gz", 10)
+    consumed = []
+
+    def source():
+        for line in lines:
+            consumed.append(line)
+            yield line
+
+    stream = translator.translate(source())
+    next(stream)
+    assert len(consumed) == 4  # the first output came after reading one chunk only
+    rest = list(stream)
+    assert len(rest) == 9
+    assert [t.texts[0] for t in [None] * 0 + rest] == translator.translate_lines(lines)[1:]
+
+
+def test_average_and_checkpoint_choice(run_dir):
+    from mt import checkpoint as ckpt
+
+    steps = ckpt.step_checkpoints(run_dir / "checkpoints")
+    assert [s for s, _ in steps] == [10, 20, 30]
+    avg = average_checkpoints([p for _, p in steps[-2:]])
+    a, b = (ckpt.load(p)["model"] for _, p in steps[-2:])
+    key = "encoder_layers.0.ffn.fc1.weight"
+    assert avg["model"][key].allclose((a[key] + b[key]) / 2)
+    result = runner.invoke(app, ["translate", "-m", str(run_dir), "--average", "2"], input="Ein Hund.\n")
+    assert result.exit_code == 0 and len(result.stdout.splitlines()) == 1
+    result = runner.invoke(app, ["translate", "-m", str(run_dir), "--average", "5"], input="Ein Hund.\n")
+    assert result.exit_code == 1 and "--average 5 needs 5" in result.stderr
+    result = runner.invoke(app, ["translate", "-m", str(run_dir), "-c", "20"], input="Ein Hund.\n")
+    assert result.exit_code == 0
+
+
+def test_eval_equals_sacrebleu_python_api(tmp_path):
+    refs = head("test_2016_flickr.en.gz", 200)
+    hyps = [" ".join(r.split()[:-2]) if i % 3 else r.lower() for i, r in enumerate(refs)]  # imperfect system
+    (tmp_path / "ref.en").write_text("\n".join(refs) + "\n", encoding="utf-8")
+    (tmp_path / "hyp.en").write_text("\n".join(hyps) + "\n", encoding="utf-8")
+    result = runner.invoke(app, ["eval", "-r", str(tmp_path / "ref.en"), "--json", "-w", "4"],
+                           input="\n".join(hyps) + "\n")
+    assert result.exit_code == 0, result.output
+    got = {r["name"]: r for r in json.loads(result.stdout)}
+    for metric in (BLEU(), CHRF(), TER()):
+        expected = metric.corpus_score(hyps, [refs])
+        assert got[expected.name]["score"] == pytest.approx(expected.score, abs=1e-9)
+        assert got[expected.name]["signature"] == metric.get_signature().format()
+    text = runner.invoke(app, ["eval", "-r", str(tmp_path / "ref.en"), "-s", str(tmp_path / "hyp.en"),
+                               "--metrics", "bleu"])
+    bleu = BLEU()
+    assert text.stdout.strip() == bleu.corpus_score(hyps, [refs]).format(width=1, signature=bleu.get_signature().format())
+    assert text.stdout.startswith("BLEU|nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:")
+
+
+def test_eval_errors(tmp_path):
+    (tmp_path / "ref.en").write_text("a b c\nd e f\n", encoding="utf-8")
+    result = runner.invoke(app, ["eval", "-r", str(tmp_path / "ref.en")], input="a b c\n")
+    assert result.exit_code == 1 and "1 hypotheses but 2 references" in result.stderr
+    result = runner.invoke(app, ["eval", "-r", str(tmp_path / "ref.en"), "--metrics", "bleu,meteor"], input="x\ny\n")
+    assert result.exit_code == 1 and "unknown metric 'meteor'" in result.stderr
+    result = runner.invoke(app, ["eval", "-r", str(tmp_path / "missing.en")], input="x\n")
+    assert result.exit_code == 1 and "missing.en" in result.stderr
+
+
+def test_eval_translates_with_a_model(run_dir, tmp_path):
+    src, ref = head("val.de.gz", 20), head("val.en.gz", 20)
+    (tmp_path / "src.de").write_text("\n".join(src) + "\n", encoding="utf-8")
+    (tmp_path / "ref.en").write_text("\n".join(ref) + "\n", encoding="utf-8")
+    out = tmp_path / "hyp.en"
+    result = runner.invoke(app, ["eval", "-m", str(run_dir), "--src", str(tmp_path / "src.de"),
+                                 "-r", str(tmp_path / "ref.en"), "-o", str(out), "--metrics", "bleu,chrf"])
+    assert result.exit_code == 0, result.output
+    hyps = out.read_text(encoding="utf-8").splitlines()
+    assert len(hyps) == 20
+    assert f"= {BLEU().corpus_score(hyps, [ref]).score:.1f} " in result.stdout
+    assert "chrF2|" in result.stdout
