@@ -22,11 +22,22 @@ data: install
 test: install data
 	$(BIN)/python -m pytest -q tests
 
-demo: install data
-	$(BIN)/mt train configs/tiny.yaml -o runs/demo
+DEMO_CONFIG ?= configs/tiny.yaml
+DEMO_RUN ?= runs/demo
+TEST_SRC := data/multi30k/test_2016_flickr.de.gz
+TEST_REF := data/multi30k/test_2016_flickr.en.gz
 
+# data -> tokenizer -> training -> translate test_2016_flickr -> BLEU/chrF with signatures
+demo: install data
+	test -f $(DEMO_RUN)/checkpoints/last.pt || $(BIN)/mt train $(DEMO_CONFIG) -o $(DEMO_RUN)
+	zcat $(TEST_SRC) | $(BIN)/mt translate -m $(DEMO_RUN) > $(DEMO_RUN)/test_2016_flickr.hyp.en
+	$(BIN)/mt eval -r $(TEST_REF) -s $(DEMO_RUN)/test_2016_flickr.hyp.en --metrics bleu,chrf
+
+# decoding speed with and without the KV cache, on the run in BENCH_RUN (default: the demo's)
+BENCH_RUN ?= $(DEMO_RUN)
 bench: install data
-	@echo "no benchmarks yet"
+	test -f $(BENCH_RUN)/checkpoints/last.pt || $(MAKE) demo DEMO_RUN=$(BENCH_RUN)
+	$(BIN)/python scripts/bench_decode.py -m $(BENCH_RUN)
 
 lint: install
 	$(BIN)/python -m compileall -q mt tests scripts

@@ -8,6 +8,7 @@ unreadable checkpoint...) print one line on stderr and exit with status 1; ``--d
 from __future__ import annotations
 
 import functools
+import json
 import os
 from pathlib import Path
 from typing import Annotated, Optional
@@ -106,10 +107,12 @@ def train(
             _fail("give a config file (or --resume with -o RUN_DIR to use the run's config.yaml)")
         config = run_dir / "config.yaml"
     if run_dir is not None:
-        overrides.append(f"train.run_dir={run_dir}")
+        overrides.append(f"train.run_dir={json.dumps(str(run_dir))}")  # literal, not YAML-parsed
     cfg = load_config(config, overrides)
     result = run_training(cfg, resume=resume, log=_log, progress=False if quiet else None)
     _log(f"run directory: {result.run_dir}")
+    if result.signal:
+        raise typer.Exit(128 + result.signal)
 
 
 @tokenizer_app.command("train")

@@ -320,8 +320,8 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
         return _build(hint, value if value is not None else {}, name)
     origin = typing.get_origin(hint)
     if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(hint)):
+            raise ConfigError(f"{name}: expected a list of {len(typing.get_args(hint))}, got {value!r}")
         return tuple(_coerce(arg, v, name) for arg, v in zip(typing.get_args(hint), value))
     if hint is bool:
         if not isinstance(value, bool):
@@ -332,6 +332,11 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
             raise ConfigError(f"{name}: expected an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name}: expected a number, got {value!r}")
         return float(value)

@@ -47,8 +47,9 @@ def _open_binary(path: Path):
         raise CorpusError(f"{path}: cannot open ({e.strerror})") from None
 
 
-def read_lines(path: str | Path) -> Iterator[str]:
-    """Yield the lines of a UTF-8 text file (``.gz`` allowed), split on ``\\n`` only, ends stripped."""
+def read_lines(path: str | Path, strip: bool = True) -> Iterator[str]:
+    """Yield the lines of a UTF-8 text file (``.gz`` allowed), split on ``\\n`` only; with ``strip``,
+    surrounding whitespace is removed (else only the line break)."""
     path = Path(path)
     with _open_binary(path) as f:
         lineno = 0
@@ -58,7 +59,8 @@ def read_lines(path: str | Path) -> Iterator[str]:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
                     raise CorpusError(f"{path}:{lineno}: invalid UTF-8 at byte {e.start}") from None
-                yield text.rstrip("\n").rstrip("\r").strip()
+                text = text.rstrip("\n").rstrip("\r")
+                yield text.strip() if strip else text
         except (OSError, EOFError) as e:  # truncated or corrupt gzip
             raise CorpusError(f"{path}:{lineno + 1}: cannot read ({e})") from None
 
@@ -83,7 +85,7 @@ def _read_text_pair(src: str, tgt: str) -> Iterator[dict]:
 
 
 def _read_tsv(path: str) -> Iterator[dict]:
-    for lineno, line in enumerate(read_lines(path), start=1):
+    for lineno, line in enumerate(read_lines(path, strip=False), start=1):
         fields = line.split("\t")
         if len(fields) != 2:
             raise CorpusError(f"{path}:{lineno}: expected 2 tab-separated fields, found {len(fields)}")
@@ -351,6 +353,7 @@ class TokenBatchSampler:
                 raise ValueError(f"sampler state has {key}={state[key]} but this run has {mine}: "
                                  "the data or train.max_tokens changed since the checkpoint")
         self.seed, self.epoch, self.position = state["seed"], state["epoch"], state["position"]
+        self._cache = None
 
 
 class ParallelData:

@@ -251,7 +251,7 @@ class Transformer(nn.Module):
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        for emb in {self.src_embed, self.tgt_embed}:
+        for emb in [self.tgt_embed] if self.src_embed is self.tgt_embed else [self.src_embed, self.tgt_embed]:
             nn.init.normal_(emb.weight, mean=0.0, std=self.cfg.d_model ** -0.5)
             with torch.no_grad():
                 emb.weight[PAD_ID].zero_()

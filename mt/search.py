@@ -10,8 +10,9 @@ Scores. A hypothesis y of |y| tokens (``</s>`` included) has model score log p(y
 and is ranked by the length-normalised score  log p(y|x) / |y|^α  (α = ``lenpen``; α = 0 ranks by
 model score, α = 1 by per-token score; fairseq's convention). Output length is at most
 ``max_len_a · |x| + max_len_b`` tokens (|x| counts the source's ``</s>``) and at least ``min_len``
-tokens before ``</s>``. A sentence stops when it holds ``beam`` finished hypotheses and no open
-hypothesis can still beat the worst of them.
+tokens before ``</s>``. Only ``</s>`` among the ``beam`` best candidates of a step ends a hypothesis,
+and a sentence stops once ``beam`` of its hypotheses have ended (fairseq's rule; the finished ones are
+then the best-scoring ways to end found so far, and beam size 1 is exactly greedy search).
 """
 
 from __future__ import annotations
@@ -162,8 +163,8 @@ def beam_search(model: Transformer, src: torch.Tensor, *, beam: int = 5, lenpen:
         prefix = torch.cat([prefix[rows], top_token.gather(1, pick).view(-1, 1)], dim=1)
         state.reorder(rows)
 
-        # a sentence is over when no open hypothesis can beat its K finished ones
-        done = _sentences_done(finished, alive, scores, max_len[alive], step, K, lenpen)
+        # a sentence is over once K of its hypotheses have ended (fairseq's rule: beam 1 is greedy)
+        done = _sentences_done(finished, alive, scores, max_len[alive], step, K)
         if done.any():
             keep = (~done).nonzero().squeeze(1)
             keep_rows = ((keep * K)[:, None] + torch.arange(K, device=device)).view(-1)
@@ -173,14 +174,8 @@ def beam_search(model: Transformer, src: torch.Tensor, *, beam: int = 5, lenpen:
 
 
 def _sentences_done(finished: list[list[Hypothesis]], alive: torch.Tensor, scores: torch.Tensor,
-                    max_len: torch.Tensor, step: int, K: int, lenpen: float) -> torch.Tensor:
-    """(B',) bool: the sentence reached its length limit, or it has K finished hypotheses and the best
-    open one (raw score only falls as it grows) cannot reach the worst finished normalised score."""
-    best_open = scores[:, 0]  # (B',) scores are sorted, best first
-    if lenpen > 0:  # dividing a negative score by a longer length raises it: bound at the limit
-        bound = best_open / max_len.float() ** lenpen
-    else:
-        bound = best_open / float(step + 1) ** lenpen
-    worst = torch.tensor([finished[int(s)][-1].score if len(finished[int(s)]) >= K else -math.inf
-                          for s in alive.tolist()], device=scores.device)
-    return (max_len <= step) | (worst >= bound) | torch.isneginf(best_open)
+                    max_len: torch.Tensor, step: int, K: int) -> torch.Tensor:
+    """(B',) bool: the sentence holds K finished hypotheses, reached its length limit, or has no open
+    hypothesis left."""
+    full = torch.tensor([len(finished[s]) >= K for s in alive.tolist()], device=scores.device)
+    return full | (max_len <= step) | torch.isneginf(scores[:, 0])

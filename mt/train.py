@@ -13,7 +13,10 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -173,6 +176,60 @@ class TrainResult:
     best: float  # best validation value of train.best_metric (inf / -inf without validation)
     stopped: str  # why training ended
     run_dir: Path
+    signal: int = 0  # the signal that interrupted training (its checkpoint was saved), or 0
+
+
+class StopSignals:
+    """The first SIGINT/SIGTERM asks training to stop after the current update (and save); a second
+    one interrupts at once. Only the main thread can own signal handlers; elsewhere this does nothing."""
+
+    def __init__(self):
+        self.received = 0
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+        self._restore()
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+
+def load_resume_state(ckpt_dir: Path, log: Callable[[str], None]) -> tuple[Path, dict]:
+    """The newest readable checkpoint: last.pt, else the step checkpoints from the newest down."""
+    candidates = [ckpt_dir / "last.pt"] + [p for _, p in reversed(ckpt.step_checkpoints(ckpt_dir))]
+    for path in candidates:
+        if not path.exists():
+            continue
+        try:
+            state = ckpt.load(path)
+        except ckpt.CheckpointError as e:
+            log(f"warning: {e}; trying an older checkpoint")
+            continue
+        if path != candidates[0]:
+            log(f"falling back to {path}, the newest readable checkpoint")
+        return path, state
+    raise TrainingError(f"{ckpt_dir}: no readable checkpoint to resume from")
+
+
+def check_disk_space(run_dir: Path, model: torch.nn.Module) -> None:
+    """Refuse to start when the disk cannot hold two checkpoints (weights + Adam moments each)."""
+    checkpoint_bytes = 3 * sum(p.numel() * p.element_size() for p in model.parameters())
+    free = shutil.disk_usage(run_dir).free
+    if free < 2 * checkpoint_bytes:
+        raise TrainingError(f"{run_dir}: only {free / 2**20:.0f} MiB free on disk; checkpoints need about "
+                            f"{2 * checkpoint_bytes / 2**20:.0f} MiB")
 
 
 class MetricsLog:
@@ -208,7 +265,8 @@ def validate(model: Transformer, data: ParallelData, *, max_tokens: int, epsilon
     model.eval()
     loss_sum = nll_sum = 0.0
     tokens = 0
-    for indices in data.sampler(max_tokens, shuffle=False):
+    budget = max(max_tokens, int(data.src_len.max()), int(data.tgt_len.max()))  # long pairs: a batch alone
+    for indices in data.sampler(budget, shuffle=False):
         batch = data.batch(indices).to(device)
         with autocast(device, precision):
             logits = model(batch.src, batch.tgt_in)
@@ -244,10 +302,7 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
     check_run_dir(run_dir, resume)
     resume_state = None
     if resume:
-        last = ckpt_dir / "last.pt"
-        if not last.exists():
-            raise TrainingError(f"{last}: nothing to resume")
-        resume_state = ckpt.load(last)
+        last, resume_state = load_resume_state(ckpt_dir, log)
         saved = config_from_dict(resume_state["config"])
         if saved.model != cfg.model or saved.tokenizer.joint != cfg.tokenizer.joint:
             raise TrainingError(f"{last}: the model or tokenizer settings differ from the checkpoint's; "
@@ -286,21 +341,25 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
         sampler.load_state_dict(resume_state["sampler"])
         trainer = resume_state["trainer"]
         if trainer.get("version") != TRAINER_STATE_VERSION:
-            raise TrainingError(f"{ckpt_dir / 'last.pt'}: trainer state version {trainer.get('version')} "
+            raise TrainingError(f"{last}: trainer state version {trainer.get('version')} "
                                 f"is not {TRAINER_STATE_VERSION}")
         if trainer["best_metric"] != tc.best_metric:
-            raise TrainingError(f"{ckpt_dir / 'last.pt'}: the run picked best.pt by {trainer['best_metric']}, "
+            raise TrainingError(f"{last}: the run picked best.pt by {trainer['best_metric']}, "
                                 f"not train.best_metric={tc.best_metric}")
         step, best, bad_validations = trainer["step"], trainer["best"], trainer["bad_validations"]
         set_rng_state(resume_state["rng"])
-        log(f"resumed from {ckpt_dir / 'last.pt'} at step {step} (epoch {sampler.epoch + 1}, "
+        log(f"resumed from {last} at step {step} (epoch {sampler.epoch + 1}, "
             f"batch {sampler.position}/{len(sampler)})")
     else:
         log(f"model: {model.num_parameters():,} parameters, {cfg.model.encoder_layers}+{cfg.model.decoder_layers} "
             f"layers, d_model {cfg.model.d_model}; device {device}, {tc.precision}")
+    check_disk_space(run_dir, model)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
+    saved_step = -1
 
     def save(tag: str, valid: dict | None) -> None:
+        nonlocal saved_step
+        saved_step = step
         state = {
             "format": "mt", "version": ckpt.FORMAT_VERSION,
             "model": model.state_dict(), "config": cfg.to_dict(),
@@ -349,66 +408,74 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
                file=sys.stderr, dynamic_ncols=True, unit="step")
     window_tokens, window_start, window_loss, window_nll = 0, time.time(), 0.0, 0.0
     bad_updates, stopped = 0, ""
-    while not stopped:
-        if tc.max_steps and step >= tc.max_steps:
-            stopped = f"reached train.max_steps={tc.max_steps}"
-            break
-        group = [train_data.batch(i) for _, i in zip(range(tc.accum_steps), stream)]
-        if not group:
-            stopped = f"reached train.max_epochs={tc.max_epochs}"
-            break
-        step += 1
-        # lr for this update, then forward/backward over the accumulated batches
-        lr = learning_rate(step, tc)
-        for group_ in optimizer.param_groups:
-            group_["lr"] = lr
-        tokens = sum(b.num_tgt_tokens for b in group)
-        loss_total = nll_total = 0.0
-        for batch in group:
-            batch = batch.to(device)
-            with autocast(device, tc.precision):
-                hidden = model.decode_hidden(batch.tgt_in, model.encode(batch.src))
-                keep = batch.tgt_out != PAD_ID
-                logits = model.project(hidden[keep])  # (N, V): logits only where there is a target
-            loss, nll = label_smoothed_loss(logits, batch.tgt_out[keep], tc.label_smoothing)
-            # normalise by the update's token count so accumulation equals one big batch
-            (loss / tokens).backward()
-            loss_total, nll_total = loss_total + loss.item(), nll_total + nll.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm or float("inf"))
-        if not (math.isfinite(loss_total) and torch.isfinite(grad_norm)):
-            # skip the update rather than poison the weights; give up if it keeps happening
+    with StopSignals() as signals:
+        while not stopped:
+            if signals.received:
+                stopped = f"interrupted by {signal.Signals(signals.received).name}"
+                break
+            if tc.max_steps and step >= tc.max_steps:
+                stopped = f"reached train.max_steps={tc.max_steps}"
+                break
+            group = [train_data.batch(i) for _, i in zip(range(tc.accum_steps), stream)]
+            if not group:
+                stopped = f"reached train.max_epochs={tc.max_epochs}"
+                break
+            step += 1
+            # lr for this update, then forward/backward over the accumulated batches
+            lr = learning_rate(step, tc)
+            for group_ in optimizer.param_groups:
+                group_["lr"] = lr
+            tokens = sum(b.num_tgt_tokens for b in group)
+            loss_total = nll_total = 0.0
+            for batch in group:
+                batch = batch.to(device)
+                with autocast(device, tc.precision):
+                    hidden = model.decode_hidden(batch.tgt_in, model.encode(batch.src))
+                    keep = batch.tgt_out != PAD_ID
+                    logits = model.project(hidden[keep])  # (N, V): logits only where there is a target
+                loss, nll = label_smoothed_loss(logits, batch.tgt_out[keep], tc.label_smoothing)
+                # normalise by the update's token count so accumulation equals one big batch
+                (loss / tokens).backward()
+                loss_total, nll_total = loss_total + loss.item(), nll_total + nll.item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm or float("inf"))
+            if not (math.isfinite(loss_total) and torch.isfinite(grad_norm)):
+                # skip the update rather than poison the weights; give up if it keeps happening
+                optimizer.zero_grad(set_to_none=True)
+                bad_updates += 1
+                log(f"step {step}: non-finite loss or gradient, update skipped ({bad_updates} in a row)")
+                if bad_updates >= MAX_BAD_UPDATES:
+                    raise TrainingError(f"{bad_updates} non-finite updates in a row at step {step}; lower "
+                                        "train.lr, raise train.warmup_steps or use train.precision=fp32")
+                continue
+            bad_updates = 0
+            optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            bad_updates += 1
-            log(f"step {step}: non-finite loss or gradient, update skipped ({bad_updates} in a row)")
-            if bad_updates >= MAX_BAD_UPDATES:
-                raise TrainingError(f"{bad_updates} non-finite updates in a row at step {step}; lower "
-                                    "train.lr, raise train.warmup_steps or use train.precision=fp32")
-            continue
-        bad_updates = 0
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
-        window_tokens += tokens
-        window_loss += loss_total
-        window_nll += nll_total
-        bar.update(1)
-        if step % tc.log_every == 0 or step == 1:
-            elapsed = max(time.time() - window_start, 1e-9)
-            row = {"loss": window_loss / window_tokens, "nll": window_nll / window_tokens, "lr": lr,
-                   "tokens_per_s": window_tokens / elapsed, "grad_norm": float(grad_norm)}
-            metrics.write(kind="train", step=step, epoch=sampler.epoch + 1, **row)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
-            window_tokens, window_start, window_loss, window_nll = 0, time.time(), 0.0, 0.0
-        if step % tc.valid_every == 0:
-            valid, improved = run_validation()
-            save("best" if improved else "step", valid)
-            if tc.patience and bad_validations >= tc.patience:
-                stopped = f"early stopping: no improvement in {tc.patience} validations"
+            window_tokens += tokens
+            window_loss += loss_total
+            window_nll += nll_total
+            bar.update(1)
+            if step % tc.log_every == 0 or step == 1:
+                elapsed = max(time.time() - window_start, 1e-9)
+                row = {"loss": window_loss / window_tokens, "nll": window_nll / window_tokens, "lr": lr,
+                       "tokens_per_s": window_tokens / elapsed, "grad_norm": float(grad_norm)}
+                metrics.write(kind="train", step=step, epoch=sampler.epoch + 1, **row)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+                window_tokens, window_start, window_loss, window_nll = 0, time.time(), 0.0, 0.0
+            if step % tc.valid_every == 0:
+                valid, improved = run_validation()
+                save("best" if improved else "step", valid)
+                if tc.patience and bad_validations >= tc.patience:
+                    stopped = f"early stopping: no improvement in {tc.patience} validations"
     bar.close()
-    if step % tc.valid_every != 0:  # the final state, validated and saved
+    if signals.received:  # save at once; validating could take long
+        if saved_step != step:
+            save("step", None)
+    elif saved_step != step:  # the final state, validated and saved
         valid, improved = run_validation()
         save("best" if improved or valid_data is None else "step", valid)
-    log(f"stopped at step {step}: {stopped}")
+    log(f"stopped at step {step}: {stopped}" + ("; checkpoint saved, continue with --resume" if signals.received else ""))
     metrics.write(kind="end", step=step, epoch=sampler.epoch + 1, reason=stopped,
                   **{f"best_{tc.best_metric}": best})
-    return TrainResult(step=step, epoch=sampler.epoch + 1, best=best, stopped=stopped, run_dir=run_dir)
+    return TrainResult(step=step, epoch=sampler.epoch + 1, best=best, stopped=stopped, run_dir=run_dir,
+                       signal=signals.received)

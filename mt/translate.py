@@ -71,10 +71,11 @@ class Translator:
 
     def __init__(self, model: Transformer, src_tok: Tokenizer, tgt_tok: Tokenizer,
                  decode: DecodeConfig | None = None, *, greedy: bool = False, nbest: int = 1,
-                 warn: Callable[[str], None] | None = None):
+                 warn: Callable[[str], None] | None = None, use_cache: bool = True):
         self.model, self.src_tok, self.tgt_tok = model, src_tok, tgt_tok
         self.decode = decode or DecodeConfig()
         self.greedy, self.nbest = greedy, nbest
+        self.use_cache = use_cache  # False re-runs the decoder on the whole prefix (for benchmarks)
         if nbest > 1 and greedy:
             raise ValueError("--nbest needs beam search (not --greedy)")
         if nbest > self.decode.beam:
@@ -98,9 +99,9 @@ class Translator:
         d = self.decode
         if self.greedy:
             return [[h] for h in greedy_search(self.model, src, max_len_a=d.max_len_a, max_len_b=d.max_len_b,
-                                               min_len=d.min_len, lenpen=d.lenpen)]
+                                               min_len=d.min_len, lenpen=d.lenpen, use_cache=self.use_cache)]
         return beam_search(self.model, src, beam=d.beam, lenpen=d.lenpen, max_len_a=d.max_len_a,
-                           max_len_b=d.max_len_b, min_len=d.min_len, nbest=self.nbest)
+                           max_len_b=d.max_len_b, min_len=d.min_len, nbest=self.nbest, use_cache=self.use_cache)
 
     def _chunk(self, lines: list[str], first_lineno: int) -> list[Translation]:
         results: list[Translation | None] = [None] * len(lines)
