@@ -14,6 +14,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +26,12 @@ import torch
 from mt.config import CorpusConfig
 from mt.tokenizer import BOS_ID, PAD_ID, Tokenizer
 
-CACHE_VERSION = "1"  # bump when the reading or tokenizing code changes what it produces
+CACHE_VERSION = "2"  # bump when the reading or tokenizing code changes what it produces
 datasets.logging.set_verbosity_error()
 datasets.disable_progress_bars()
+
+
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 (but tab and newline), DEL, C1
 
 
 class CorpusError(ValueError):
@@ -202,12 +206,15 @@ def _load_hub(corpus: CorpusConfig, src_lang: str, tgt_lang: str, cache: str | N
 
 
 def tokenize(ds: datasets.Dataset, src_tok: Tokenizer, tgt_tok: Tokenizer, num_proc: int = 1) -> datasets.Dataset:
-    """Add ``src_ids``/``tgt_ids`` (pieces + ``</s>``) and their lengths; cached by tokenizer digest."""
+    """Add ``src_ids``/``tgt_ids`` (pieces + ``</s>``), their lengths and a ``control`` flag (a side
+    holds control characters); cached by the dataset's and the tokenizers' digests."""
 
     def encode(batch: dict) -> dict:
         src_ids, tgt_ids = src_tok.encode(batch["src"]), tgt_tok.encode(batch["tgt"])
         return {"src_ids": src_ids, "tgt_ids": tgt_ids,
-                "src_len": [len(x) for x in src_ids], "tgt_len": [len(x) for x in tgt_ids]}
+                "src_len": [len(x) for x in src_ids], "tgt_len": [len(x) for x in tgt_ids],
+                "control": [bool(CONTROL_CHARS.search(s) or CONTROL_CHARS.search(t))
+                            for s, t in zip(batch["src"], batch["tgt"])]}
 
     fingerprint = _digest(CACHE_VERSION, ds._fingerprint, src_tok.fingerprint, tgt_tok.fingerprint)
     return ds.map(encode, batched=True, batch_size=2000, num_proc=num_proc if len(ds) > 10_000 else None,
@@ -226,14 +233,17 @@ class CleaningReport:
 
 
 def clean(ds: datasets.Dataset, max_len: int, max_ratio: float = 0.0) -> tuple[datasets.Dataset, CleaningReport]:
-    """Drop pairs (jointly) with an empty side, a side longer than ``max_len`` tokens, or a length
-    ratio above ``max_ratio`` (0: no ratio filter). Reasons are counted in that order."""
+    """Drop pairs (jointly) with an empty side, control characters (when ``ds`` has the ``control``
+    column of ``tokenize``), a side longer than ``max_len`` tokens, or a length ratio above
+    ``max_ratio`` (0: no ratio filter). Reasons are counted in that order."""
     src_len = np.asarray(ds["src_len"], dtype=np.int64)
     tgt_len = np.asarray(ds["tgt_len"], dtype=np.int64)
+    control = np.asarray(ds["control"], dtype=bool) if "control" in ds.column_names else np.zeros(len(ds), bool)
     keep = np.ones(len(ds), dtype=bool)
     dropped = {}
     for why, bad in (
         ("empty", (src_len <= 1) | (tgt_len <= 1)),  # only </s>
+        ("with control characters", control),
         (f"longer than {max_len} tokens", (src_len > max_len) | (tgt_len > max_len)),
         (f"length ratio above {max_ratio:g}",
          (np.maximum(src_len, tgt_len) > max_ratio * np.minimum(src_len, tgt_len)) if max_ratio

@@ -242,6 +242,16 @@ class MetricsLog:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
+    def truncate_after(self, step: int) -> None:
+        """Drop rows logged after ``step`` (by a run killed after its last checkpoint), atomically."""
+        if not self.path.exists():
+            return
+        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        tmp.replace(self.path)
+
 
 def validation_bleu(model: Transformer, data: ParallelData, src_tok: Tokenizer, tgt_tok: Tokenizer,
                     decode: DecodeConfig, beam: int) -> float:
@@ -355,6 +365,8 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
             f"layers, d_model {cfg.model.d_model}; device {device}, {tc.precision}")
     check_disk_space(run_dir, model)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
+    if resume_state is not None:
+        metrics.truncate_after(step)
     saved_step = -1
 
     def save(tag: str, valid: dict | None) -> None:

@@ -125,7 +125,8 @@ class Translator:
             batch = order[start:end]
             hyps = self._search([encoded[k] for k in batch])
             for k, h in zip(batch, hyps):
-                results[todo[k]] = Translation(h, self.tgt_tok.decode([x.tokens for x in h]))
+                texts = [" ".join(t.split()) for t in self.tgt_tok.decode([x.tokens for x in h])]  # one line each
+                results[todo[k]] = Translation(h, texts)
             start = end
         for i, r in enumerate(results):
             if r is None:

@@ -189,12 +189,23 @@ def test_clean_drops_pairs_jointly_and_counts_each_reason():
     assert kept["id"] == keep_ids
     assert kept["src"] == [f"s{i}" for i in keep_ids] and kept["tgt"] == [f"t{i}" for i in keep_ids]
     assert report.total == 12 and report.kept == 4
-    assert report.dropped == {"empty": 3, "longer than 64 tokens": 2, "length ratio above 3": 3}
+    assert report.dropped == {"empty": 3, "with control characters": 0, "longer than 64 tokens": 2,
+                              "length ratio above 3": 3}
     assert str(report) == "4/12 pairs kept (dropped: 3 empty, 2 longer than 64 tokens, 3 length ratio above 3)"
 
     # max_ratio 0 disables the ratio filter
     kept, report = clean(ds, max_len=64, max_ratio=0)
     assert report.kept == 7 and report.dropped["length ratio above 0"] == 0
+
+
+def test_pairs_with_control_characters_are_dropped_jointly_and_counted(tokenizer):
+    texts = [("Ein Hund läuft.", "A dog runs."), ("Ein\x07 Hund.", "A dog."), ("Zwei Katzen.", "Two\x85 cats."),
+             ("Tab\tist gut.", "Tab is fine."), ("Ein Mann\x00.", "A man."), ("Rot.", "Red\x7f.")]
+    ds = datasets.Dataset.from_dict({"src": [t[0] for t in texts], "tgt": [t[1] for t in texts]})
+    kept, report = clean(tokenize(ds, tokenizer, tokenizer), max_len=64, max_ratio=0)
+    assert kept["src"] == ["Ein Hund läuft.", "Tab\tist gut."]
+    assert kept["tgt"] == ["A dog runs.", "Tab is fine."]
+    assert report.dropped["with control characters"] == 4
 
 
 def test_clean_keeps_everything_untouched():
