@@ -396,3 +396,41 @@ def test_truncated_gzip_is_a_corpus_error(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CorpusError, match=rf"{path}:\d+: cannot read"):
         list(read_lines(path))
+
+
+# --------------------------------------------------------------------------------------------------
+# Hub datasets (offline: datasets.load_dataset is replaced by an in-memory dataset of the hub's shape)
+
+
+@pytest.mark.parametrize("columns", ["translation", "languages", "src_tgt"])
+def test_hub_dataset_forms(monkeypatch, columns):
+    pairs = [("Ein Hund.", "A dog."), (" Zwei Katzen. ", "Two cats.")]
+    if columns == "translation":
+        table = {"translation": [{"de": s, "en": t} for s, t in pairs], "id": ["0", "1"]}
+    elif columns == "languages":
+        table = {"de": [s for s, _ in pairs], "en": [t for _, t in pairs]}
+    else:
+        table = {"src": [s for s, _ in pairs], "tgt": [t for _, t in pairs]}
+    calls = []
+
+    def fake_load_dataset(name, config=None, split=None, cache_dir=None):
+        calls.append((name, config, split))
+        return datasets.Dataset.from_dict(table)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    ds = load_corpus(CorpusConfig(hub="wmt16", hub_config="de-en", split="validation"), "de", "en")
+    assert calls == [("wmt16", "de-en", "validation")]
+    assert ds.column_names == ["src", "tgt"]
+    assert ds["src"] == ["Ein Hund.", "Zwei Katzen."] and ds["tgt"] == ["A dog.", "Two cats."]
+
+
+def test_hub_dataset_errors_are_user_errors(monkeypatch):
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach the Hugging Face Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(CorpusError, match="hub:wmt16: cannot load .*ConnectionError"):
+        load_corpus(CorpusConfig(hub="wmt16"), "de", "en")
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_dict({"text": ["x"]}))
+    with pytest.raises(CorpusError, match="no 'translation', 'de'/'en' or 'src'/'tgt' columns"):
+        load_corpus(CorpusConfig(hub="wmt16"), "de", "en")
