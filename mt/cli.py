@@ -36,11 +36,12 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from mt.data import CorpusError
     from mt.multi30k import DataFetchError
     from mt.evaluate import EvaluationError
+    from mt.export import ExportError
     from mt.tokenizer import TokenizerError
     from mt.train import TrainingError
 
     return (ConfigError, CorpusError, TokenizerError, CheckpointError, TrainingError, DataFetchError,
-            EvaluationError, OSError)
+            EvaluationError, ExportError, OSError)
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -309,6 +310,34 @@ def evaluate(
     else:
         for r in results:
             typer.echo(r.text)
+
+
+@app.command()
+@_handles_errors
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory written by mt train.")],
+    out_dir: Annotated[Path, typer.Argument(help="Directory to write.")],
+    to: Annotated[str, typer.Option("--to", help="hf (transformers M2M100) or ctranslate2.")] = "hf",
+    checkpoint: Checkpoint = "best",
+    average: Average = 0,
+    quantization: Annotated[Optional[str], typer.Option("--quantization", help="ctranslate2 only: int8, int8_float32, bfloat16...")] = None,
+):
+    """Export a run to Hugging Face transformers or CTranslate2 (needs: pip install 'mt[export]').
+
+    --to hf writes model.safetensors, config.json, generation_config.json and the SentencePiece
+    model, loadable offline with AutoModelForSeq2SeqLM.from_pretrained(OUT_DIR).
+    """
+    from mt.export import to_ctranslate2, to_hf
+
+    if to == "hf":
+        if quantization:
+            _fail("--quantization applies to --to ctranslate2 only")
+        to_hf(run_dir, out_dir, checkpoint, average)
+    elif to == "ctranslate2":
+        to_ctranslate2(run_dir, out_dir, checkpoint, average, quantization)
+    else:
+        _fail(f"--to {to!r}: choose hf or ctranslate2")
+    _log(f"exported {run_dir} to {out_dir} ({to})")
 
 
 def main() -> None:

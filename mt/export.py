@@ -1,0 +1,168 @@
+"""Export a run to Hugging Face transformers (``M2M100ForConditionalGeneration``) and CTranslate2.
+
+``mt``'s default model is M2M100's architecture one-to-one (see ``mt/model.py``), so the export only
+renames and splits tensors: our packed attention projection [W_q; W_k; W_v] becomes ``q_proj``,
+``k_proj``, ``v_proj``; our pre-norm ``Sublayer`` norms become ``self_attn_layer_norm``,
+``encoder_attn_layer_norm`` and ``final_layer_norm``; the shared embedding becomes ``model.shared``
+and the tied ``lm_head``. The decoder starts from ``<s>`` (id 0), so ``decoder_start_token_id`` = 0.
+
+Not exportable (M2M100 has no such variant): ``model.norm=post``, separate vocabularies, untied
+embeddings (``model.share_embeddings=false``).
+
+Needs the optional extra ``mt[export]`` (transformers, safetensors; ctranslate2 for ``--to ctranslate2``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from mt.config import Config
+from mt.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
+from mt.translate import load_model
+
+
+class ExportError(ValueError):
+    """The run cannot be exported; the message says which setting prevents it."""
+
+
+def _require(module: str):
+    try:
+        return __import__(module)
+    except ImportError:
+        raise ExportError(f"exporting needs the '{module}' package: pip install 'mt[export]'") from None
+
+
+def check_exportable(cfg: Config, src_vocab: int, tgt_vocab: int) -> None:
+    m = cfg.model
+    if m.norm != "pre":
+        raise ExportError("model.norm=post cannot be exported: M2M100 is pre-norm")
+    if not m.share_embeddings or not cfg.tokenizer.joint or src_vocab != tgt_vocab:
+        raise ExportError("only joint vocabularies with model.share_embeddings=true can be exported "
+                          "(M2M100 shares one embedding between encoder, decoder and output)")
+
+
+def hf_config(cfg: Config, vocab: int):
+    """The ``M2M100Config`` of our model shape and decoding defaults."""
+    transformers = _require("transformers")
+    m = cfg.model
+    return transformers.M2M100Config(
+        vocab_size=vocab, d_model=m.d_model, max_position_embeddings=m.max_positions,
+        encoder_layers=m.encoder_layers, decoder_layers=m.decoder_layers,
+        encoder_attention_heads=m.n_heads, decoder_attention_heads=m.n_heads,
+        encoder_ffn_dim=m.ffn_dim, decoder_ffn_dim=m.ffn_dim, activation_function=m.activation,
+        dropout=m.dropout, attention_dropout=m.attention_dropout, activation_dropout=m.activation_dropout,
+        encoder_layerdrop=0.0, decoder_layerdrop=0.0, scale_embedding=m.scale_embedding,
+        pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, decoder_start_token_id=BOS_ID,
+        tie_word_embeddings=True, architectures=["M2M100ForConditionalGeneration"],
+    )
+
+
+def hf_state_dict(state: dict[str, torch.Tensor], cfg: Config) -> dict[str, torch.Tensor]:
+    """Our parameter names and shapes -> M2M100ForConditionalGeneration's."""
+    D = cfg.model.d_model
+    out = {}
+
+    def attention(ours: str, theirs: str) -> None:
+        weight, bias = state[f"{ours}.in_proj.weight"], state[f"{ours}.in_proj.bias"]
+        for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            out[f"{theirs}.{name}.weight"] = weight[i * D: (i + 1) * D].clone()
+            out[f"{theirs}.{name}.bias"] = bias[i * D: (i + 1) * D].clone()
+        out[f"{theirs}.out_proj.weight"] = state[f"{ours}.out_proj.weight"]
+        out[f"{theirs}.out_proj.bias"] = state[f"{ours}.out_proj.bias"]
+
+    def copy(ours: str, theirs: str) -> None:
+        for p in ("weight", "bias"):
+            out[f"{theirs}.{p}"] = state[f"{ours}.{p}"]
+
+    embedding = state["tgt_embed.weight"]
+    for name in ("model.shared.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight",
+                 "lm_head.weight"):
+        out[name] = embedding
+    for i in range(cfg.model.encoder_layers):
+        ours, theirs = f"encoder_layers.{i}", f"model.encoder.layers.{i}"
+        attention(f"{ours}.self_attn", f"{theirs}.self_attn")
+        copy(f"{ours}.attn_block.norm", f"{theirs}.self_attn_layer_norm")
+        copy(f"{ours}.ffn_block.norm", f"{theirs}.final_layer_norm")
+        copy(f"{ours}.ffn.fc1", f"{theirs}.fc1")
+        copy(f"{ours}.ffn.fc2", f"{theirs}.fc2")
+    for i in range(cfg.model.decoder_layers):
+        ours, theirs = f"decoder_layers.{i}", f"model.decoder.layers.{i}"
+        attention(f"{ours}.self_attn", f"{theirs}.self_attn")
+        attention(f"{ours}.cross_attn", f"{theirs}.encoder_attn")
+        copy(f"{ours}.self_block.norm", f"{theirs}.self_attn_layer_norm")
+        copy(f"{ours}.cross_block.norm", f"{theirs}.encoder_attn_layer_norm")
+        copy(f"{ours}.ffn_block.norm", f"{theirs}.final_layer_norm")
+        copy(f"{ours}.ffn.fc1", f"{theirs}.fc1")
+        copy(f"{ours}.ffn.fc2", f"{theirs}.fc2")
+    copy("encoder_norm", "model.encoder.layer_norm")
+    copy("decoder_norm", "model.decoder.layer_norm")
+    return out
+
+
+def to_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best", average: int = 0) -> Path:
+    """Write ``out_dir`` loadable offline with ``AutoModelForSeq2SeqLM.from_pretrained(out_dir)``."""
+    transformers = _require("transformers")
+    model, cfg, src_tok, tgt_tok = load_model(run_dir, checkpoint, average, device="cpu")
+    check_exportable(cfg, src_tok.vocab_size, tgt_tok.vocab_size)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hf = transformers.M2M100ForConditionalGeneration(hf_config(cfg, tgt_tok.vocab_size))
+    missing, unexpected = hf.load_state_dict(hf_state_dict(model.state_dict(), cfg), strict=False)
+    missing = [k for k in missing if "embed_positions" not in k]
+    if missing or unexpected:  # a mapping bug, never a user error
+        raise RuntimeError(f"export mapping incomplete: missing {missing}, unexpected {unexpected}")
+    hf.tie_weights()
+    d = cfg.decode
+    hf.generation_config = transformers.GenerationConfig(
+        decoder_start_token_id=BOS_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+        num_beams=d.beam, length_penalty=d.lenpen, early_stopping=True, max_length=cfg.model.max_positions,
+    )
+    hf.save_pretrained(out_dir, safe_serialization=True)
+    shutil.copyfile(Path(run_dir) / "spm.model", out_dir / "sentencepiece.model")
+    (out_dir / "mt_export.json").write_text(json.dumps({
+        "source": str(run_dir), "checkpoint": checkpoint, "average": average,
+        "special_ids": {"bos": BOS_ID, "pad": PAD_ID, "eos": EOS_ID, "unk": UNK_ID},
+        "decode": {"beam": d.beam, "lenpen": d.lenpen, "max_len_a": d.max_len_a, "max_len_b": d.max_len_b},
+    }, indent=1) + "\n", encoding="utf-8")
+    return out_dir
+
+
+class _Vocabulary:
+    """What CTranslate2's M2M100 loader reads from a tokenizer, taken from our SentencePiece model
+    (our export has no HF tokenizer: M2M100's would add language codes beyond our vocabulary)."""
+
+    bos_token, eos_token, unk_token, pad_token = "<s>", "</s>", "<unk>", "<pad>"
+    unk_token_id = UNK_ID
+    special_tokens_map: dict = {}
+    num_madeup_words = 0
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.pieces = [tokenizer.sp.id_to_piece(i) for i in range(tokenizer.vocab_size)]
+
+    def get_vocab(self) -> dict[str, int]:
+        return {piece: i for i, piece in enumerate(self.pieces)}
+
+    def convert_ids_to_tokens(self, index: int) -> str:
+        return self.pieces[index]
+
+
+def to_ctranslate2(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best", average: int = 0,
+                   quantization: str | None = None) -> Path:
+    """Convert through the HF export with CTranslate2's own ``TransformersConverter``."""
+    ctranslate2 = _require("ctranslate2")
+    import tempfile
+
+    class Converter(ctranslate2.converters.TransformersConverter):
+        def load_tokenizer(self, tokenizer_class, model_name_or_path, **kwargs):
+            return _Vocabulary(Tokenizer(Path(model_name_or_path) / "sentencepiece.model"))
+
+    out_dir = Path(out_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_dir = to_hf(run_dir, Path(tmp) / "hf", checkpoint, average)
+        Converter(str(hf_dir)).convert(str(out_dir), quantization=quantization, force=True)
+        shutil.copyfile(hf_dir / "sentencepiece.model", out_dir / "sentencepiece.model")
+    return out_dir
