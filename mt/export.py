@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from mt.config import Config
+from mt import checkpoint as ckpt
+from mt.config import Config, config_from_dict
 from mt.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 from mt.translate import load_model
 
@@ -106,8 +107,9 @@ def hf_state_dict(state: dict[str, torch.Tensor], cfg: Config) -> dict[str, torc
 def to_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best", average: int = 0) -> Path:
     """Write ``out_dir`` loadable offline with ``AutoModelForSeq2SeqLM.from_pretrained(out_dir)``."""
     transformers = _require("transformers")
+    state = ckpt.load(ckpt.resolve(run_dir, checkpoint))  # check the settings before building anything
+    check_exportable(config_from_dict(state["config"]), state["vocab"]["src"], state["vocab"]["tgt"])
     model, cfg, src_tok, tgt_tok = load_model(run_dir, checkpoint, average, device="cpu")
-    check_exportable(cfg, src_tok.vocab_size, tgt_tok.vocab_size)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     hf = transformers.M2M100ForConditionalGeneration(hf_config(cfg, tgt_tok.vocab_size))

@@ -476,7 +476,7 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
                 window_tokens, window_start, window_loss, window_nll = 0, time.time(), 0.0, 0.0
             if step % tc.valid_every == 0:
                 valid, improved = run_validation()
-                save("best" if improved else "step", valid)
+                save("best" if improved or valid_data is None else "step", valid)
                 if tc.patience and bad_validations >= tc.patience:
                     stopped = f"early stopping: no improvement in {tc.patience} validations"
     bar.close()

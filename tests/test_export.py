@@ -1,0 +1,161 @@
+"""Oracle tests: the Hugging Face M2M100 export computes what `mt` computes (logits, greedy and beam
+outputs), and CTranslate2 on the converted weights translates like `mt`.
+
+Skipped only when the optional extra (`pip install 'mt[export]'`) is missing; `make test` installs it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mt.config import config_from_dict
+from mt.data import pad
+from mt.search import beam_search, greedy_search
+from mt.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from mt.train import train
+from mt.translate import load_model
+
+transformers = pytest.importorskip("transformers", reason="the optional extra mt[export] is not installed")
+ctranslate2 = pytest.importorskip("ctranslate2", reason="the optional extra mt[export] is not installed")
+
+from mt.export import ExportError, to_ctranslate2, to_hf  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, multi30k_head) -> Path:
+    """A small de->en run trained in-test long enough that most outputs end with </s>."""
+    tmp = tmp_path_factory.mktemp("export")
+    for lang in ("de", "en"):
+        (tmp / f"train.{lang}").write_text("\n".join(multi30k_head("train", lang, 4000)) + "\n", encoding="utf-8")
+    cfg = config_from_dict({
+        "data": {"train": {"src": str(tmp / "train.de"), "tgt": str(tmp / "train.en")}, "max_len": 64,
+                 "cache_dir": str(tmp / "cache")},
+        "tokenizer": {"vocab_size": 500},
+        "model": {"d_model": 64, "n_heads": 4, "ffn_dim": 128, "encoder_layers": 2, "decoder_layers": 2,
+                  "dropout": 0.0, "max_positions": 256},
+        "train": {"run_dir": str(tmp / "run"), "max_steps": 100, "valid_every": 100, "max_tokens": 2048,
+                  "lr": 3e-3, "warmup_steps": 20, "num_threads": 2},
+        "decode": {"beam": 5, "lenpen": 1.0},
+    })
+    train(cfg, log=lambda _: None, progress=False)
+    return tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def exported(run_dir, tmp_path_factory):
+    out = to_hf(run_dir, tmp_path_factory.mktemp("hf") / "model")
+    hf = transformers.AutoModelForSeq2SeqLM.from_pretrained(out).eval()
+    model, cfg, src_tok, tgt_tok = load_model(run_dir, device="cpu")
+    return out, hf, model, src_tok, tgt_tok
+
+
+@pytest.fixture(scope="module")
+def test_sources(multi30k_head, exported) -> list[list[int]]:
+    _, _, _, src_tok, _ = exported
+    return src_tok.encode(multi30k_head("test_2016_flickr", "de", 48))
+
+
+def test_export_directory_loads_offline_as_m2m100(exported):
+    out, hf, model, _, _ = exported
+    assert isinstance(hf, transformers.M2M100ForConditionalGeneration)
+    assert {p.name for p in out.iterdir()} >= {"model.safetensors", "config.json", "generation_config.json",
+                                               "sentencepiece.model"}
+    assert hf.config.decoder_start_token_id == BOS_ID and hf.config.pad_token_id == PAD_ID
+    assert hf.lm_head.weight.data_ptr() == hf.model.shared.weight.data_ptr()  # tied, as in mt
+    assert sum(p.numel() for p in hf.parameters()) == model.num_parameters()
+
+
+def test_hf_logits_equal_mt_logits(exported, test_sources, multi30k_head):
+    _, hf, model, _, tgt_tok = exported
+    src = pad(test_sources[:16])
+    tgt = tgt_tok.encode(multi30k_head("test_2016_flickr", "en", 16))
+    tgt_in = pad([[BOS_ID] + t[:-1] for t in tgt])
+    with torch.no_grad():
+        ours = model(src, tgt_in)
+        theirs = hf(input_ids=src, attention_mask=(src != PAD_ID).long(), decoder_input_ids=tgt_in).logits
+    real = tgt_in != PAD_ID
+    assert (ours - theirs)[real].abs().max().item() < 1e-4
+
+
+def _hf_generate(hf, src: torch.Tensor, **kwargs) -> list[list[int]]:
+    with torch.no_grad():
+        out = hf.generate(input_ids=src, attention_mask=(src != PAD_ID).long(), do_sample=False,
+                          bad_words_ids=[[BOS_ID], [PAD_ID]], **kwargs)
+    result = []
+    for row in out.tolist():
+        row = row[1:]  # the decoder start token
+        result.append(row[: row.index(EOS_ID) + 1] if EOS_ID in row else [t for t in row if t != PAD_ID])
+    return result
+
+
+def _agree(ours: list[int], theirs: list[int], limit: int) -> bool:
+    """Equal outputs; a hypothesis cut at the length limit (mt ends it with </s>, HF just stops)
+    compares on the tokens before the limit."""
+    if theirs and theirs[-1] == EOS_ID and len(theirs) < limit:
+        return ours + [EOS_ID] == theirs
+    return ours == theirs[: limit - 1]
+
+
+def test_hf_greedy_outputs_equal_mt_greedy(exported, test_sources):
+    _, hf, model, _, _ = exported
+    src = pad(test_sources)
+    limit = 40
+    ours = greedy_search(model, src, max_len_a=0.0, max_len_b=limit)
+    theirs = _hf_generate(hf, src, num_beams=1, max_new_tokens=limit)
+    assert all(_agree(o.tokens, t, limit) for o, t in zip(ours, theirs))
+    assert sum(t[-1] == EOS_ID for t in theirs) >= len(theirs) // 2  # the check is not only about limits
+
+
+@pytest.mark.parametrize("lenpen", [1.0, 0.6])
+def test_hf_beam_outputs_equal_mt_beam_with_the_same_length_penalty(exported, test_sources, lenpen):
+    _, hf, model, _, _ = exported
+    src = pad(test_sources)
+    limit = 40
+    ours = beam_search(model, src, beam=5, lenpen=lenpen, max_len_a=0.0, max_len_b=limit)
+    theirs = _hf_generate(hf, src, num_beams=5, length_penalty=lenpen, early_stopping=True, max_new_tokens=limit)
+    finished = [i for i, t in enumerate(theirs) if t[-1] == EOS_ID and len(t) < limit]
+    assert len(finished) >= len(theirs) // 2
+    assert [ours[i][0].tokens + [EOS_ID] for i in finished] == [theirs[i] for i in finished]
+
+
+def test_ctranslate2_float32_agrees_with_mt(run_dir, tmp_path, multi30k_head):
+    out = to_ctranslate2(run_dir, tmp_path / "ct2")
+    _, _, src_tok, tgt_tok = load_model(run_dir, device="cpu")
+    lines = multi30k_head("test_2016_flickr", "de", 200)
+    model, _, _, _ = load_model(run_dir, device="cpu")
+    ids = src_tok.encode(lines)
+    limit = 40
+    ours = [h[0].tokens for h in beam_search(model, pad(ids), beam=5, lenpen=1.0, max_len_a=0.0, max_len_b=limit)]
+    translator = ctranslate2.Translator(str(out), device="cpu", compute_type="float32", intra_threads=2)
+    pieces = [[src_tok.sp.id_to_piece(i) for i in seq] for seq in ids]
+    results = translator.translate_batch(pieces, beam_size=5, length_penalty=1.0, max_decoding_length=limit - 1)
+    theirs = [[tgt_tok.sp.piece_to_id(p) for p in r.hypotheses[0]] for r in results]
+    # mt ends a hypothesis at the length limit with </s>; CTranslate2 cuts it: compare those that end
+    ended = [i for i in range(len(lines)) if max(len(ours[i]), len(theirs[i])) < limit - 1]
+    assert len(ended) >= 0.9 * len(lines)
+    agree = sum(ours[i] == theirs[i] for i in ended)
+    assert agree >= 0.99 * len(ended), f"{agree}/{len(ended)} agree"
+
+
+def test_post_norm_and_separate_vocabularies_are_refused(tmp_path, run_dir):
+    import shutil
+
+    import yaml
+
+    from mt import checkpoint as ckpt
+
+    for section, key, value, message in (("model", "norm", "post", "model.norm=post"),
+                                          ("tokenizer", "joint", False, "only joint vocabularies"),
+                                          ("model", "share_embeddings", False, "only joint vocabularies")):
+        bad = tmp_path / f"{key}"
+        shutil.copytree(run_dir, bad)
+        state = ckpt.load(bad / "checkpoints" / "best.pt")
+        state["config"][section][key] = value
+        ckpt.atomic_save(state, bad / "checkpoints" / "best.pt")
+        with pytest.raises(ExportError, match=message):
+            to_hf(bad, tmp_path / f"out_{key}")
+        assert not (tmp_path / f"out_{key}").exists()
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["norm"] == "pre"
