@@ -71,8 +71,12 @@ class MultiHeadAttention(nn.Module):
     def _attend(self, q, k, v, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                              dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, hd)
+        return self._merge(out)
+
+    def _merge(self, out: torch.Tensor) -> torch.Tensor:
+        """(B, H, T, hd) -> output projection of the concatenated heads (B, T, D)."""
         B, _, T, _ = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(B, T, self.d_model))  # (B, T, D)
+        return self.out_proj(out.transpose(1, 2).reshape(B, T, self.d_model))
 
     def self_attention(self, x: torch.Tensor, *, key_mask: torch.Tensor | None = None, causal: bool = False,
                        cache: LayerCache | None = None) -> torch.Tensor:
@@ -100,11 +104,21 @@ class MultiHeadAttention(nn.Module):
     def cross_attention(self, x: torch.Tensor, *, memory: torch.Tensor | None = None,
                         kv: tuple[torch.Tensor, torch.Tensor] | None = None,
                         key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Queries from x (B, T, D); keys/values from ``memory`` (B, S, D) or precomputed ``kv``."""
+        """Queries from x (B, T, D); keys/values from ``memory`` (B, S, D) or precomputed ``kv``
+        (N, H, S, hd). With N < B, x holds B / N beams per source sentence (sentence-major rows): the
+        beams become extra query positions of their sentence, so K/V are never copied per beam."""
         q = F.linear(x, self.in_proj.weight[: self.d_model], self.in_proj.bias[: self.d_model])
         (q,) = self._heads(q, 1)  # (B, H, T, hd)
         k, v = kv if kv is not None else self.cross_kv(memory)
-        return self._attend(q, k, v, key_mask, False)
+        N = k.shape[0]
+        if N == q.shape[0]:
+            return self._attend(q, k, v, key_mask, False)
+        B, H, T, hd = q.shape
+        beams = B // N
+        q = q.view(N, beams, H, T, hd).transpose(1, 2).reshape(N, H, beams * T, hd)  # (N, H, K·T, hd)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # (N, H, K·T, hd)
+        out = out.view(N, H, beams, T, hd).transpose(1, 2).reshape(B, H, T, hd)  # (B, H, T, hd)
+        return self._merge(out)
 
 
 class FeedForward(nn.Module):
@@ -169,56 +183,94 @@ class DecoderLayer(nn.Module):
 
 
 class LayerCache:
-    """One decoder layer's incremental state: a pre-allocated self-attention K/V buffer that grows by
-    the decoded positions, and the cross-attention K/V computed once from the encoder output."""
+    """One decoder layer's incremental state: the cross-attention K/V computed once per source
+    sentence, and pre-allocated self-attention K/V for every row (``beam`` rows per sentence) that
+    grow by the decoded positions.
 
-    def __init__(self, cross: tuple[torch.Tensor, torch.Tensor], capacity: int):
-        self.cross = cross  # 2 x (B, H, S, hd)
-        B, H, _, hd = cross[0].shape
-        self._k = cross[0].new_empty(B, H, capacity, hd)
-        self._v = cross[0].new_empty(B, H, capacity, hd)
+    Self-attention K/V live in two buffers of shape (2, R, H, capacity, hd) (keys, values): selecting
+    rows (beam reordering, dropping sentences) gathers the filled part of one buffer into the other
+    and swaps them, so no step allocates memory."""
+
+    def __init__(self, cross: tuple[torch.Tensor, torch.Tensor], capacity: int, beam: int = 1):
+        self.cross = cross  # 2 x (N, H, S, hd)
+        N, H, _, hd = cross[0].shape
+        self._buffers = [cross[0].new_empty(2, N * beam, H, capacity, hd) for _ in range(2)]
+        self._active = 0
+        self.rows = N * beam
+        self.beam = beam
         self.length = 0
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> int:
-        """Store k, v (B, H, T, hd) after the cached positions; return the previous length."""
+        """Store k, v (R, H, T, hd) after the cached positions; return the previous length."""
         past, T = self.length, k.shape[2]
-        if past + T > self._k.shape[2]:  # grow geometrically
-            grow = max(past + T, 2 * self._k.shape[2]) - self._k.shape[2]
-            self._k = torch.cat([self._k, self._k.new_empty(*self._k.shape[:2], grow, self._k.shape[3])], 2)
-            self._v = torch.cat([self._v, self._v.new_empty(*self._v.shape[:2], grow, self._v.shape[3])], 2)
-        self._k[:, :, past: past + T] = k
-        self._v[:, :, past: past + T] = v
+        capacity = self._buffers[0].shape[3]
+        if past + T > capacity:  # grow geometrically, keeping what is cached
+            grown = max(past + T, 2 * capacity)
+            old = self._buffers[self._active]
+            self._buffers = [old.new_empty(*old.shape[:3], grown, old.shape[4]) for _ in range(2)]
+            self._buffers[self._active][:, :, :, :past] = old[:, :, :, :past]
+        buffer = self._buffers[self._active]
+        buffer[0, : self.rows, :, past: past + T] = k
+        buffer[1, : self.rows, :, past: past + T] = v
         self.length = past + T
         return past
 
     def keys(self) -> torch.Tensor:
-        return self._k[:, :, : self.length]
+        return self._buffers[self._active][0, : self.rows, :, : self.length]  # (R, H, L, hd)
 
     def values(self) -> torch.Tensor:
-        return self._v[:, :, : self.length]
+        return self._buffers[self._active][1, : self.rows, :, : self.length]
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep rows ``index`` (B',) of the batch, in that order (beam reordering, dropping rows)."""
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Self-attention state of rows ``rows`` (R',), in that order (repeats allowed)."""
+        spare = self._buffers[1 - self._active]
+        if rows.shape[0] > spare.shape[1]:
+            self._buffers[1 - self._active] = spare = spare.new_empty(2, rows.shape[0], *spare.shape[2:])
+        source = self._buffers[self._active][:, : self.rows, :, : self.length]
+        target = spare[:, : rows.shape[0], :, : self.length]
+        torch.index_select(source, 1, rows, out=target)
+        self._active, self.rows = 1 - self._active, rows.shape[0]
+
+    def select_sentences(self, index: torch.Tensor) -> None:
+        """Keep sentences ``index`` (N',) with all their beams."""
         self.cross = (self.cross[0].index_select(0, index), self.cross[1].index_select(0, index))
-        self._k = self._k.index_select(0, index)
-        self._v = self._v.index_select(0, index)
+        self.select_rows(sentence_rows(index, self.beam))
+
+
+def sentence_rows(index: torch.Tensor, beam: int) -> torch.Tensor:
+    """Row indices (N'·beam,) of sentences ``index`` (N',) in a sentence-major (N·beam) layout."""
+    return ((index * beam)[:, None] + torch.arange(beam, device=index.device)).view(-1)
 
 
 class DecoderCache:
-    """Incremental decoding state of the whole decoder (see ``Transformer.init_cache``)."""
+    """Incremental decoding state of the whole decoder (see ``Transformer.init_cache``). Rows are
+    sentence-major: row r holds beam r % beam of sentence r // beam."""
 
-    def __init__(self, layers: list[LayerCache], src_mask: torch.Tensor):
+    def __init__(self, layers: list[LayerCache], src_mask: torch.Tensor, beam: int = 1):
         self.layers = layers
-        self.src_mask = src_mask  # (B, S)
+        self.src_mask = src_mask  # (N, S)
+        self.beam = beam
 
     @property
     def length(self) -> int:
         return self.layers[0].length
 
-    def reorder(self, index: torch.Tensor) -> None:
+    def reorder_beams(self, rows: torch.Tensor) -> None:
+        """Row i continues from row ``rows[i]``, which must belong to the same sentence (beam search)."""
         for layer in self.layers:
-            layer.reorder(index)
+            layer.select_rows(rows)
+
+    def select_sentences(self, index: torch.Tensor) -> None:
+        """Keep sentences ``index`` (N',), in that order (drop finished ones, reorder a batch)."""
+        for layer in self.layers:
+            layer.select_sentences(index)
         self.src_mask = self.src_mask.index_select(0, index)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """One row per sentence (beam 1): keep rows ``index``, in that order."""
+        if self.beam != 1:
+            raise ValueError("reorder() is for beam 1; use reorder_beams / select_sentences")
+        self.select_sentences(index)
 
 
 class Transformer(nn.Module):
@@ -302,10 +354,11 @@ class Transformer(nn.Module):
         """Teacher-forced logits (B, T, V) for src (B, S) and decoder input tgt_in (B, T)."""
         return self.decode(tgt_in, self.encode(src))
 
-    def init_cache(self, enc: EncoderOut, capacity: int = 64) -> DecoderCache:
-        """Start incremental decoding: cross-attention K/V from ``enc``, empty self-attention buffers."""
-        layers = [LayerCache(layer.cross_attn.cross_kv(enc.memory), capacity) for layer in self.decoder_layers]
-        return DecoderCache(layers, enc.src_mask)
+    def init_cache(self, enc: EncoderOut, capacity: int = 64, beam: int = 1) -> DecoderCache:
+        """Start incremental decoding of ``beam`` rows per source sentence: cross-attention K/V from
+        ``enc`` (once per sentence), empty self-attention buffers (one per row)."""
+        layers = [LayerCache(layer.cross_attn.cross_kv(enc.memory), capacity, beam) for layer in self.decoder_layers]
+        return DecoderCache(layers, enc.src_mask, beam)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -1,5 +1,5 @@
 """Greedy and beam search over the model's incremental decoding API (fairseq's SequenceGenerator idea:
-search lives outside the model and drives ``init_cache`` / ``decode(cache=...)`` / ``cache.reorder``).
+search lives outside the model and drives ``init_cache`` / ``decode(cache=...)`` / ``reorder_beams``).
 
 Both searches are batched over sentences and beams: one decoder call per step for the whole batch,
 rows of size B·K. Cross-attention keys/values are computed once per source and selected with the
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mt.model import EncoderOut, Transformer
+from mt.model import EncoderOut, Transformer, sentence_rows
 from mt.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 
@@ -45,12 +45,17 @@ def _normalise(score: float, length: int, lenpen: float) -> float:
 
 
 class _DecoderState:
-    """The decoder's view of the running rows: the KV cache, or (``use_cache=False``, for comparison
-    and tests) the encoder output, re-running the decoder on the whole prefix every step."""
+    """The decoder's view of the running rows (``beam`` per sentence, sentence-major): the KV cache,
+    or (``use_cache=False``, for comparison and tests) the encoder output, re-running the decoder on
+    the whole prefix every step."""
 
-    def __init__(self, model: Transformer, enc: EncoderOut, capacity: int, use_cache: bool):
-        self.model, self.enc = model, enc
-        self.cache = model.init_cache(enc, capacity=capacity) if use_cache else None
+    def __init__(self, model: Transformer, enc: EncoderOut, capacity: int, use_cache: bool, beam: int = 1):
+        self.model, self.beam = model, beam
+        self.cache = model.init_cache(enc, capacity=capacity, beam=beam) if use_cache else None
+        if self.cache is None:
+            rows = torch.arange(enc.memory.shape[0], device=enc.memory.device).repeat_interleave(beam)
+            enc = EncoderOut(enc.memory.index_select(0, rows), enc.src_mask.index_select(0, rows))
+        self.enc = enc
 
     def logits(self, prefix: torch.Tensor) -> torch.Tensor:
         """prefix (R, t) of ids -> logits (R, V) of the next token."""
@@ -58,11 +63,20 @@ class _DecoderState:
             return self.model.decode(prefix[:, -1:], cache=self.cache)[:, -1]
         return self.model.decode(prefix, self.enc)[:, -1]
 
-    def reorder(self, index: torch.Tensor) -> None:
+    def reorder_beams(self, rows: torch.Tensor) -> None:
         if self.cache is not None:
-            self.cache.reorder(index)
+            self.cache.reorder_beams(rows)
         else:
-            self.enc = EncoderOut(self.enc.memory.index_select(0, index), self.enc.src_mask.index_select(0, index))
+            self._select(rows)
+
+    def select_sentences(self, index: torch.Tensor) -> None:
+        if self.cache is not None:
+            self.cache.select_sentences(index)
+        else:
+            self._select(sentence_rows(index, self.beam))
+
+    def _select(self, rows: torch.Tensor) -> None:
+        self.enc = EncoderOut(self.enc.memory.index_select(0, rows), self.enc.src_mask.index_select(0, rows))
 
 
 def _step_logprobs(state: _DecoderState, prefix: torch.Tensor, step: int, min_len: int,
@@ -106,7 +120,7 @@ def greedy_search(model: Transformer, src: torch.Tensor, *, max_len_a: float = 1
             final[alive[done]] = scores[done]
             keep = (~done).nonzero().squeeze(1)
             alive, prefix, scores = alive[keep], prefix[keep], scores[keep]
-            state.reorder(keep)
+            state.select_sentences(keep)
     results = []
     for row, score in zip(out.tolist(), final.tolist()):
         n = row.index(EOS_ID)
@@ -124,8 +138,7 @@ def beam_search(model: Transformer, src: torch.Tensor, *, beam: int = 5, lenpen:
         raise ValueError(f"nbest ({nbest}) cannot exceed beam ({beam})")
     B, K, device = src.shape[0], beam, src.device
     max_len = _max_lengths(src, max_len_a, max_len_b, model.cfg.max_positions)
-    state = _DecoderState(model, model.encode(src), int(max_len.max()), use_cache)
-    state.reorder(torch.arange(B, device=device).repeat_interleave(K))  # rows: sentence-major, (B·K)
+    state = _DecoderState(model, model.encode(src), int(max_len.max()), use_cache, beam=K)  # rows: (B·K)
     alive = torch.arange(B, device=device)  # (B') original sentence index of each running sentence
     scores = torch.full((B, K), -math.inf, device=device)
     scores[:, 0] = 0.0  # only one live beam at the start
@@ -161,15 +174,14 @@ def beam_search(model: Transformer, src: torch.Tensor, *, beam: int = 5, lenpen:
         rows = (torch.arange(Ba, device=device) * K)[:, None] + top_beam.gather(1, pick)  # (B', K)
         rows = rows.view(-1)
         prefix = torch.cat([prefix[rows], top_token.gather(1, pick).view(-1, 1)], dim=1)
-        state.reorder(rows)
+        state.reorder_beams(rows)
 
         # a sentence is over once K of its hypotheses have ended (fairseq's rule: beam 1 is greedy)
         done = _sentences_done(finished, alive, scores, max_len[alive], step, K)
         if done.any():
             keep = (~done).nonzero().squeeze(1)
-            keep_rows = ((keep * K)[:, None] + torch.arange(K, device=device)).view(-1)
-            alive, scores, prefix = alive[keep], scores[keep], prefix[keep_rows]
-            state.reorder(keep_rows)
+            alive, scores, prefix = alive[keep], scores[keep], prefix[sentence_rows(keep, K)]
+            state.select_sentences(keep)
     return [hyps[:nbest] for hyps in finished]
 
 
