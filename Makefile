@@ -2,7 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-MULTI30K_DIR ?= $(if $(wildcard ../shared/data/multi30k/train.de.gz),../shared/data/multi30k,)
+# A local copy of Multi30k when one exists (../shared/data/multi30k first); otherwise `mt data` downloads it.
+MULTI30K_CANDIDATES := ../shared/data/multi30k ../../shared/data/multi30k /work/shared/data/multi30k
+MULTI30K_DIR ?= $(firstword $(foreach d,$(MULTI30K_CANDIDATES),$(if $(wildcard $(d)/train.de.gz),$(d),)))
 export MULTI30K_DIR
 
 .PHONY: install data test demo bench lint clean

@@ -64,6 +64,15 @@ def label_smoothed_loss(logits: torch.Tensor, target: torch.Tensor, epsilon: flo
     return loss.sum(), nll.sum()
 
 
+def batch_loss(model: Transformer, batch: Batch, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced summed label-smoothed loss and NLL of a batch; the output projection runs only
+    where there is a target token (padding costs no vocabulary-sized matmul)."""
+    hidden = model.decode_hidden(batch.tgt_in, model.encode(batch.src))  # (B, T, D)
+    keep = batch.tgt_out != PAD_ID
+    logits = model.project(hidden[keep])  # (N, V)
+    return label_smoothed_loss(logits, batch.tgt_out[keep], epsilon)
+
+
 def learning_rate(step: int, cfg) -> float:
     """LR for update number ``step`` (1-based): linear warmup, then the chosen decay."""
     warmup = cfg.warmup_steps
@@ -442,10 +451,7 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
             for batch in group:
                 batch = batch.to(device)
                 with autocast(device, tc.precision):
-                    hidden = model.decode_hidden(batch.tgt_in, model.encode(batch.src))
-                    keep = batch.tgt_out != PAD_ID
-                    logits = model.project(hidden[keep])  # (N, V): logits only where there is a target
-                loss, nll = label_smoothed_loss(logits, batch.tgt_out[keep], tc.label_smoothing)
+                    loss, nll = batch_loss(model, batch, tc.label_smoothing)
                 # normalise by the update's token count so accumulation equals one big batch
                 (loss / tokens).backward()
                 loss_total, nll_total = loss_total + loss.item(), nll_total + nll.item()

@@ -1,0 +1,169 @@
+"""Training speed: `mt` vs Hugging Face transformers on the same model shape, batches and precision.
+
+    python scripts/bench_train.py [--config configs/multi30k_de_en.yaml] [--steps 8] [--repeats 3]
+
+The peer is ``M2M100ForConditionalGeneration`` built from ``mt.export.hf_config`` (the same pre-norm
+encoder-decoder, random init, SDPA attention). Both run a full training step on the same
+token-bucketed Multi30k batches: forward, label-smoothed cross-entropy, backward, gradient clipping,
+AdamW step. Each engine and precision runs in its own process (so peak RSS is its own), does
+``--warmup`` steps, then ``--repeats`` timed passes over the same ``--steps`` batches; the table gives
+the median target tokens/s, the ratio mt / HF and the peak RSS. Threads: ``torch.set_num_threads``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mt.config import load_config  # noqa: E402
+from mt.data import Batch  # noqa: E402
+from mt.tokenizer import PAD_ID  # noqa: E402
+
+
+def prepare_batches(config: str, count: int, workdir: Path) -> Path:
+    """The first ``count`` training batches of epoch 1, saved for the workers."""
+    from mt.data import load_corpus
+    from mt.train import load_split, prepare_tokenizers
+
+    cfg = load_config(config)
+    raw = load_corpus(cfg.data.train, cfg.data.src_lang, cfg.data.tgt_lang, cfg.data.cache_dir)
+    src_tok, tgt_tok = prepare_tokenizers(cfg, workdir, raw, log=print)
+    data = load_split(cfg, "train", src_tok, tgt_tok, raw=raw)
+    sampler = data.sampler(cfg.train.max_tokens, shuffle=True, seed=cfg.train.seed)
+    batches = [data.batch(i) for _, i in zip(range(count), sampler)]
+    path = workdir / "batches.pt"
+    torch.save({"vocab": src_tok.vocab_size, "config": str(config),
+                "batches": [(b.src, b.tgt_in, b.tgt_out) for b in batches]}, path)
+    return path
+
+
+def worker(engine: str, precision: str, batches_file: str, warmup: int, steps: int, repeats: int,
+           threads: int) -> dict:
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    saved = torch.load(batches_file, weights_only=True)
+    cfg = load_config(saved["config"])
+    vocab, eps = saved["vocab"], cfg.train.label_smoothing
+    batches = [Batch(s, i, o, None) for s, i, o in saved["batches"]]
+    if engine == "mt":
+        from mt.model import Transformer
+        from mt.train import batch_loss
+
+        model = Transformer(cfg.model, vocab, vocab)
+
+        def loss_of(batch: Batch) -> torch.Tensor:
+            return batch_loss(model, batch, eps)[0]
+    else:
+        from mt.export import hf_config
+
+        import transformers
+
+        model = transformers.M2M100ForConditionalGeneration(hf_config(cfg, vocab))
+
+        def loss_of(batch: Batch) -> torch.Tensor:
+            logits = model(input_ids=batch.src, attention_mask=(batch.src != PAD_ID).long(),
+                           decoder_input_ids=batch.tgt_in).logits
+            return F.cross_entropy(logits.flatten(0, 1).float(), batch.tgt_out.flatten(), ignore_index=PAD_ID,
+                                   label_smoothing=eps, reduction="sum")
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=cfg.train.betas, eps=cfg.train.adam_eps)
+    context = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else None
+
+    def step(batch: Batch) -> None:
+        if context is None:
+            loss = loss_of(batch)
+        else:
+            with context():
+                loss = loss_of(batch)
+        (loss / batch.num_tgt_tokens).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for batch in batches[:warmup]:
+        step(batch)
+    timed = batches[warmup: warmup + steps]
+    tokens = sum(b.num_tgt_tokens for b in timed)
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for batch in timed:
+            step(batch)
+        rates.append(tokens / (time.perf_counter() - start))
+    return {"tokens_per_s": rates, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "tokens": tokens, "steps": len(timed)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(ROOT / "configs/multi30k_de_en.yaml"))
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/speed_train.md"))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", help=argparse.SUPPRESS)
+    parser.add_argument("--batches", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.precision, args.batches, args.warmup, args.steps, args.repeats,
+                                args.threads)))
+        return
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        batches = prepare_batches(args.config, args.warmup + args.steps, Path(tmp))
+        for precision in args.precisions.split(","):
+            result = {}
+            for engine in ("mt", "hf"):
+                cmd = [sys.executable, __file__, "--worker", engine, "--precision", precision, "--batches",
+                       str(batches), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                       "--repeats", str(args.repeats), "--threads", str(args.threads)]
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                result[engine] = json.loads(out.strip().splitlines()[-1])
+                r = result[engine]
+                print(f"{engine} {precision}: {statistics.median(r['tokens_per_s']):.0f} target tokens/s "
+                      f"(runs: {', '.join(f'{x:.0f}' for x in r['tokens_per_s'])}), peak RSS {r['peak_rss_mb']:.0f} MB",
+                      flush=True)
+            rows.append((precision, result))
+    table = [
+        "# Training speed: mt vs Hugging Face transformers (M2M100), same shape, batches and precision",
+        "",
+        f"Command: `python scripts/bench_train.py --config {Path(args.config).relative_to(ROOT)} --steps {args.steps} "
+        f"--repeats {args.repeats}`  ",
+        f"Machine: {platform.machine()}, {args.threads} threads, torch {torch.__version__}. A step is forward + "
+        "label-smoothed CE + backward + clip + AdamW on the same token-bucketed Multi30k batches "
+        f"({rows[0][1]['mt']['tokens']} target tokens in {rows[0][1]['mt']['steps']} batches, after "
+        f"{args.warmup} warm-up batches); median of {args.repeats} passes; each engine in its own process.",
+        "",
+        "| precision | mt tokens/s | HF tokens/s | mt / HF | mt peak RSS (MB) | HF peak RSS (MB) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for precision, result in rows:
+        mt_rate = statistics.median(result["mt"]["tokens_per_s"])
+        hf_rate = statistics.median(result["hf"]["tokens_per_s"])
+        table.append(f"| {precision} | {mt_rate:.0f} | {hf_rate:.0f} | {mt_rate / hf_rate:.2f}x | "
+                     f"{result['mt']['peak_rss_mb']:.0f} | {result['hf']['peak_rss_mb']:.0f} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(table) + "\n", encoding="utf-8")
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()
