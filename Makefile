@@ -24,14 +24,15 @@ data: install
 test: install data
 	$(BIN)/python -m pytest -q tests
 
-DEMO_CONFIG ?= configs/tiny.yaml
+DEMO_CONFIG ?= configs/multi30k_de_en.yaml
+DEMO_TIME ?= 10m
 DEMO_RUN ?= runs/demo
 TEST_SRC := data/multi30k/test_2016_flickr.de.gz
 TEST_REF := data/multi30k/test_2016_flickr.en.gz
 
-# data -> tokenizer -> training -> translate test_2016_flickr -> BLEU/chrF with signatures
+# data -> tokenizer -> training (a DEMO_TIME budget) -> translate test_2016_flickr -> BLEU/chrF with signatures
 demo: install data
-	test -f $(DEMO_RUN)/checkpoints/last.pt || $(BIN)/mt train $(DEMO_CONFIG) -o $(DEMO_RUN)
+	test -f $(DEMO_RUN)/checkpoints/last.pt || $(BIN)/mt train $(DEMO_CONFIG) -o $(DEMO_RUN) train.max_time=$(DEMO_TIME)
 	zcat $(TEST_SRC) | $(BIN)/mt translate -m $(DEMO_RUN) > $(DEMO_RUN)/test_2016_flickr.hyp.en
 	$(BIN)/mt eval -r $(TEST_REF) -s $(DEMO_RUN)/test_2016_flickr.hyp.en --metrics bleu,chrf
 

@@ -33,6 +33,22 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
         raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
+def parse_duration(text: str, key: str = "duration") -> float:
+    """``90``, ``45s``, ``30m``, ``1.5h`` -> seconds; empty -> 0 (no limit)."""
+    text = str(text).strip()
+    if not text:
+        return 0.0
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text[-1] in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise ConfigError(f"{key}: {text!r} is not a duration like 45s, 30m or 2h") from None
+    if seconds <= 0:
+        raise ConfigError(f"{key}: must be positive, got {text!r}")
+    return seconds
+
+
 @dataclass
 class CorpusConfig:
     """Where one split of parallel text comes from. Set exactly one of: src+tgt, path, hub."""
@@ -181,6 +197,8 @@ class TrainConfig:
     """Stop after this many updates; 0: no limit (then max_epochs must be set)."""
     max_epochs: int = 0
     """Stop after this many passes over the training data; 0: no limit."""
+    max_time: str = ""
+    """Stop after this much training time, e.g. 45s, 30m, 2h (empty: no limit); a final checkpoint follows."""
     optimizer: str = "adamw"
     """adam or adamw."""
     lr: float = 7e-4
@@ -221,6 +239,7 @@ class TrainConfig:
         _positive("train.accum_steps", self.accum_steps)
         _positive("train.max_steps", self.max_steps, allow_zero=True)
         _positive("train.max_epochs", self.max_epochs, allow_zero=True)
+        parse_duration(self.max_time, "train.max_time")
         _positive("train.lr", self.lr)
         _positive("train.warmup_steps", self.warmup_steps, allow_zero=True)
         _positive("train.valid_every", self.valid_every)

@@ -30,7 +30,7 @@ from sacrebleu.metrics import BLEU
 from tqdm import tqdm
 
 from mt import checkpoint as ckpt
-from mt.config import Config, ConfigError, DecodeConfig, config_from_dict, save_config
+from mt.config import Config, ConfigError, DecodeConfig, config_from_dict, parse_duration, save_config
 from mt.data import Batch, ParallelData, clean, load_corpus, tokenize
 from mt.model import Transformer
 from mt.tokenizer import PAD_ID, Tokenizer, train_sentencepiece
@@ -334,6 +334,9 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
     torch.manual_seed(tc.seed)
 
     # data and tokenizer
+    if not (tc.max_steps or tc.max_epochs or tc.max_time or (tc.patience and cfg.data.valid.is_set)):
+        raise ConfigError("training would never stop: set train.max_steps, train.max_epochs, train.max_time "
+                          "or train.patience (with data.valid)")
     if not cfg.data.train.is_set:
         raise ConfigError("data.train: no training corpus configured (set data.train.src and data.train.tgt)")
     raw_train = load_corpus(cfg.data.train, cfg.data.src_lang, cfg.data.tgt_lang, cfg.data.cache_dir)
@@ -353,6 +356,13 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
                               weight_decay=tc.weight_decay)
     sampler = train_data.sampler(tc.max_tokens, shuffle=True, seed=tc.seed)
     higher_is_better = tc.best_metric == "bleu"
+    budget = parse_duration(tc.max_time, "train.max_time")
+    elapsed_before, loop_start = 0.0, time.time()
+
+    def elapsed() -> float:
+        """Training seconds so far, across resumes (data preparation excluded)."""
+        return elapsed_before + time.time() - loop_start
+
     step, best, bad_validations = 0, (-math.inf if higher_is_better else math.inf), 0
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
@@ -366,6 +376,7 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
             raise TrainingError(f"{last}: the run picked best.pt by {trainer['best_metric']}, "
                                 f"not train.best_metric={tc.best_metric}")
         step, best, bad_validations = trainer["step"], trainer["best"], trainer["bad_validations"]
+        elapsed_before = trainer["elapsed"]
         set_rng_state(resume_state["rng"])
         log(f"resumed from {last} at step {step} (epoch {sampler.epoch + 1}, "
             f"batch {sampler.position}/{len(sampler)})")
@@ -387,7 +398,7 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
             "vocab": {"src": src_tok.vocab_size, "tgt": tgt_tok.vocab_size},
             "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(),
             "trainer": {"version": TRAINER_STATE_VERSION, "step": step, "best_metric": tc.best_metric,
-                        "best": best, "bad_validations": bad_validations},
+                        "best": best, "bad_validations": bad_validations, "elapsed": elapsed()},
             "rng": rng_state(), "valid": valid or {},
         }
         path = ckpt.atomic_save(state, ckpt.step_path(ckpt_dir, step))
@@ -424,6 +435,7 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
         return result, improved
 
     model.train()
+    loop_start = time.time()  # the time budget counts training, not data preparation
     stream = batch_stream()
     bar = tqdm(total=tc.max_steps or None, initial=step, disable=progress is False if progress is not None else None,
                file=sys.stderr, dynamic_ncols=True, unit="step")
@@ -433,6 +445,9 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
         while not stopped:
             if signals.received:
                 stopped = f"interrupted by {signal.Signals(signals.received).name}"
+                break
+            if budget and elapsed() >= budget:
+                stopped = f"reached train.max_time={tc.max_time}"
                 break
             if tc.max_steps and step >= tc.max_steps:
                 stopped = f"reached train.max_steps={tc.max_steps}"
@@ -474,9 +489,9 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
             window_nll += nll_total
             bar.update(1)
             if step % tc.log_every == 0 or step == 1:
-                elapsed = max(time.time() - window_start, 1e-9)
+                window_seconds = max(time.time() - window_start, 1e-9)
                 row = {"loss": window_loss / window_tokens, "nll": window_nll / window_tokens, "lr": lr,
-                       "tokens_per_s": window_tokens / elapsed, "grad_norm": float(grad_norm)}
+                       "tokens_per_s": window_tokens / window_seconds, "grad_norm": float(grad_norm)}
                 metrics.write(kind="train", step=step, epoch=sampler.epoch + 1, **row)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
                 window_tokens, window_start, window_loss, window_nll = 0, time.time(), 0.0, 0.0

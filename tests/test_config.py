@@ -198,3 +198,17 @@ def test_save_then_load_round_trips(tmp_path):
     assert again.to_dict() == cfg.to_dict()
     # the saved file is complete: every key of every section is written out
     assert set(again.to_dict()["train"]) == {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+@pytest.mark.parametrize("text, seconds", [("", 0.0), ("90", 90.0), ("45s", 45.0), ("30m", 1800.0),
+                                           ("1.5h", 5400.0), ("1d", 86400.0)])
+def test_parse_duration(text, seconds):
+    from mt.config import parse_duration
+
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["abc", "10x", "-5m", "0"])
+def test_bad_max_time_is_a_config_error(text):
+    with pytest.raises(ConfigError, match="train.max_time"):
+        load_config(None, [f"train.max_time={text}"])

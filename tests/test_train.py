@@ -367,3 +367,26 @@ def test_bf16_autocast_training_step_is_finite_and_learns():
     assert all(np.isfinite(losses))
     assert losses[-1] < 0.5 * losses[0]
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_time_budget_stops_training_with_a_final_checkpoint(tmp_path, cache_dir, slice_files, spm_model):
+    run_dir = tmp_path / "run"
+    cfg = load_config(None, slice_overrides(slice_files, "small", run_dir, cache_dir, **{
+        "train.max_steps": 0, "train.max_time": "2s", "train.valid_every": 100000,
+        "tokenizer.src_model": spm_model}))
+    messages = []
+    result = train(cfg, log=messages.append, progress=False)
+    assert result.stopped == "reached train.max_time=2s"
+    assert result.step > 0
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert state["trainer"]["step"] == result.step
+    assert 2.0 <= state["trainer"]["elapsed"] < 30.0
+
+
+def test_a_run_that_would_never_stop_is_refused(tmp_path, cache_dir, slice_files):
+    from mt.config import ConfigError
+
+    cfg = load_config(None, slice_overrides(slice_files, "small", tmp_path / "run", cache_dir,
+                                            **{"train.max_steps": 0}))
+    with pytest.raises(ConfigError, match="training would never stop"):
+        train(cfg, log=lambda _: None, progress=False)
