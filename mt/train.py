@@ -52,16 +52,18 @@ def label_smoothed_loss(logits: torch.Tensor, target: torch.Tensor, epsilon: flo
     """Summed label-smoothed cross-entropy and summed NLL over non-ignored targets.
 
     logits (N, V), target (N,). The smoothed target puts 1 - ε on the reference and ε/V on every
-    class (the reference included), as ``F.cross_entropy(label_smoothing=ε)`` does:
-    loss = (1 - ε)·(-log p_y) + (ε/V)·Σ_v(-log p_v).
+    class (the reference included): loss = (1 - ε)·(-log p_y) + (ε/V)·Σ_v(-log p_v). That is
+    ``F.cross_entropy(label_smoothing=ε)``, whose fused kernel we use; the NLL (for perplexity)
+    is computed without gradient.
     """
-    lprobs = F.log_softmax(logits.float(), dim=-1)  # (N, V)
-    keep = target != ignore_index
-    lprobs, target = lprobs[keep], target[keep]
-    nll = -lprobs.gather(1, target[:, None]).squeeze(1)  # (N',)
-    smooth = -lprobs.sum(dim=-1)  # (N',)
-    loss = (1.0 - epsilon) * nll + (epsilon / lprobs.shape[-1]) * smooth
-    return loss.sum(), nll.sum()
+    logits = logits.float()
+    loss = F.cross_entropy(logits, target, ignore_index=ignore_index, label_smoothing=epsilon, reduction="sum")
+    with torch.no_grad():
+        keep = target != ignore_index
+        if not bool(keep.all()):
+            logits, target = logits[keep], target[keep]
+        nll = (torch.logsumexp(logits, dim=-1) - logits.gather(1, target[:, None]).squeeze(1)).sum()
+    return loss, nll
 
 
 def batch_loss(model: Transformer, batch: Batch, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
