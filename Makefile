@@ -36,14 +36,10 @@ demo: install data
 	zcat $(TEST_SRC) | $(BIN)/mt translate -m $(DEMO_RUN) > $(DEMO_RUN)/test_2016_flickr.hyp.en
 	$(BIN)/mt eval -r $(TEST_REF) -s $(DEMO_RUN)/test_2016_flickr.hyp.en --metrics bleu,chrf
 
-# decoding speed with and without the KV cache, on the run in BENCH_RUN (default: the demo's)
+# speed side by side (one at a time: the machine has 2 cores): training vs HF transformers, decoding vs HF
+# and CTranslate2 on the run in BENCH_RUN (default: the demo's); tables go to benchmarks/
 BENCH_RUN ?= $(DEMO_RUN)
 bench: install data
 	test -f $(BENCH_RUN)/checkpoints/last.pt || $(MAKE) demo DEMO_RUN=$(BENCH_RUN)
+	$(BIN)/python scripts/bench_train.py
 	$(BIN)/python scripts/bench_decode.py -m $(BENCH_RUN)
-
-lint: install
-	$(BIN)/python -m compileall -q mt tests scripts
-
-clean:
-	rm -rf runs .pytest_cache

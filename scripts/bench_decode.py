@@ -1,11 +1,14 @@
-"""Decoding speed of ``mt``: beam search with and without the KV cache, side by side in one run.
+"""Decoding speed side by side: `mt translate` (with and without its KV cache), Hugging Face
+``generate()`` on the exported weights, and CTranslate2 (float32, int8) on the converted weights.
 
-    python scripts/bench_decode.py -m RUN_DIR [--src data/multi30k/test_2016_flickr.de.gz] [--beam 5]
+    python scripts/bench_decode.py -m RUN_DIR [--beam 5] [--repeats 3] [--engines mt,mt-nocache,hf,ct2,ct2-int8]
 
-Translates the whole source file with each setting, ``--repeats`` times after one warm-up pass over
-the first 100 lines, and reports the median sentences/s and target tokens/s, the ratio against the
-uncached search, and BLEU when ``--ref`` is given. Timing covers the decode loop only (tokenized
-input to detokenized output), on ``--threads`` CPU threads. Writes a markdown table to ``--out``.
+Every engine translates the same file (default: Multi30k test_2016_flickr, 1,000 lines) on
+``--threads`` CPU threads with the same beam size, length penalty and per-batch length limit
+(a·source_length + b). Timed, for every engine alike: the decode loop from text lines to
+detokenized lines (SentencePiece encoding, batching, search, decoding), models already loaded; one
+warm-up pass over 100 lines, then the median of ``--repeats`` passes. Reports sentences/s, target
+tokens/s, the ratio against HF and BLEU. Writes a markdown table to ``--out``.
 """
 
 from __future__ import annotations
@@ -13,25 +16,82 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from mt.evaluate import read_text, score
-from mt.translate import Translator
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mt.evaluate import read_text, score  # noqa: E402
+from mt.tokenizer import EOS_ID, PAD_ID  # noqa: E402
+from mt.translate import Translator  # noqa: E402
+
+Engine = Callable[[list[str]], list[str]]
 
 
-def run(translator: Translator, lines: list[str], use_cache: bool) -> tuple[float, list[str], int]:
-    """Seconds, outputs and output tokens for translating ``lines`` with or without the cache."""
+def mt_engine(run_dir: str, beam: int, use_cache: bool) -> Engine:
+    translator = Translator.from_run(run_dir, device="cpu", beam=beam)
     translator.use_cache = use_cache
-    start = time.perf_counter()
-    results = list(translator.translate(lines))
-    seconds = time.perf_counter() - start
-    tokens = sum(len(r.hypotheses[0].tokens) + 1 for r in results if r.hypotheses)
-    return seconds, [r.texts[0] for r in results], tokens
+    return translator.translate_lines
+
+
+def _batches(lines: list[str], tok, size: int):
+    """Length-sorted batches of ``size`` encoded lines, with their positions."""
+    ids = tok.encode(lines)
+    order = sorted(range(len(lines)), key=lambda i: len(ids[i]))
+    for start in range(0, len(order), size):
+        chunk = order[start: start + size]
+        yield chunk, [ids[i] for i in chunk]
+
+
+def hf_engine(hf_dir: Path, tok, beam: int, lenpen: float, a: float, b: int, batch: int) -> Engine:
+    import transformers
+
+    model = transformers.AutoModelForSeq2SeqLM.from_pretrained(hf_dir).eval()
+
+    def translate(lines: list[str]) -> list[str]:
+        out = [""] * len(lines)
+        for chunk, ids in _batches(lines, tok, batch):
+            src = torch.full((len(ids), max(map(len, ids))), PAD_ID, dtype=torch.long)
+            for row, seq in zip(src, ids):
+                row[: len(seq)] = torch.tensor(seq)
+            limit = int(a * max(map(len, ids)) + b)
+            with torch.inference_mode():
+                gen = model.generate(input_ids=src, attention_mask=(src != PAD_ID).long(), num_beams=beam,
+                                     length_penalty=lenpen, early_stopping=True, max_new_tokens=limit,
+                                     do_sample=False)
+            for i, row in zip(chunk, gen.tolist()):
+                row = row[1:]
+                out[i] = tok.decode([row[: row.index(EOS_ID)] if EOS_ID in row else row])[0]
+        return out
+
+    return translate
+
+
+def ct2_engine(ct2_dir: Path, tok, beam: int, lenpen: float, a: float, b: int, batch: int, compute_type: str,
+               threads: int) -> Engine:
+    import ctranslate2
+
+    translator = ctranslate2.Translator(str(ct2_dir), device="cpu", compute_type=compute_type,
+                                        inter_threads=1, intra_threads=threads)
+
+    def translate(lines: list[str]) -> list[str]:
+        out = [""] * len(lines)
+        for chunk, ids in _batches(lines, tok, batch):
+            pieces = [[tok.sp.id_to_piece(i) for i in seq] for seq in ids]
+            limit = int(a * max(map(len, ids)) + b)
+            results = translator.translate_batch(pieces, beam_size=beam, length_penalty=lenpen,
+                                                 max_decoding_length=limit, max_batch_size=batch)
+            for i, r in zip(chunk, results):
+                out[i] = tok.decode([[tok.sp.piece_to_id(p) for p in r.hypotheses[0]]])[0]
+        return out
+
+    return translate
 
 
 def main() -> None:
@@ -40,40 +100,69 @@ def main() -> None:
     parser.add_argument("--src", default=str(ROOT / "data/multi30k/test_2016_flickr.de.gz"))
     parser.add_argument("--ref", default=str(ROOT / "data/multi30k/test_2016_flickr.en.gz"))
     parser.add_argument("--beam", type=int, default=5)
-    parser.add_argument("--batch-tokens", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=64, help="sentences per batch for HF and CTranslate2")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/decode_cache.md"))
+    parser.add_argument("--engines", default="mt,mt-nocache,hf,ct2,ct2-int8")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/speed_decode.md"))
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    translator = Translator.from_run(args.model, device="cpu", beam=args.beam, batch_tokens=args.batch_tokens)
-    lines = read_text(args.src)
-    refs = read_text(args.ref) if args.ref else None
-    rows = []
-    for name, use_cache in (("mt beam, KV cache", True), ("mt beam, no cache (full prefix each step)", False)):
-        run(translator, lines[:100], use_cache)  # warm-up
-        timings = [run(translator, lines, use_cache) for _ in range(args.repeats)]
-        seconds = statistics.median(t[0] for t in timings)
-        _, outputs, tokens = timings[0]
-        bleu = score(outputs, refs, ["bleu"])[0].score if refs else float("nan")
-        rows.append((name, seconds, len(lines) / seconds, tokens / seconds, bleu))
-        print(f"{name}: {seconds:.2f}s, {len(lines) / seconds:.1f} sentences/s, BLEU {bleu:.2f}", flush=True)
-    base = rows[1][2]
-    d = translator.decode
+    lines, refs = read_text(args.src), read_text(args.ref)
+    translator = Translator.from_run(args.model, device="cpu", beam=args.beam)
+    tok, d = translator.tgt_tok, translator.decode
+    names = args.engines.split(",")
+    with tempfile.TemporaryDirectory() as tmp:
+        engines: dict[str, Engine] = {}
+        if "mt" in names:
+            engines["mt"] = mt_engine(args.model, args.beam, use_cache=True)
+        if "mt-nocache" in names:
+            engines["mt-nocache"] = mt_engine(args.model, args.beam, use_cache=False)
+        if "hf" in names or any(n.startswith("ct2") for n in names):
+            from mt.export import to_ctranslate2, to_hf
+
+            hf_dir = to_hf(args.model, Path(tmp) / "hf")
+            if "hf" in names:
+                engines["hf"] = hf_engine(hf_dir, tok, args.beam, d.lenpen, d.max_len_a, d.max_len_b, args.batch)
+            if any(n.startswith("ct2") for n in names):
+                ct2_dir = to_ctranslate2(args.model, Path(tmp) / "ct2")
+                for name, compute in (("ct2", "float32"), ("ct2-int8", "int8")):
+                    if name in names:
+                        engines[name] = ct2_engine(ct2_dir, tok, args.beam, d.lenpen, d.max_len_a, d.max_len_b,
+                                                   args.batch, compute, args.threads)
+        rows = []
+        for name in names:
+            engine = engines[name]
+            engine(lines[:100])  # warm-up
+            timings, outputs = [], None
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                outputs = engine(lines)
+                timings.append(time.perf_counter() - start)
+            seconds = statistics.median(timings)
+            assert len(outputs) == len(lines)
+            tokens = sum(len(ids) for ids in tok.encode(outputs))  # pieces + </s>
+            bleu = score(outputs, refs, ["bleu"])[0].score
+            rows.append((name, seconds, len(lines) / seconds, tokens / seconds, bleu))
+            print(f"{name}: {seconds:.2f}s, {len(lines) / seconds:.1f} sentences/s, BLEU {bleu:.2f}", flush=True)
+    base = {r[0]: r[2] for r in rows}.get("hf")
+    labels = {"mt": "mt translate (fp32, KV cache)", "mt-nocache": "mt, no cache (full prefix each step)",
+              "hf": "HF generate() (fp32)", "ct2": "CTranslate2 float32", "ct2-int8": "CTranslate2 int8"}
     table = [
-        f"# Decoding: KV cache vs none (beam {d.beam}, lenpen {d.lenpen}, batch_tokens {d.batch_tokens})",
+        f"# Decoding speed: beam {args.beam}, length penalty {d.lenpen}, length limit {d.max_len_a}·src + {d.max_len_b}",
         "",
         f"Command: `python scripts/bench_decode.py -m {args.model} --beam {args.beam} --repeats {args.repeats}`  ",
-        f"Input: {args.src} ({len(lines)} lines); {args.threads} CPU threads; torch {torch.__version__}; "
-        f"{platform.processor() or platform.machine()}; median of {args.repeats} runs after a warm-up; "
-        "timed: the decode loop (tokenized input to detokenized output).",
+        f"Input: {Path(args.src).name} ({len(lines)} lines). Machine: {platform.machine()}, {args.threads} threads, "
+        f"torch {torch.__version__}. Timed for every engine: text lines to detokenized lines (models loaded), "
+        f"median of {args.repeats} passes after a warm-up. mt batches by {d.batch_tokens} source tokens; "
+        f"HF and CTranslate2 by {args.batch} length-sorted sentences.",
         "",
-        "| setting | seconds | sentences/s | target tokens/s | speed-up | BLEU |",
+        "| engine | seconds | sentences/s | target tokens/s | vs HF | BLEU |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for name, seconds, sps, tps, bleu in rows:
-        table.append(f"| {name} | {seconds:.2f} | {sps:.1f} | {tps:.0f} | {sps / base:.2f}x | {bleu:.2f} |")
+        ratio = f"{sps / base:.2f}x" if base else "-"
+        table.append(f"| {labels[name]} | {seconds:.2f} | {sps:.1f} | {tps:.0f} | {ratio} | {bleu:.2f} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(table) + "\n", encoding="utf-8")
     print("\n".join(table))
