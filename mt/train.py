@@ -369,7 +369,10 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
-        sampler.load_state_dict(resume_state["sampler"])
+        try:
+            sampler.load_state_dict(resume_state["sampler"])
+        except ValueError as e:
+            raise TrainingError(f"{last}: {e}") from None
         trainer = resume_state["trainer"]
         if trainer.get("version") != TRAINER_STATE_VERSION:
             raise TrainingError(f"{last}: trainer state version {trainer.get('version')} "

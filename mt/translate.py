@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from mt import checkpoint as ckpt
-from mt.config import Config, DecodeConfig, config_from_dict
+from mt.config import Config, ConfigError, DecodeConfig, config_from_dict
 from mt.model import Transformer
 from mt.search import Hypothesis, beam_search, greedy_search
 from mt.tokenizer import EOS_ID, PAD_ID, Tokenizer
@@ -77,9 +77,9 @@ class Translator:
         self.greedy, self.nbest = greedy, nbest
         self.use_cache = use_cache  # False re-runs the decoder on the whole prefix (for benchmarks)
         if nbest > 1 and greedy:
-            raise ValueError("--nbest needs beam search (not --greedy)")
+            raise ConfigError("--nbest needs beam search (not --greedy)")
         if nbest > self.decode.beam:
-            raise ValueError(f"--nbest {nbest} exceeds --beam {self.decode.beam}")
+            raise ConfigError(f"--nbest {nbest} exceeds --beam {self.decode.beam}")
         self.warn = warn or (lambda message: print(f"mt: warning: {message}", file=sys.stderr))
         self.device = next(model.parameters()).device
         self.max_src = model.cfg.max_positions

@@ -193,3 +193,13 @@ def test_eval_translates_with_a_model(run_dir, tmp_path):
     assert len(hyps) == 20
     assert f"= {BLEU().corpus_score(hyps, [ref]).score:.1f} " in result.stdout
     assert "chrF2|" in result.stdout
+
+
+def test_translate_option_errors_are_one_line(run_dir):
+    result = runner.invoke(app, ["translate", "-m", str(run_dir), "--nbest", "4", "--beam", "2"], input="x\n")
+    assert result.exit_code == 1 and "--nbest 4 exceeds --beam 2" in result.stderr
+    result = runner.invoke(app, ["translate", "-m", str(run_dir), "--beam", "0"], input="x\n")
+    assert result.exit_code == 1 and "decode.beam" in result.stderr
+    result = runner.invoke(app, ["translate", "-m", str(run_dir), "-i", "/nonexistent/in.txt"])
+    assert result.exit_code == 1 and "/nonexistent/in.txt" in result.stderr
+    assert "Traceback" not in result.output
