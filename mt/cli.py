@@ -167,7 +167,7 @@ MinLen = Annotated[Optional[int], typer.Option("--min-len", help="Minimum output
 BatchTokens = Annotated[Optional[int], typer.Option("--batch-tokens", help="Source tokens per batch.")]
 Greedy = Annotated[bool, typer.Option("--greedy", help="Greedy search instead of beam search.")]
 Checkpoint = Annotated[str, typer.Option("--checkpoint", "-c", help="best, last, a step number or a file.")]
-Average = Annotated[int, typer.Option("--average", help="Average the weights of the last N step checkpoints.")]
+Average = Annotated[int, typer.Option("--average", help="Average the weights of the last N (>= 2) step checkpoints instead of --checkpoint.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 RunDir = Annotated[Path, typer.Option("--model", "-m", help="Run directory written by mt train.")]
 
@@ -235,8 +235,9 @@ def translate(
                 _fail(f"{input}: cannot open ({e.strerror})")
         if output is None:
             sink = io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8", newline="\n", write_through=True)
-        else:
+        else:  # written to a temporary file, renamed into place only when complete
             tmp = output.with_name(f".{output.name}.tmp")
+            stack.callback(tmp.unlink, missing_ok=True)
             sink = stack.enter_context(open(tmp, "w", encoding="utf-8", newline="\n"))
         bar = stack.enter_context(tqdm(disable=None, unit=" lines", file=sys.stderr, leave=False))
         for index, result in enumerate(translator.translate(_input_lines(source, name))):
@@ -254,8 +255,9 @@ def translate(
         sink.flush()
         if output is None:
             sink.detach()
-    if output is not None:
-        tmp.replace(output)
+        else:
+            sink.close()
+            tmp.replace(output)
 
 
 @app.command("eval")

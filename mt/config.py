@@ -10,6 +10,7 @@ config (every key, defaults included) is written to ``RUN_DIR/config.yaml`` and 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -44,8 +45,8 @@ def parse_duration(text: str, key: str = "duration") -> float:
         seconds = float(number) * units[unit]
     except ValueError:
         raise ConfigError(f"{key}: {text!r} is not a duration like 45s, 30m or 2h") from None
-    if seconds <= 0:
-        raise ConfigError(f"{key}: must be positive, got {text!r}")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(f"{key}: must be a positive finite duration, got {text!r}")
     return seconds
 
 
@@ -385,7 +386,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def _merge_override(tree: dict, path: list[str], value: Any, text: str) -> None:
     node = tree
     for part in path[:-1]:
-        child = node.setdefault(part, {})
+        child = node.get(part)
+        if child is None:  # an empty section in the YAML
+            child = node[part] = {}
         if not isinstance(child, dict):
             raise ConfigError(f"override {text!r}: {part!r} is not a section")
         node = child

@@ -70,6 +70,10 @@ def score(hypotheses: list[str], references: list[str], metrics: Iterable[str] =
     """Corpus scores of ``hypotheses`` against one reference per line."""
     if len(hypotheses) != len(references):
         raise EvaluationError(f"{len(hypotheses)} hypotheses but {len(references)} references")
+    if not references:
+        raise EvaluationError("nothing to score: no lines")
+    if width < 0:
+        raise EvaluationError(f"width must be >= 0, got {width}")
     results = []
     for name in metrics:
         metric = METRICS[name]()

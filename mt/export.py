@@ -46,6 +46,12 @@ def check_exportable(cfg: Config, src_vocab: int, tgt_vocab: int) -> None:
                           "(M2M100 shares one embedding between encoder, decoder and output)")
 
 
+def _check_out_dir(out_dir: str | Path) -> None:
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ExportError(f"{out_dir}: exists and is not an empty directory; choose a new one")
+
+
 def hf_config(cfg: Config, vocab: int):
     """The ``M2M100Config`` of our model shape and decoding defaults."""
     transformers = _require("transformers")
@@ -107,6 +113,7 @@ def hf_state_dict(state: dict[str, torch.Tensor], cfg: Config) -> dict[str, torc
 def to_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best", average: int = 0) -> Path:
     """Write ``out_dir`` loadable offline with ``AutoModelForSeq2SeqLM.from_pretrained(out_dir)``."""
     transformers = _require("transformers")
+    _check_out_dir(out_dir)
     state = ckpt.load(ckpt.resolve(run_dir, checkpoint))  # check the settings before building anything
     check_exportable(config_from_dict(state["config"]), state["vocab"]["src"], state["vocab"]["tgt"])
     model, cfg, src_tok, tgt_tok = load_model(run_dir, checkpoint, average, device="cpu")
@@ -163,8 +170,13 @@ def to_ctranslate2(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "
             return _Vocabulary(Tokenizer(Path(model_name_or_path) / "sentencepiece.model"))
 
     out_dir = Path(out_dir)
+    _check_out_dir(out_dir)
+    if quantization and quantization not in ctranslate2.specs.model_spec.ACCEPTED_MODEL_TYPES:
+        raise ExportError(f"--quantization {quantization!r}: choose one of "
+                          f"{', '.join(ctranslate2.specs.model_spec.ACCEPTED_MODEL_TYPES)}")
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = to_hf(run_dir, Path(tmp) / "hf", checkpoint, average)
+        # force=True lets the converter replace out_dir, which was checked to be new or empty above
         Converter(str(hf_dir)).convert(str(out_dir), quantization=quantization, force=True)
         shutil.copyfile(hf_dir / "sentencepiece.model", out_dir / "sentencepiece.model")
     return out_dir

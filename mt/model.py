@@ -14,8 +14,8 @@ projections with biases, shared embeddings and an output projection without bias
 
 The decoder has an incremental API for search: ``init_cache`` computes the cross-attention keys and
 values once per source and pre-allocates the self-attention cache; each ``decode`` call with the
-cache appends the new positions' keys/values; ``DecoderCache.reorder`` follows beams (and drops
-finished sentences) by selecting rows.
+cache appends the new positions' keys/values; ``DecoderCache.reorder_beams`` follows the beams and
+``select_sentences`` drops finished sentences.
 """
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ class LayerCache:
 
     Self-attention K/V live in two buffers of shape (2, R, H, capacity, hd) (keys, values): selecting
     rows (beam reordering, dropping sentences) gathers the filled part of one buffer into the other
-    and swaps them, so no step allocates memory."""
+    and swaps them, so a beam step allocates no new cache memory."""
 
     def __init__(self, cross: tuple[torch.Tensor, torch.Tensor], capacity: int, beam: int = 1):
         self.cross = cross  # 2 x (N, H, S, hd)
@@ -276,14 +276,16 @@ class DecoderCache:
 class Transformer(nn.Module):
     """Encoder-decoder with ``encode`` / ``decode`` / ``forward`` (Annotated-Transformer style)."""
 
-    def __init__(self, cfg: ModelConfig, src_vocab: int, tgt_vocab: int):
+    def __init__(self, cfg: ModelConfig, src_vocab: int, tgt_vocab: int, *, joint: bool = True):
+        """``joint``: source and target share one vocabulary (then, with ``cfg.share_embeddings``, one
+        embedding serves source, target and output)."""
         super().__init__()
         self.cfg = cfg
         self.src_vocab, self.tgt_vocab = src_vocab, tgt_vocab
         D = cfg.d_model
         self.embed_scale = math.sqrt(D) if cfg.scale_embedding else 1.0
         self.tgt_embed = nn.Embedding(tgt_vocab, D, padding_idx=PAD_ID)
-        shared_src = cfg.share_embeddings and src_vocab == tgt_vocab
+        shared_src = cfg.share_embeddings and joint and src_vocab == tgt_vocab
         self.src_embed = self.tgt_embed if shared_src else nn.Embedding(src_vocab, D, padding_idx=PAD_ID)
         self.register_buffer("positions", sinusoidal_table(cfg.max_positions + POSITION_OFFSET, D),
                              persistent=False)

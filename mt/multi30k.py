@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 import shutil
 import urllib.request
 from pathlib import Path
@@ -22,8 +23,12 @@ class DataFetchError(RuntimeError):
 
 
 def _count_lines(path: Path) -> int:
-    with gzip.open(path, "rb") as f:
-        return sum(1 for _ in f)
+    """Lines of a gzipped file; -1 when it is not a complete gzip file."""
+    try:
+        with gzip.open(path, "rb") as f:
+            return sum(1 for _ in f)
+    except (OSError, EOFError, zlib.error):
+        return -1
 
 
 def fetch(dest: str | Path, source: str | Path | None = None, langs: tuple[str, ...] = LANGS,
@@ -56,7 +61,8 @@ def fetch(dest: str | Path, source: str | Path | None = None, langs: tuple[str, 
             got = _count_lines(tmp)
             if got != expected:
                 tmp.unlink()
-                raise DataFetchError(f"{name}: {got} lines, expected {expected}")
+                what = "not a complete gzip file" if got < 0 else f"{got} lines, expected {expected}"
+                raise DataFetchError(f"{source / name if source else URL.format(name=name)}: {what}")
             os.replace(tmp, target)
             log(f"{target} ({expected} lines, from {source or 'the official repository'})")
     return dest

@@ -89,10 +89,16 @@ def learning_rate(step: int, cfg) -> float:
 
 
 def pick_device(name: str) -> torch.device:
+    """auto (CUDA when available), cpu, cuda or cuda:N -> a usable device, else a ConfigError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device: {name!r} requested but CUDA is not available")
+    if name == "cpu":
+        return torch.device("cpu")
+    index = name[5:] if name.startswith("cuda:") else ("0" if name == "cuda" else None)
+    if index is None or not index.isdigit():
+        raise ConfigError(f"device {name!r}: choose auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available() or int(index) >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r}: no such CUDA device on this machine")
     return torch.device(name)
 
 
@@ -257,8 +263,14 @@ class MetricsLog:
         """Drop rows logged after ``step`` (by a run killed after its last checkpoint), atomically."""
         if not self.path.exists():
             return
-        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = []
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a row torn by a kill mid-write
+                continue
+            if row.get("step", 0) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(kept), encoding="utf-8")
         tmp.replace(self.path)
@@ -311,6 +323,9 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
     if not resume and (run_dir / "checkpoints" / "last.pt").exists():
         raise TrainingError(f"{run_dir}: already holds a trained run; pass --resume to continue it "
                             "or choose another run directory with -o")
+    if not resume:  # an earlier attempt that died before its first checkpoint: start clean
+        for name in ("metrics.jsonl", "spm.model", "spm.src.model", "spm.tgt.model"):
+            (run_dir / name).unlink(missing_ok=True)
 
 
 def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | None = None,
@@ -352,7 +367,7 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
     save_config(cfg, run_dir / "config.yaml")
 
     # model and optimizer
-    model = Transformer(cfg.model, src_tok.vocab_size, tgt_tok.vocab_size).to(device)
+    model = Transformer(cfg.model, src_tok.vocab_size, tgt_tok.vocab_size, joint=cfg.tokenizer.joint).to(device)
     optimizer_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
     optimizer = optimizer_cls(model.parameters(), lr=tc.lr, betas=tc.betas, eps=tc.adam_eps,
                               weight_decay=tc.weight_decay)
@@ -392,7 +407,7 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     if resume_state is not None:
         metrics.truncate_after(step)
-    saved_step = -1
+    saved_step = step if resume_state is not None else -1  # a resumed run's state is already saved
 
     def save(tag: str, valid: dict | None) -> None:
         nonlocal saved_step
@@ -403,7 +418,8 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
             "vocab": {"src": src_tok.vocab_size, "tgt": tgt_tok.vocab_size},
             "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(),
             "trainer": {"version": TRAINER_STATE_VERSION, "step": step, "best_metric": tc.best_metric,
-                        "best": best, "bad_validations": bad_validations, "elapsed": elapsed()},
+                        "best": best, "bad_validations": bad_validations, "elapsed": elapsed(),
+                        "window": [window_tokens, window_loss, window_nll]},
             "rng": rng_state(), "valid": valid or {},
         }
         path = ckpt.atomic_save(state, ckpt.step_path(ckpt_dir, step))
@@ -444,7 +460,9 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
     stream = batch_stream()
     bar = tqdm(total=tc.max_steps or None, initial=step, disable=progress is False if progress is not None else None,
                file=sys.stderr, dynamic_ncols=True, unit="step")
-    window_tokens, window_start, window_loss, window_nll = 0, time.time(), 0.0, 0.0
+    # the logging window (rows average log_every updates) is part of the state, so resumed rows match
+    window_tokens, window_loss, window_nll = resume_state["trainer"]["window"] if resume_state else (0, 0.0, 0.0)
+    window_start = time.time()
     bad_updates, stopped = 0, ""
     with StopSignals() as signals:
         while not stopped:

@@ -54,7 +54,7 @@ def load_model(run_dir: str | Path, checkpoint: str = "best", average: int = 0,
     src_tok, tgt_tok = Tokenizer(src_path), Tokenizer(tgt_path)
     if (src_tok.vocab_size, tgt_tok.vocab_size) != (state["vocab"]["src"], state["vocab"]["tgt"]):
         raise ckpt.CheckpointError(f"{src_path}: vocabulary size does not match the checkpoint's")
-    model = Transformer(cfg.model, src_tok.vocab_size, tgt_tok.vocab_size)
+    model = Transformer(cfg.model, src_tok.vocab_size, tgt_tok.vocab_size, joint=cfg.tokenizer.joint)
     model.load_state_dict(state["model"])
     model.to(pick_device(device)).eval()
     return model, cfg, src_tok, tgt_tok
@@ -76,6 +76,8 @@ class Translator:
         self.decode = decode or DecodeConfig()
         self.greedy, self.nbest = greedy, nbest
         self.use_cache = use_cache  # False re-runs the decoder on the whole prefix (for benchmarks)
+        if nbest < 1:
+            raise ConfigError(f"--nbest must be at least 1, got {nbest}")
         if nbest > 1 and greedy:
             raise ConfigError("--nbest needs beam search (not --greedy)")
         if nbest > self.decode.beam:

@@ -90,7 +90,7 @@ def test_train_on_mismatched_files_names_both(runner, tmp_path):
     src = write(tmp_path / "train.de", ["a", "b", "c", "d", "e"])
     tgt = write(tmp_path / "train.en", ["a", "b", "c"])
     config = tmp_path / "c.yaml"
-    config.write_text(f"data:\n  train: {{src: {src}, tgt: {tgt}}}\n", encoding="utf-8")
+    config.write_text(f"data:\n  train: {{src: {src}, tgt: {tgt}}}\ntrain:\n  max_steps: 5\n", encoding="utf-8")
     result = runner.invoke(app, ["train", str(config), f"data.cache_dir={tmp_path / 'cache'}",
                                  "-o", str(tmp_path / "run"), "-q"])
     assert result.exit_code == 1, result.output
@@ -104,7 +104,7 @@ def test_train_on_mismatched_files_names_both(runner, tmp_path):
 def test_run_dir_option_is_taken_literally(runner, tmp_path, monkeypatch, name):
     """`-o NAME` names a directory, whatever YAML would make of NAME."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "empty.yaml").write_text("{}\n", encoding="utf-8")
+    (tmp_path / "empty.yaml").write_text("train: {max_steps: 1}\n", encoding="utf-8")
     result = runner.invoke(app, ["train", "empty.yaml", "-o", name, "-q"])
     # no training corpus is configured, so training stops right after creating the run directory
     assert result.exit_code == 1

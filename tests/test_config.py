@@ -208,7 +208,14 @@ def test_parse_duration(text, seconds):
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["abc", "10x", "-5m", "0"])
+@pytest.mark.parametrize("text", ["abc", "10x", "-5m", "0", "nan", "inf"])
 def test_bad_max_time_is_a_config_error(text):
     with pytest.raises(ConfigError, match="train.max_time"):
         load_config(None, [f"train.max_time={text}"])
+
+
+def test_override_into_an_empty_yaml_section(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\ntrain:\n  max_steps: 5\n")
+    cfg = load_config(path, ["model.d_model=64", "model.n_heads=4"])
+    assert cfg.model.d_model == 64 and cfg.train.max_steps == 5

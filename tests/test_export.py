@@ -159,3 +159,15 @@ def test_post_norm_and_separate_vocabularies_are_refused(tmp_path, run_dir):
             to_hf(bad, tmp_path / f"out_{key}")
         assert not (tmp_path / f"out_{key}").exists()
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["norm"] == "pre"
+
+
+def test_export_refuses_a_non_empty_output_directory(run_dir, tmp_path):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "precious.txt").write_text("keep me")
+    for export in (to_hf, to_ctranslate2):
+        with pytest.raises(ExportError, match="not an empty directory"):
+            export(run_dir, taken)
+    assert (taken / "precious.txt").read_text() == "keep me"
+    with pytest.raises(ExportError, match="--quantization 'int3'"):
+        to_ctranslate2(run_dir, tmp_path / "new", quantization="int3")

@@ -319,3 +319,13 @@ def test_causal_self_attention_matches_hand_written_attention():
     causal = torch.ones(6, 6, dtype=torch.bool).tril()
     expected = reference_attention(mha, x, x, causal)
     torch.testing.assert_close(mha.self_attention(x, causal=True), expected, atol=ATOL, rtol=0)
+
+
+def test_separate_vocabularies_of_equal_size_do_not_share_the_source_embedding():
+    from mt.config import ModelConfig
+    from mt.model import Transformer
+
+    cfg = ModelConfig(d_model=16, n_heads=2, ffn_dim=32, encoder_layers=1, decoder_layers=1)
+    joint, separate = Transformer(cfg, 50, 50, joint=True), Transformer(cfg, 50, 50, joint=False)
+    assert joint.src_embed is joint.tgt_embed
+    assert separate.src_embed is not separate.tgt_embed

@@ -329,3 +329,30 @@ def test_translate_truncates_overlong_lines_with_a_warning(random_run):
     assert result.exit_code == 0
     assert result.stdout.count("\n") == 3
     assert "line 2:" in result.stderr and "truncated to 64" in result.stderr
+
+
+def test_metrics_rows_torn_by_a_kill_are_dropped_on_resume(tmp_path):
+    from mt.train import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    for step in (1, 2, 3):
+        log.write(kind="train", step=step, loss=1.0)
+    with open(log.path, "a") as f:
+        f.write('{"kind": "train", "st')  # killed mid-write
+    log.truncate_after(2)
+    rows = [json.loads(line) for line in log.path.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path, multi30k_head, spm_model):
+    config = config_file(tmp_path, multi30k_head, spm_model, max_steps=10, valid_every=5, patience=3)
+    cfg = load_config(config)
+    cfg.train.run_dir = str(tmp_path / "run")
+    train(cfg, log=lambda _: None, progress=False)
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    state = ckpt.load(tmp_path / "run" / "checkpoints" / "last.pt")
+    result = train(cfg, resume=True, log=lambda _: None, progress=False)
+    assert result.step == 10
+    after = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["kind"] for r in after[len(before.splitlines()):]] == ["end"]
+    assert ckpt.load(tmp_path / "run" / "checkpoints" / "last.pt")["trainer"] == state["trainer"]

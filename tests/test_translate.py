@@ -203,3 +203,18 @@ def test_translate_option_errors_are_one_line(run_dir):
     result = runner.invoke(app, ["translate", "-m", str(run_dir), "-i", "/nonexistent/in.txt"])
     assert result.exit_code == 1 and "/nonexistent/in.txt" in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_more_option_errors(run_dir, tmp_path):
+    result = runner.invoke(app, ["translate", "-m", str(run_dir), "--nbest", "0"], input="x\n")
+    assert result.exit_code == 1 and "--nbest must be at least 1" in result.stderr
+    result = runner.invoke(app, ["translate", "-m", str(run_dir), "--device", "gpu"], input="x\n")
+    assert result.exit_code == 1 and "device 'gpu'" in result.stderr
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    result = runner.invoke(app, ["eval", "-r", str(empty), "-s", str(empty)])
+    assert result.exit_code == 1 and "nothing to score" in result.stderr
+    out = tmp_path / "out.txt"
+    result = runner.invoke(app, ["translate", "-m", str(run_dir), "-o", str(out)], input=b"ok\n")
+    assert result.exit_code == 0 and out.read_text().count("\n") == 1
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
