@@ -5,14 +5,18 @@ A checkpoint is a dict of tensors and plain Python values written with ``torch.s
 temporary file in the same directory, flushed and fsynced, then renamed over the target: a crash
 leaves the previous file or the new one, never a truncated one.
 
-Layout: ``RUN_DIR/checkpoints/step_00001000.pt`` (keep-N), ``last.pt`` and ``best.pt``.
+Layout: ``RUN_DIR/checkpoints/step_00001000.pt`` (keep-N), ``last.pt`` and ``best.pt``. Also here:
+the RNG states a checkpoint carries, finding the newest readable checkpoint to resume from, and
+averaging the weights of several checkpoints.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -125,3 +129,46 @@ def resolve(run_dir: str | Path, which: str = "best") -> Path:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint (choose best, last, a step or a path)")
     return path
+
+
+def average(paths: list[Path]) -> dict:
+    """Element-wise mean of the model weights of ``paths`` (same shapes); other state from the last."""
+    states = [load(p) for p in paths]
+    averaged = {}
+    for key, value in states[-1]["model"].items():
+        if value.is_floating_point():
+            averaged[key] = sum(s["model"][key].double() for s in states).div(len(states)).to(value.dtype)
+        else:
+            averaged[key] = value
+    return {**states[-1], "model": averaged}
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_resume_state(ckpt_dir: Path, log: Callable[[str], None]) -> tuple[Path, dict]:
+    """The newest readable checkpoint: last.pt, else the step checkpoints from the newest down."""
+    candidates = [ckpt_dir / "last.pt"] + [p for _, p in reversed(step_checkpoints(ckpt_dir))]
+    for path in candidates:
+        if not path.exists():
+            continue
+        try:
+            state = load(path)
+        except CheckpointError as e:
+            log(f"warning: {e}; trying an older checkpoint")
+            continue
+        if path != candidates[0]:
+            log(f"falling back to {path}, the newest readable checkpoint")
+        return path, state
+    raise CheckpointError(f"{ckpt_dir}: no readable checkpoint to resume from")

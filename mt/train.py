@@ -108,20 +108,6 @@ def autocast(device: torch.device, precision: str):
     return nullcontext()
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 # --------------------------------------------------------------------------------------------------
 # Run directory, tokenizer, data
 
@@ -223,23 +209,6 @@ class StopSignals:
         self._restore()
 
 
-def load_resume_state(ckpt_dir: Path, log: Callable[[str], None]) -> tuple[Path, dict]:
-    """The newest readable checkpoint: last.pt, else the step checkpoints from the newest down."""
-    candidates = [ckpt_dir / "last.pt"] + [p for _, p in reversed(ckpt.step_checkpoints(ckpt_dir))]
-    for path in candidates:
-        if not path.exists():
-            continue
-        try:
-            state = ckpt.load(path)
-        except ckpt.CheckpointError as e:
-            log(f"warning: {e}; trying an older checkpoint")
-            continue
-        if path != candidates[0]:
-            log(f"falling back to {path}, the newest readable checkpoint")
-        return path, state
-    raise TrainingError(f"{ckpt_dir}: no readable checkpoint to resume from")
-
-
 def check_disk_space(run_dir: Path, model: torch.nn.Module) -> None:
     """Refuse to start when the disk cannot hold two checkpoints (weights + Adam moments each)."""
     checkpoint_bytes = 3 * sum(p.numel() * p.element_size() for p in model.parameters())
@@ -338,7 +307,7 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
     check_run_dir(run_dir, resume)
     resume_state = None
     if resume:
-        last, resume_state = load_resume_state(ckpt_dir, log)
+        last, resume_state = ckpt.load_resume_state(ckpt_dir, log)
         saved = config_from_dict(resume_state["config"])
         if saved.model != cfg.model or saved.tokenizer.joint != cfg.tokenizer.joint:
             raise TrainingError(f"{last}: the model or tokenizer settings differ from the checkpoint's; "
@@ -397,7 +366,7 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
                                 f"not train.best_metric={tc.best_metric}")
         step, best, bad_validations = trainer["step"], trainer["best"], trainer["bad_validations"]
         elapsed_before = trainer["elapsed"]
-        set_rng_state(resume_state["rng"])
+        ckpt.set_rng_state(resume_state["rng"])
         log(f"resumed from {last} at step {step} (epoch {sampler.epoch + 1}, "
             f"batch {sampler.position}/{len(sampler)})")
     else:
@@ -420,7 +389,7 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
             "trainer": {"version": TRAINER_STATE_VERSION, "step": step, "best_metric": tc.best_metric,
                         "best": best, "bad_validations": bad_validations, "elapsed": elapsed(),
                         "window": [window_tokens, window_loss, window_nll]},
-            "rng": rng_state(), "valid": valid or {},
+            "rng": ckpt.rng_state(), "valid": valid or {},
         }
         path = ckpt.atomic_save(state, ckpt.step_path(ckpt_dir, step))
         ckpt.atomic_copy(path, ckpt_dir / "last.pt")

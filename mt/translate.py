@@ -25,18 +25,6 @@ from mt.train import pick_device, tokenizer_files
 CHUNK_LINES = 2000  # lines read, sorted and translated together
 
 
-def average_checkpoints(paths: list[Path]) -> dict:
-    """Element-wise mean of the model weights of ``paths`` (same shapes); other state from the last."""
-    states = [ckpt.load(p) for p in paths]
-    averaged = {}
-    for key, value in states[-1]["model"].items():
-        if value.is_floating_point():
-            averaged[key] = sum(s["model"][key].double() for s in states).div(len(states)).to(value.dtype)
-        else:
-            averaged[key] = value
-    return {**states[-1], "model": averaged}
-
-
 def load_model(run_dir: str | Path, checkpoint: str = "best", average: int = 0,
                device: str = "auto") -> tuple[Transformer, Config, Tokenizer, Tokenizer]:
     """Model (eval mode), its config and tokenizers from a run directory alone."""
@@ -46,7 +34,7 @@ def load_model(run_dir: str | Path, checkpoint: str = "best", average: int = 0,
         if len(found) < average:
             raise ckpt.CheckpointError(f"{run_dir / 'checkpoints'}: --average {average} needs {average} step "
                                        f"checkpoints, found {len(found)}")
-        state = average_checkpoints([p for _, p in found[-average:]])
+        state = ckpt.average([p for _, p in found[-average:]])
     else:
         state = ckpt.load(ckpt.resolve(run_dir, checkpoint))
     cfg = config_from_dict(state["config"])

@@ -312,7 +312,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, cache_dir,
 def test_resume_refuses_missing_or_different_run(tmp_path, cache_dir, slice_files):
     run_dir = tmp_path / "run"
     cfg = load_config(None, slice_overrides(slice_files, "small", run_dir, cache_dir))
-    with pytest.raises(TrainingError, match="resume"):
+    with pytest.raises(ckpt.CheckpointError, match="no readable checkpoint to resume from"):
         train(cfg, resume=True, log=quiet, progress=False)
     # a fake finished run whose checkpoint was written with another model shape
     other = load_config(None, slice_overrides(slice_files, "small", run_dir, cache_dir, **{"model.d_model": 32}))

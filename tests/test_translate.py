@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 from mt.cli import app
 from mt.config import config_from_dict
 from mt.train import train
-from mt.translate import Translator, average_checkpoints
+from mt.checkpoint import average as average_checkpoints
+from mt.translate import Translator
 
 ROOT = Path(__file__).resolve().parents[1]
 MULTI30K = ROOT / "data" / "multi30k"
