@@ -144,6 +144,7 @@ def beam_search(model: Transformer, src: torch.Tensor, *, beam: int = 5, lenpen:
     scores[:, 0] = 0.0  # only one live beam at the start
     prefix = torch.full((B * K, 1), BOS_ID, dtype=torch.long, device=device)  # (B'·K, step + 1)
     finished: list[list[Hypothesis]] = [[] for _ in range(B)]
+    n_finished = torch.zeros(B, dtype=torch.long, device=device)  # (B,) len(finished[sentence])
     step = 0
     while alive.numel():
         Ba = alive.numel()
@@ -166,6 +167,7 @@ def beam_search(model: Transformer, src: torch.Tensor, *, beam: int = 5, lenpen:
         if ends:
             for sid in {int(alive[b]) for b, _ in ends}:
                 finished[sid] = sorted(finished[sid], key=lambda h: -h.score)[:K]
+                n_finished[sid] = len(finished[sid])
 
         # the K best candidates that do not end continue
         rank = torch.arange(top_index.shape[1], device=device) + is_eos * top_index.shape[1]
@@ -176,18 +178,11 @@ def beam_search(model: Transformer, src: torch.Tensor, *, beam: int = 5, lenpen:
         prefix = torch.cat([prefix[rows], top_token.gather(1, pick).view(-1, 1)], dim=1)
         state.reorder_beams(rows)
 
-        # a sentence is over once K of its hypotheses have ended (fairseq's rule: beam 1 is greedy)
-        done = _sentences_done(finished, alive, scores, max_len[alive], step, K)
+        # a sentence is over once K of its hypotheses have ended (fairseq's rule: beam 1 is greedy), at
+        # its length limit, or with no open hypothesis left
+        done = (n_finished[alive] >= K) | (max_len[alive] <= step) | torch.isneginf(scores[:, 0])
         if done.any():
             keep = (~done).nonzero().squeeze(1)
             alive, scores, prefix = alive[keep], scores[keep], prefix[sentence_rows(keep, K)]
             state.select_sentences(keep)
     return [hyps[:nbest] for hyps in finished]
-
-
-def _sentences_done(finished: list[list[Hypothesis]], alive: torch.Tensor, scores: torch.Tensor,
-                    max_len: torch.Tensor, step: int, K: int) -> torch.Tensor:
-    """(B',) bool: the sentence holds K finished hypotheses, reached its length limit, or has no open
-    hypothesis left."""
-    full = torch.tensor([len(finished[s]) >= K for s in alive.tolist()], device=scores.device)
-    return full | (max_len <= step) | torch.isneginf(scores[:, 0])

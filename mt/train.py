@@ -316,7 +316,6 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
         torch.set_num_threads(tc.num_threads)
     device = pick_device(tc.device)
     random.seed(tc.seed)
-    np.random.seed(tc.seed)
     torch.manual_seed(tc.seed)
 
     # data and tokenizer

@@ -158,5 +158,5 @@ def test_nbest_larger_than_beam_is_refused(random_model):
 
 
 def test_scores_are_finite_for_empty_source(random_model):
-    (h,) = beam_search(random_model, pad([[EOS_ID]]), beam=4)[0:1][0][:1]
-    assert math.isfinite(h.score)
+    (hyps,) = beam_search(random_model, pad([[EOS_ID]]), beam=4, nbest=4)
+    assert len(hyps) == 4 and all(math.isfinite(h.score) for h in hyps)
