@@ -276,11 +276,15 @@ class DecodeConfig:
     max_len_b: int = 10
     """Output length limit: a * source_length + b tokens."""
     min_len: int = 1
-    batch_tokens: int = 8192
-    """Source-token budget of a translation batch."""
+    batch_tokens: int = 2048
+    """Source-token budget of a translation batch (small batches stay in the CPU caches)."""
+    dtype: str = "fp32"
+    """Weights and activations when translating: fp32, or bf16 (about 1.5x faster on CPUs with bf16
+    instructions; scores are still computed in fp32)."""
 
     def __post_init__(self) -> None:
         _positive("decode.beam", self.beam)
+        _choice("decode.dtype", self.dtype, ("fp32", "bf16"))
         _positive("decode.batch_tokens", self.batch_tokens)
         _positive("decode.min_len", self.min_len, allow_zero=True)
         _positive("decode.max_len_a", self.max_len_a, allow_zero=True)

@@ -253,7 +253,7 @@ def validation_bleu(model: Transformer, data: ParallelData, src_tok: Tokenizer, 
 
     was_training = model.training
     model.eval()
-    translator = Translator(model, src_tok, tgt_tok, replace(decode, beam=beam), greedy=beam == 1)
+    translator = Translator(model, src_tok, tgt_tok, replace(decode, beam=beam), greedy=beam == 1)  # model's dtype
     hypotheses = translator.translate_lines(data.ds["src"])
     model.train(was_training)
     return BLEU(force=True).corpus_score(hypotheses, [data.ds["tgt"]]).score  # force: no tokenized-input warning

@@ -79,6 +79,8 @@ class Translator:
                  greedy: bool = False, nbest: int = 1, **decode_overrides) -> Translator:
         model, cfg, src_tok, tgt_tok = load_model(run_dir, checkpoint, average, device)
         decode = replace(cfg.decode, **{k: v for k, v in decode_overrides.items() if v is not None})
+        if decode.dtype == "bf16":
+            model.to(torch.bfloat16)
         return cls(model, src_tok, tgt_tok, decode, greedy=greedy, nbest=nbest)
 
     def _search(self, ids: list[list[int]]) -> list[list[Hypothesis]]:

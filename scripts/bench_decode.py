@@ -34,8 +34,8 @@ from mt.translate import Translator  # noqa: E402
 Engine = Callable[[list[str]], list[str]]
 
 
-def mt_engine(run_dir: str, beam: int, use_cache: bool) -> Engine:
-    translator = Translator.from_run(run_dir, device="cpu", beam=beam)
+def mt_engine(run_dir: str, beam: int, use_cache: bool, dtype: str = "fp32") -> Engine:
+    translator = Translator.from_run(run_dir, device="cpu", beam=beam, dtype=dtype)
     translator.use_cache = use_cache
     return translator.translate_lines
 
@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="sentences per batch for HF and CTranslate2")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--engines", default="mt,mt-nocache,hf,ct2,ct2-int8")
+    parser.add_argument("--engines", default="mt,mt-bf16,mt-nocache,hf,ct2,ct2-int8")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/speed_decode.md"))
     args = parser.parse_args()
 
@@ -116,6 +116,8 @@ def main() -> None:
         engines: dict[str, Engine] = {}
         if "mt" in names:
             engines["mt"] = mt_engine(args.model, args.beam, use_cache=True)
+        if "mt-bf16" in names:
+            engines["mt-bf16"] = mt_engine(args.model, args.beam, use_cache=True, dtype="bf16")
         if "mt-nocache" in names:
             engines["mt-nocache"] = mt_engine(args.model, args.beam, use_cache=False)
         if "hf" in names or any(n.startswith("ct2") for n in names):
@@ -146,7 +148,8 @@ def main() -> None:
             rows.append((name, seconds, len(lines) / seconds, tokens / seconds, bleu))
             print(f"{name}: {seconds:.2f}s, {len(lines) / seconds:.1f} sentences/s, BLEU {bleu:.2f}", flush=True)
     base = {r[0]: r[2] for r in rows}.get("hf")
-    labels = {"mt": "mt translate (fp32, KV cache)", "mt-nocache": "mt, no cache (full prefix each step)",
+    labels = {"mt": "mt translate (fp32, KV cache)", "mt-bf16": "mt translate --dtype bf16",
+              "mt-nocache": "mt, no cache (full prefix each step)",
               "hf": "HF generate() (fp32)", "ct2": "CTranslate2 float32", "ct2-int8": "CTranslate2 int8"}
     table = [
         f"# Decoding speed: beam {args.beam}, length penalty {d.lenpen}, length limit {d.max_len_a}·src + {d.max_len_b}",
