@@ -34,8 +34,8 @@ from mt.translate import Translator  # noqa: E402
 Engine = Callable[[list[str]], list[str]]
 
 
-def mt_engine(run_dir: str, beam: int, use_cache: bool, dtype: str = "fp32") -> Engine:
-    translator = Translator.from_run(run_dir, device="cpu", beam=beam, dtype=dtype)
+def mt_engine(run_dir: str, beam: int, batch_tokens: int, use_cache: bool, dtype: str = "fp32") -> Engine:
+    translator = Translator.from_run(run_dir, device="cpu", beam=beam, batch_tokens=batch_tokens, dtype=dtype)
     translator.use_cache = use_cache
     return translator.translate_lines
 
@@ -101,6 +101,7 @@ def main() -> None:
     parser.add_argument("--ref", default=str(ROOT / "data/multi30k/test_2016_flickr.en.gz"))
     parser.add_argument("--beam", type=int, default=5)
     parser.add_argument("--batch", type=int, default=64, help="sentences per batch for HF and CTranslate2")
+    parser.add_argument("--batch-tokens", type=int, default=2048, help="source tokens per batch for mt")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--engines", default="mt,mt-bf16,mt-nocache,hf,ct2,ct2-int8")
@@ -115,11 +116,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         engines: dict[str, Engine] = {}
         if "mt" in names:
-            engines["mt"] = mt_engine(args.model, args.beam, use_cache=True)
+            engines["mt"] = mt_engine(args.model, args.beam, args.batch_tokens, use_cache=True)
         if "mt-bf16" in names:
-            engines["mt-bf16"] = mt_engine(args.model, args.beam, use_cache=True, dtype="bf16")
+            engines["mt-bf16"] = mt_engine(args.model, args.beam, args.batch_tokens, use_cache=True, dtype="bf16")
         if "mt-nocache" in names:
-            engines["mt-nocache"] = mt_engine(args.model, args.beam, use_cache=False)
+            engines["mt-nocache"] = mt_engine(args.model, args.beam, args.batch_tokens, use_cache=False)
         if "hf" in names or any(n.startswith("ct2") for n in names):
             from mt.export import to_ctranslate2, to_hf
 
@@ -157,7 +158,7 @@ def main() -> None:
         f"Command: `python scripts/bench_decode.py -m {args.model} --beam {args.beam} --repeats {args.repeats}`  ",
         f"Input: {Path(args.src).name} ({len(lines)} lines). Machine: {platform.machine()}, {args.threads} threads, "
         f"torch {torch.__version__}. Timed for every engine: text lines to detokenized lines (models loaded), "
-        f"median of {args.repeats} passes after a warm-up. mt batches by {d.batch_tokens} source tokens; "
+        f"median of {args.repeats} passes after a warm-up. mt batches by {args.batch_tokens} source tokens; "
         f"HF and CTranslate2 by {args.batch} length-sorted sentences.",
         "",
         "| engine | seconds | sentences/s | target tokens/s | vs HF | BLEU |",
