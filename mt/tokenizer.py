@@ -129,9 +129,6 @@ class Tokenizer:
         """Ids to text; special tokens (``<s>``, ``</s>``, ``<pad>``) are dropped."""
         return self.sp.decode([[i for i in seq if i >= UNK_ID] for seq in ids])
 
-    def pieces(self, text: str) -> list[str]:
-        return self.sp.encode(text, out_type=str)
-
     def save(self, path: str | Path) -> None:
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")

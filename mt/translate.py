@@ -19,7 +19,8 @@ from mt import checkpoint as ckpt
 from mt.config import Config, ConfigError, DecodeConfig, config_from_dict
 from mt.model import Transformer
 from mt.search import Hypothesis, beam_search, greedy_search
-from mt.tokenizer import EOS_ID, PAD_ID, Tokenizer
+from mt.data import pad
+from mt.tokenizer import EOS_ID, Tokenizer
 from mt.train import pick_device, tokenizer_files
 
 CHUNK_LINES = 2000  # lines read, sorted and translated together
@@ -84,10 +85,7 @@ class Translator:
         return cls(model, src_tok, tgt_tok, decode, greedy=greedy, nbest=nbest)
 
     def _search(self, ids: list[list[int]]) -> list[list[Hypothesis]]:
-        src = torch.full((len(ids), max(map(len, ids))), PAD_ID, dtype=torch.long)
-        for row, seq in zip(src, ids):
-            row[: len(seq)] = torch.tensor(seq)
-        src = src.to(self.device)
+        src = pad(ids).to(self.device)
         d = self.decode
         if self.greedy:
             return [[h] for h in greedy_search(self.model, src, max_len_a=d.max_len_a, max_len_b=d.max_len_b,

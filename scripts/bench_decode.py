@@ -27,6 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mt.data import pad  # noqa: E402
 from mt.evaluate import read_text, score  # noqa: E402
 from mt.tokenizer import EOS_ID, PAD_ID  # noqa: E402
 from mt.translate import Translator  # noqa: E402
@@ -57,9 +58,7 @@ def hf_engine(hf_dir: Path, tok, beam: int, lenpen: float, a: float, b: int, bat
     def translate(lines: list[str]) -> list[str]:
         out = [""] * len(lines)
         for chunk, ids in _batches(lines, tok, batch):
-            src = torch.full((len(ids), max(map(len, ids))), PAD_ID, dtype=torch.long)
-            for row, seq in zip(src, ids):
-                row[: len(seq)] = torch.tensor(seq)
+            src = pad(ids)
             limit = int(a * max(map(len, ids)) + b)
             with torch.inference_mode():
                 gen = model.generate(input_ids=src, attention_mask=(src != PAD_ID).long(), num_beams=beam,
