@@ -342,10 +342,14 @@ class Transformer(nn.Module):
             x = layer(x, memory=memory, key_mask=key_mask, cache=cache.layers[i] if cache is not None else None)
         return self.decoder_norm(x)
 
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The output projection (V, D): the target embedding when they are tied."""
+        return self.tgt_embed.weight if self.output_proj is None else self.output_proj.weight
+
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """Decoder states (..., D) -> logits (..., V)."""
-        weight = self.tgt_embed.weight if self.output_proj is None else self.output_proj.weight
-        return F.linear(hidden, weight)
+        return F.linear(hidden, self.output_weight)
 
     def decode(self, tgt_in: torch.Tensor, enc: EncoderOut | None = None, *,
                cache: DecoderCache | None = None) -> torch.Tensor:

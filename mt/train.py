@@ -25,13 +25,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sacrebleu.metrics import BLEU
 from tqdm import tqdm
 
 from mt import checkpoint as ckpt
 from mt.config import Config, ConfigError, DecodeConfig, config_from_dict, parse_duration, save_config
 from mt.data import Batch, ParallelData, clean, load_corpus, tokenize
+from mt.loss import linear_label_smoothed_loss
 from mt.model import Transformer
 from mt.tokenizer import PAD_ID, Tokenizer, train_sentencepiece
 
@@ -47,32 +47,13 @@ class TrainingError(RuntimeError):
 # Pieces
 
 
-def label_smoothed_loss(logits: torch.Tensor, target: torch.Tensor, epsilon: float,
-                        ignore_index: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed label-smoothed cross-entropy and summed NLL over non-ignored targets.
-
-    logits (N, V), target (N,). The smoothed target puts 1 - ε on the reference and ε/V on every
-    class (the reference included): loss = (1 - ε)·(-log p_y) + (ε/V)·Σ_v(-log p_v). That is
-    ``F.cross_entropy(label_smoothing=ε)``, whose fused kernel we use; the NLL (for perplexity)
-    is computed without gradient.
-    """
-    logits = logits.float()
-    loss = F.cross_entropy(logits, target, ignore_index=ignore_index, label_smoothing=epsilon, reduction="sum")
-    with torch.no_grad():
-        keep = target != ignore_index
-        if not bool(keep.all()):
-            logits, target = logits[keep], target[keep]
-        nll = (torch.logsumexp(logits, dim=-1) - logits.gather(1, target[:, None]).squeeze(1)).sum()
-    return loss, nll
-
-
 def batch_loss(model: Transformer, batch: Batch, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher-forced summed label-smoothed loss and NLL of a batch; the output projection runs only
-    where there is a target token (padding costs no vocabulary-sized matmul)."""
+    """Teacher-forced summed label-smoothed loss and NLL of a batch. The output projection and the
+    loss run together, chunk by chunk, and only where there is a target token (padding costs no
+    vocabulary-sized matmul, and the (N, V) logits are never stored)."""
     hidden = model.decode_hidden(batch.tgt_in, model.encode(batch.src))  # (B, T, D)
     keep = batch.tgt_out != PAD_ID
-    logits = model.project(hidden[keep])  # (N, V)
-    return label_smoothed_loss(logits, batch.tgt_out[keep], epsilon)
+    return linear_label_smoothed_loss(hidden[keep], model.output_weight, batch.tgt_out[keep], epsilon)
 
 
 def learning_rate(step: int, cfg) -> float:
@@ -271,8 +252,7 @@ def validate(model: Transformer, data: ParallelData, *, max_tokens: int, epsilon
     for indices in data.sampler(budget, shuffle=False):
         batch = data.batch(indices).to(device)
         with autocast(device, precision):
-            logits = model(batch.src, batch.tgt_in)
-        loss, nll = label_smoothed_loss(logits.flatten(0, 1), batch.tgt_out.flatten(), epsilon)
+            loss, nll = batch_loss(model, batch, epsilon)
         loss_sum, nll_sum, tokens = loss_sum + loss.item(), nll_sum + nll.item(), tokens + batch.num_tgt_tokens
     model.train(was_training)
     nll = nll_sum / tokens

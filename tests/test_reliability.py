@@ -188,17 +188,17 @@ def test_non_finite_updates_are_skipped_then_training_stops(tmp_path, multi30k_h
     config = config_file(tmp_path, multi30k_head, spm_model, max_steps=30, valid_every=100)
     cfg = load_config(config)
     cfg.train.run_dir = str(tmp_path / "run")
-    real = train_module.label_smoothed_loss
+    real = train_module.batch_loss
     calls = {"n": 0}
 
-    def sometimes_nan(logits, target, epsilon, ignore_index=1):
+    def sometimes_nan(model, batch, epsilon):
         calls["n"] += 1
-        loss, nll = real(logits, target, epsilon, ignore_index)
+        loss, nll = real(model, batch, epsilon)
         if calls["n"] in (3, 4) or calls["n"] >= 10:
             return loss * float("nan"), nll
         return loss, nll
 
-    monkeypatch.setattr(train_module, "label_smoothed_loss", sometimes_nan)
+    monkeypatch.setattr(train_module, "batch_loss", sometimes_nan)
     messages = []
     with pytest.raises(TrainingError, match="5 non-finite updates in a row"):
         train(cfg, log=messages.append, progress=False)

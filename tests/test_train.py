@@ -16,7 +16,8 @@ from mt.config import ModelConfig, TrainConfig, load_config
 from mt.data import collate
 from mt.model import Transformer
 from mt.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
-from mt.train import TrainingError, check_run_dir, label_smoothed_loss, learning_rate, train
+from mt.loss import label_smoothed_loss, linear_label_smoothed_loss
+from mt.train import TrainingError, check_run_dir, learning_rate, train
 
 
 def write(path: Path, lines: list[str]) -> Path:
@@ -64,6 +65,34 @@ def test_label_smoothed_loss_by_hand():
     with_pad, _ = label_smoothed_loss(logits, target, eps, ignore_index=-100)
     assert with_pad.item() > loss.item() + 1.0
 
+
+
+@pytest.mark.parametrize("chunk_rows", [0, 7, 64])
+def test_fused_linear_loss_equals_logits_then_loss_in_value_and_gradients(chunk_rows):
+    """The chunked projection + loss gives the loss, the NLL and both gradients of the plain
+    F.linear + cross-entropy, padded rows ignored, whatever the chunking."""
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(45, 16, generator=gen, requires_grad=True)
+    weight = (torch.randn(37, 16, generator=gen) * 0.5).requires_grad_()
+    target = torch.randint(0, 37, (45,), generator=gen)
+    target[::6] = PAD_ID
+    for eps in (0.0, 0.1):
+        loss, nll = linear_label_smoothed_loss(hidden, weight, target, eps, chunk_rows=chunk_rows)
+        (loss * 0.5).backward()
+        grads = hidden.grad.clone(), weight.grad.clone()
+        hidden.grad = weight.grad = None
+        ref_loss, ref_nll = label_smoothed_loss(F.linear(hidden, weight), target, eps)
+        (ref_loss * 0.5).backward()
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(nll, ref_nll, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(grads[0], hidden.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(grads[1], weight.grad, rtol=1e-4, atol=1e-6)
+        assert grads[0][target == PAD_ID].abs().max() == 0  # ignored rows get no gradient
+        hidden.grad = weight.grad = None
+    assert not nll.requires_grad
+    with torch.no_grad():  # validation: no gradient work, the same values
+        loss_ng, _ = linear_label_smoothed_loss(hidden, weight, target, 0.1, chunk_rows=chunk_rows)
+    torch.testing.assert_close(loss_ng, label_smoothed_loss(F.linear(hidden, weight), target, 0.1)[0].detach())
 
 def test_label_smoothed_loss_matches_cross_entropy_on_random_input():
     gen = torch.Generator().manual_seed(0)
@@ -347,7 +376,7 @@ def test_bf16_autocast_training_step_is_finite_and_learns():
     from mt.config import ModelConfig
     from mt.data import collate
     from mt.model import Transformer
-    from mt.train import autocast, label_smoothed_loss
+    from mt.train import autocast, batch_loss
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig(d_model=32, n_heads=2, ffn_dim=64, encoder_layers=1, decoder_layers=1,
@@ -357,11 +386,11 @@ def test_bf16_autocast_training_step_is_finite_and_learns():
     seqs = [torch.randint(4, 40, (n,), generator=gen).tolist() + [2] for n in (3, 5, 7, 4)]
     batch = collate(seqs, [list(reversed(s[:-1])) + [2] for s in seqs], np.arange(4))
     losses = []
+    with autocast(torch.device("cpu"), "bf16"):
+        assert model(batch.src, batch.tgt_in).dtype == torch.bfloat16
     for _ in range(30):
         with autocast(torch.device("cpu"), "bf16"):
-            logits = model(batch.src, batch.tgt_in)
-        assert logits.dtype == torch.bfloat16
-        loss, _ = label_smoothed_loss(logits.flatten(0, 1), batch.tgt_out.flatten(), 0.1)
+            loss, _ = batch_loss(model, batch, 0.1)  # the fused projection + loss, matmuls in bf16
         opt.zero_grad()
         (loss / batch.num_tgt_tokens).backward()
         opt.step()
