@@ -205,9 +205,10 @@ class TrainConfig:
     lr: float = 7e-4
     """Peak learning rate, reached at the end of warmup."""
     min_lr: float = 0.0
-    """Floor of the cosine schedule."""
+    """Where the cosine and linear schedules end."""
     schedule: str = "inverse_sqrt"
-    """inverse_sqrt (linear warmup, then lr * sqrt(warmup/step)), cosine (to min_lr at max_steps) or constant."""
+    """After linear warmup: inverse_sqrt (lr * sqrt(warmup/step)), cosine or linear (down to min_lr at the
+    end of the budget: max_steps or max_time, whichever comes first) or constant."""
     warmup_steps: int = 4000
     betas: tuple[float, float] = (0.9, 0.98)
     adam_eps: float = 1e-8
@@ -249,7 +250,7 @@ class TrainConfig:
         _positive("train.patience", self.patience, allow_zero=True)
         _positive("train.clip_norm", self.clip_norm, allow_zero=True)
         _choice("train.optimizer", self.optimizer, ("adam", "adamw"))
-        _choice("train.schedule", self.schedule, ("inverse_sqrt", "cosine", "constant"))
+        _choice("train.schedule", self.schedule, ("inverse_sqrt", "cosine", "linear", "constant"))
         _choice("train.precision", self.precision, ("fp32", "bf16"))
         _choice("train.best_metric", self.best_metric, ("nll", "bleu"))
         _positive("train.valid_beam", self.valid_beam, allow_zero=True)
@@ -261,8 +262,9 @@ class TrainConfig:
             raise ConfigError("train.label_smoothing: must be in [0, 1)")
         if len(self.betas) != 2:
             raise ConfigError("train.betas: must be two numbers")
-        if self.schedule == "cosine" and not self.max_steps:
-            raise ConfigError("train.schedule: cosine needs train.max_steps")
+        if self.schedule in ("cosine", "linear") and not (self.max_steps or self.max_time):
+            raise ConfigError(f"train.schedule: {self.schedule} decays over the run's budget; "
+                              "set train.max_steps or train.max_time")
 
 
 @dataclass

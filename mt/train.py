@@ -56,16 +56,23 @@ def batch_loss(model: Transformer, batch: Batch, epsilon: float) -> tuple[torch.
     return linear_label_smoothed_loss(hidden[keep], model.output_weight, batch.tgt_out[keep], epsilon)
 
 
-def learning_rate(step: int, cfg) -> float:
-    """LR for update number ``step`` (1-based): linear warmup, then the chosen decay."""
+def learning_rate(step: int, cfg, budget_used: float | None = None) -> float:
+    """LR for update number ``step`` (1-based): linear warmup, then the chosen decay.
+
+    ``budget_used`` is the share of the run's budget spent so far (of ``max_steps`` or of
+    ``max_time``, whichever is nearer its end; default ``step / max_steps``): the cosine and linear
+    schedules reach ``min_lr`` when it reaches 1, so a time-budgeted run ends its decay on time."""
     warmup = cfg.warmup_steps
     if warmup and step <= warmup:
         return cfg.lr * step / warmup
     if cfg.schedule == "inverse_sqrt":
         return cfg.lr * math.sqrt(warmup / step) if warmup else cfg.lr
-    if cfg.schedule == "cosine":
-        progress = min((step - warmup) / max(cfg.max_steps - warmup, 1), 1.0)
-        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+    if cfg.schedule in ("cosine", "linear"):
+        used = budget_used if budget_used is not None else step / cfg.max_steps
+        warm = used * warmup / step  # the share warmup took, at the average pace so far (steps: warmup / max_steps)
+        progress = min(max((used - warm) / max(1.0 - warm, 1e-9), 0.0), 1.0)
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1.0 - progress
+        return cfg.min_lr + (cfg.lr - cfg.min_lr) * decay
     return cfg.lr
 
 
@@ -429,7 +436,8 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
                 break
             step += 1
             # lr for this update, then forward/backward over the accumulated batches
-            lr = learning_rate(step, tc)
+            lr = learning_rate(step, tc, budget_used=max(step / tc.max_steps if tc.max_steps else 0.0,
+                                                         elapsed() / budget if budget else 0.0))
             for group_ in optimizer.param_groups:
                 group_["lr"] = lr
             tokens = sum(b.num_tgt_tokens for b in group)

@@ -140,7 +140,7 @@ def test_betas_must_be_two_numbers():
 @pytest.mark.parametrize("override,choices", [
     ("train.precision=fp16", ["fp32", "bf16"]),
     ("model.norm=middle", ["pre", "post"]),
-    ("train.schedule=linear", ["inverse_sqrt", "cosine", "constant"]),
+    ("train.schedule=step", ["inverse_sqrt", "cosine", "linear", "constant"]),
     ("tokenizer.type=wordpiece", ["unigram", "bpe"]),
 ])
 def test_invalid_choice_lists_choices(override, choices):
@@ -165,7 +165,7 @@ def test_d_model_must_be_divisible_by_heads():
     ("model.dropout=1.0", "model.dropout"),
     ("data.max_len=0", "data.max_len"),
     ("data.tgt_lang=de", "both 'de'"),
-    ("train.schedule=cosine", "cosine needs train.max_steps"),
+    ("train.schedule=cosine", "set train.max_steps or train.max_time"),
     ("data.max_len=5000", "exceeds train.max_tokens"),
     ("train.device=tpu", "train.device"),
     ("data.train.src=only.de", "src and tgt must be given together"),

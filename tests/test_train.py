@@ -127,6 +127,21 @@ def test_learning_rate_cosine():
     assert learning_rate(5000, tc) == pytest.approx(1e-4)  # stays at the floor
 
 
+def test_learning_rate_decays_over_a_time_budget():
+    """With train.max_time the schedule decays over the share of the budget used, not over steps."""
+    tc = TrainConfig(lr=1e-3, min_lr=0.0, warmup_steps=100, max_time="10m", schedule="linear")
+    assert learning_rate(50, tc, budget_used=0.05) == pytest.approx(5e-4)  # warmup counts steps
+    # 550 steps in 0.55 of the budget: warmup took 0.1, so 0.55 is half way through the decay
+    assert learning_rate(550, tc, budget_used=0.55) == pytest.approx(5e-4)
+    assert learning_rate(900, tc, budget_used=1.0) == pytest.approx(0.0)
+    cosine = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=100, max_time="1h", schedule="cosine")
+    assert learning_rate(300, cosine, budget_used=0.6) == pytest.approx(1e-4 + 0.5 * 9e-4)
+    # steps and budget agree when the budget is max_steps
+    steps = TrainConfig(lr=1e-3, warmup_steps=100, max_steps=1100, schedule="linear")
+    assert learning_rate(600, steps) == pytest.approx(learning_rate(600, steps, budget_used=600 / 1100))
+    assert learning_rate(600, steps) == pytest.approx(5e-4)
+
+
 def test_learning_rate_constant():
     tc = TrainConfig(lr=2e-3, warmup_steps=10, schedule="constant")
     assert learning_rate(5, tc) == pytest.approx(1e-3)
