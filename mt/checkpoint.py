@@ -116,9 +116,9 @@ def prune(directory: str | Path, keep: int) -> list[Path]:
 
 
 def resolve(run_dir: str | Path, which: str = "best") -> Path:
-    """``best``, ``last``, a step number or a path -> a checkpoint file of ``run_dir``."""
+    """``best``, ``last``, ``average``, a step number or a path -> a checkpoint file of ``run_dir``."""
     ckpt_dir = Path(run_dir) / "checkpoints"
-    if which in ("best", "last"):
+    if which in ("best", "last", "average"):
         path = ckpt_dir / f"{which}.pt"
         if which == "best" and not path.exists():
             path = ckpt_dir / "last.pt"
@@ -127,7 +127,7 @@ def resolve(run_dir: str | Path, which: str = "best") -> Path:
     else:
         path = Path(which)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint (choose best, last, a step or a path)")
+        raise CheckpointError(f"{path}: no such checkpoint (choose best, last, average, a step or a path)")
     return path
 
 

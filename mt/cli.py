@@ -159,14 +159,14 @@ def data_multi30k(
 
 
 # Decoding options shared by translate and eval; None means "the run's decode section".
-Beam = Annotated[Optional[int], typer.Option("--beam", "-b", help="Beam size (default: the run's decode.beam).")]
-Lenpen = Annotated[Optional[float], typer.Option("--lenpen", help="Length penalty α: rank by log p / len**α.")]
+Beam = Annotated[Optional[int], typer.Option("--beam", "-b", help="Beam size (default: the run's, chosen on validation or from decode.beam).")]
+Lenpen = Annotated[Optional[float], typer.Option("--lenpen", help="Length penalty α: rank by log p / len**α (default: the run's).")]
 MaxLenA = Annotated[Optional[float], typer.Option("--max-len-a", help="Output length limit a·src_len + b: a.")]
 MaxLenB = Annotated[Optional[int], typer.Option("--max-len-b", help="Output length limit a·src_len + b: b.")]
 MinLen = Annotated[Optional[int], typer.Option("--min-len", help="Minimum output tokens before </s>.")]
 BatchTokens = Annotated[Optional[int], typer.Option("--batch-tokens", help="Source tokens per batch.")]
 Greedy = Annotated[bool, typer.Option("--greedy", help="Greedy search instead of beam search.")]
-Checkpoint = Annotated[str, typer.Option("--checkpoint", "-c", help="best, last, a step number or a file.")]
+Checkpoint = Annotated[Optional[str], typer.Option("--checkpoint", "-c", help="best, last, average, a step number or a file (default: the one chosen on validation, else best).")]
 Average = Annotated[int, typer.Option("--average", help="Average the weights of the last N (>= 2) step checkpoints instead of --checkpoint.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 Dtype = Annotated[Optional[str], typer.Option("--dtype", help="fp32 or bf16 (faster on CPUs with bf16 instructions).")]
@@ -201,7 +201,7 @@ def translate(
     model: RunDir,
     input: Annotated[Optional[Path], typer.Option("--input", "-i", help="Input file (default: stdin).")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file (default: stdout).")] = None,
-    checkpoint: Checkpoint = "best",
+    checkpoint: Checkpoint = None,
     average: Average = 0,
     beam: Beam = None,
     lenpen: Lenpen = None,
@@ -273,7 +273,7 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list (sacreBLEU's fields).")] = False,
     width: Annotated[int, typer.Option("--width", "-w", help="Decimals, as sacrebleu -w.")] = 1,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="With -m: also write the translations here.")] = None,
-    checkpoint: Checkpoint = "best",
+    checkpoint: Checkpoint = None,
     average: Average = 0,
     beam: Beam = None,
     lenpen: Lenpen = None,
@@ -319,11 +319,40 @@ def evaluate(
 
 @app.command()
 @_handles_errors
+def average(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory written by mt train.")],
+    last: Annotated[int, typer.Option("--last", help="Average the last N step checkpoints.")] = 0,
+    best: Annotated[int, typer.Option("--best", help="Average the N step checkpoints with the best validation score.")] = 0,
+    metric: Annotated[Optional[str], typer.Option("--metric", help="With --best: bleu or nll (default: the run's train.best_metric).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Checkpoint to write (default: RUN/checkpoints/average.pt).")] = None,
+):
+    """Average the weights of several checkpoints of a run into one (translate it with -c average).
+
+    Step checkpoints only exist for the steps the run kept (train.keep_checkpoints); checkpoints
+    written without validation (train.save_every) have no score for --best.
+    """
+    from mt.config import load_config
+    from mt.tune import average_best, average_last
+
+    if bool(last) == bool(best):
+        _fail("give exactly one of --last N or --best N")
+    if metric is not None and metric not in ("bleu", "nll"):
+        _fail(f"--metric {metric!r}: choose bleu or nll")
+    if last:
+        path = average_last(run_dir, last, output)
+    else:
+        metric = metric or load_config(run_dir / "config.yaml").train.best_metric
+        path = average_best(run_dir, best, metric, output)
+    _log(f"averaged {last or best} checkpoints -> {path}")
+
+
+@app.command()
+@_handles_errors
 def export(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by mt train.")],
     out_dir: Annotated[Path, typer.Argument(help="Directory to write.")],
     to: Annotated[str, typer.Option("--to", help="hf (transformers M2M100) or ctranslate2.")] = "hf",
-    checkpoint: Checkpoint = "best",
+    checkpoint: Checkpoint = None,
     average: Average = 0,
     quantization: Annotated[Optional[str], typer.Option("--quantization", help="ctranslate2 only: int8, int8_float32, bfloat16...")] = None,
 ):

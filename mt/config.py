@@ -226,8 +226,13 @@ class TrainConfig:
     """Validate and checkpoint every this many updates (and at the end)."""
     log_every: int = 100
     """Write a training row to metrics.jsonl every this many updates."""
+    save_every: int = 0
+    """Also checkpoint (without validating) every this many updates; 0: only at validations."""
     keep_checkpoints: int = 5
     """Step checkpoints kept besides last.pt and best.pt; 0 keeps none."""
+    average_last: int = 0
+    """At the end, average the last N (>= 2) step checkpoints into checkpoints/average.pt and let
+    validation decide between it and best.pt; 0 or 1: no averaging."""
     patience: int = 0
     """Stop after this many validations without a better best_metric; 0 disables early stopping."""
     valid_beam: int = 0
@@ -247,6 +252,11 @@ class TrainConfig:
         _positive("train.valid_every", self.valid_every)
         _positive("train.log_every", self.log_every)
         _positive("train.keep_checkpoints", self.keep_checkpoints, allow_zero=True)
+        _positive("train.save_every", self.save_every, allow_zero=True)
+        _positive("train.average_last", self.average_last, allow_zero=True)
+        if self.average_last > max(self.keep_checkpoints, 1):
+            raise ConfigError(f"train.average_last ({self.average_last}) exceeds train.keep_checkpoints "
+                              f"({self.keep_checkpoints}): the checkpoints to average would be pruned")
         _positive("train.patience", self.patience, allow_zero=True)
         _positive("train.clip_norm", self.clip_norm, allow_zero=True)
         _choice("train.optimizer", self.optimizer, ("adam", "adamw"))
@@ -283,9 +293,16 @@ class DecodeConfig:
     dtype: str = "fp32"
     """Weights and activations when translating: fp32, or bf16 (about 1.5x faster on CPUs with bf16
     instructions; scores are still computed in fp32)."""
+    tune_beam: list[int] = field(default_factory=list)
+    """After training, try these beam sizes on the validation split and make the best the run's
+    default (RUN/decode.yaml); empty: keep ``beam``."""
+    tune_lenpen: list[float] = field(default_factory=list)
+    """Likewise for the length penalty; empty: keep ``lenpen``."""
 
     def __post_init__(self) -> None:
         _positive("decode.beam", self.beam)
+        for beam in self.tune_beam:
+            _positive("decode.tune_beam", beam)
         _choice("decode.dtype", self.dtype, ("fp32", "bf16"))
         _positive("decode.batch_tokens", self.batch_tokens)
         _positive("decode.min_len", self.min_len, allow_zero=True)
@@ -372,6 +389,10 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{name}: expected a string, got {value!r}")
         return str(value)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        return [_coerce(typing.get_args(hint)[0], v, name) for v in value]
     if origin in (typing.Union, types.UnionType):  # pragma: no cover - no unions in the schema yet
         return value
     return value

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from mt import checkpoint as ckpt
 from mt.config import Config, config_from_dict
 from mt.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 from mt.translate import load_model
+from mt.tune import read_defaults
 
 
 class ExportError(ValueError):
@@ -110,10 +112,13 @@ def hf_state_dict(state: dict[str, torch.Tensor], cfg: Config) -> dict[str, torc
     return out
 
 
-def to_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best", average: int = 0) -> Path:
-    """Write ``out_dir`` loadable offline with ``AutoModelForSeq2SeqLM.from_pretrained(out_dir)``."""
+def to_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str | None = None, average: int = 0) -> Path:
+    """Write ``out_dir`` loadable offline with ``AutoModelForSeq2SeqLM.from_pretrained(out_dir)``.
+    ``checkpoint`` None: the run's tuned choice (RUN/decode.yaml), else best; so are beam and lenpen."""
     transformers = _require("transformers")
     _check_out_dir(out_dir)
+    tuned = read_defaults(run_dir)
+    checkpoint = checkpoint or tuned.get("checkpoint", "best")
     state = ckpt.load(ckpt.resolve(run_dir, checkpoint))  # check the settings before building anything
     check_exportable(config_from_dict(state["config"]), state["vocab"]["src"], state["vocab"]["tgt"])
     model, cfg, src_tok, tgt_tok = load_model(run_dir, checkpoint, average, device="cpu")
@@ -125,7 +130,7 @@ def to_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best", av
     if missing or unexpected:  # a mapping bug, never a user error
         raise RuntimeError(f"export mapping incomplete: missing {missing}, unexpected {unexpected}")
     hf.tie_weights()
-    d = cfg.decode
+    d = replace(cfg.decode, **{k: v for k, v in tuned.items() if k in ("beam", "lenpen")})
     hf.generation_config = transformers.GenerationConfig(
         decoder_start_token_id=BOS_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
         num_beams=d.beam, length_penalty=d.lenpen, early_stopping=True, max_length=cfg.model.max_positions,
@@ -159,7 +164,7 @@ class _Vocabulary:
         return self.pieces[index]
 
 
-def to_ctranslate2(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best", average: int = 0,
+def to_ctranslate2(run_dir: str | Path, out_dir: str | Path, checkpoint: str | None = None, average: int = 0,
                    quantization: str | None = None) -> Path:
     """Convert through the HF export with CTranslate2's own ``TransformersConverter``."""
     ctranslate2 = _require("ctranslate2")

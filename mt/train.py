@@ -29,6 +29,7 @@ from sacrebleu.metrics import BLEU
 from tqdm import tqdm
 
 from mt import checkpoint as ckpt
+from mt import tune
 from mt.config import Config, ConfigError, DecodeConfig, config_from_dict, parse_duration, save_config
 from mt.data import Batch, ParallelData, clean, load_corpus, tokenize
 from mt.loss import linear_label_smoothed_loss
@@ -234,14 +235,14 @@ class MetricsLog:
 
 
 def validation_bleu(model: Transformer, data: ParallelData, src_tok: Tokenizer, tgt_tok: Tokenizer,
-                    decode: DecodeConfig, beam: int) -> float:
+                    decode: DecodeConfig) -> float:
     """Corpus BLEU (sacreBLEU defaults) of translating the split's source with greedy (beam 1) or
     beam search, against its target text."""
     from mt.translate import Translator
 
     was_training = model.training
     model.eval()
-    translator = Translator(model, src_tok, tgt_tok, replace(decode, beam=beam), greedy=beam == 1)  # model's dtype
+    translator = Translator(model, src_tok, tgt_tok, decode, greedy=decode.beam == 1)  # model's dtype
     hypotheses = translator.translate_lines(data.ds["src"])
     model.train(was_training)
     return BLEU(force=True).corpus_score(hypotheses, [data.ds["tgt"]]).score  # force: no tokenized-input warning
@@ -397,7 +398,7 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
         result = validate(model, valid_data, max_tokens=tc.max_tokens, epsilon=tc.label_smoothing,
                           device=device, precision=tc.precision)
         if tc.valid_beam:
-            result["bleu"] = validation_bleu(model, valid_data, src_tok, tgt_tok, cfg.decode, tc.valid_beam)
+            result["bleu"] = validation_bleu(model, valid_data, src_tok, tgt_tok, replace(cfg.decode, beam=tc.valid_beam))
         value = result[tc.best_metric]
         improved = value > best if higher_is_better else value < best
         if improved:
@@ -411,6 +412,7 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
         return result, improved
 
     model.train()
+    initial_step = step
     loop_start = time.time()  # the time budget counts training, not data preparation
     stream = batch_stream()
     bar = tqdm(total=tc.max_steps or None, initial=step, disable=progress is False if progress is not None else None,
@@ -479,6 +481,8 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
                 save("best" if improved or valid_data is None else "step", valid)
                 if tc.patience and bad_validations >= tc.patience:
                     stopped = f"early stopping: no improvement in {tc.patience} validations"
+            elif tc.save_every and step % tc.save_every == 0:
+                save("step", None)
     bar.close()
     if signals.received:  # save at once; validating could take long
         if saved_step != step:
@@ -489,5 +493,9 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
     log(f"stopped at step {step}: {stopped}" + ("; checkpoint saved, continue with --resume" if signals.received else ""))
     metrics.write(kind="end", step=step, epoch=sampler.epoch + 1, reason=stopped,
                   **{f"best_{tc.best_metric}": best})
+    wants_tuning = tc.average_last >= 2 or cfg.decode.tune_beam or cfg.decode.tune_lenpen
+    fresh = step != initial_step or not (run_dir / tune.DEFAULTS_FILE).exists()
+    if valid_data is not None and wants_tuning and fresh and not signals.received:
+        tune.choose_defaults(cfg, run_dir, valid_data, src_tok, tgt_tok, device, log)
     return TrainResult(step=step, epoch=sampler.epoch + 1, best=best, stopped=stopped, run_dir=run_dir,
                        signal=signals.received)

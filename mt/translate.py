@@ -22,13 +22,15 @@ from mt.search import Hypothesis, beam_search, greedy_search
 from mt.data import pad
 from mt.tokenizer import EOS_ID, Tokenizer
 from mt.train import pick_device, tokenizer_files
+from mt.tune import read_defaults
 
 CHUNK_LINES = 2000  # lines read, sorted and translated together
 
 
-def load_model(run_dir: str | Path, checkpoint: str = "best", average: int = 0,
+def load_model(run_dir: str | Path, checkpoint: str | None = None, average: int = 0,
                device: str = "auto") -> tuple[Transformer, Config, Tokenizer, Tokenizer]:
-    """Model (eval mode), its config and tokenizers from a run directory alone."""
+    """Model (eval mode), its config and tokenizers from a run directory alone. ``checkpoint`` None:
+    the one chosen on validation after training (RUN/decode.yaml), else best."""
     run_dir = Path(run_dir)
     if average > 1:
         found = ckpt.step_checkpoints(run_dir / "checkpoints")
@@ -37,7 +39,7 @@ def load_model(run_dir: str | Path, checkpoint: str = "best", average: int = 0,
                                        f"checkpoints, found {len(found)}")
         state = ckpt.average([p for _, p in found[-average:]])
     else:
-        state = ckpt.load(ckpt.resolve(run_dir, checkpoint))
+        state = ckpt.load(ckpt.resolve(run_dir, checkpoint or read_defaults(run_dir).get("checkpoint", "best")))
     cfg = config_from_dict(state["config"])
     src_path, tgt_path = tokenizer_files(run_dir, cfg.tokenizer.joint)
     src_tok, tgt_tok = Tokenizer(src_path), Tokenizer(tgt_path)
@@ -76,10 +78,14 @@ class Translator:
         self.max_src = model.cfg.max_positions
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, *, checkpoint: str = "best", average: int = 0, device: str = "auto",
-                 greedy: bool = False, nbest: int = 1, **decode_overrides) -> Translator:
+    def from_run(cls, run_dir: str | Path, *, checkpoint: str | None = None, average: int = 0,
+                 device: str = "auto", greedy: bool = False, nbest: int = 1, **decode_overrides) -> Translator:
+        """Decoding options: ``decode_overrides`` (None: not given), else the run's tuned defaults
+        (RUN/decode.yaml: beam, lenpen), else its config's ``decode`` section."""
         model, cfg, src_tok, tgt_tok = load_model(run_dir, checkpoint, average, device)
-        decode = replace(cfg.decode, **{k: v for k, v in decode_overrides.items() if v is not None})
+        tuned = {k: v for k, v in read_defaults(run_dir).items() if k in ("beam", "lenpen")}
+        decode = replace(cfg.decode, **tuned)
+        decode = replace(decode, **{k: v for k, v in decode_overrides.items() if v is not None})
         if decode.dtype == "bf16":
             model.to(torch.bfloat16)
         return cls(model, src_tok, tgt_tok, decode, greedy=greedy, nbest=nbest)

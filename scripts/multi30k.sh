@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# The full Multi30k recipe, one direction after the other: train (tokenizer included), translate val and
+# test_2016_flickr with the run's defaults (checkpoint, beam and length penalty chosen on val), score with
+# sacreBLEU; results go to benchmarks/multi30k.md.
+#
+#   scripts/multi30k.sh [de-en] [en-de]        (default: both; make data first)
+#
+# Environment: MT (default .venv/bin/mt), RUNS (default runs), OUT (default benchmarks/multi30k.md),
+# TIME (optional train.max_time override, e.g. 10m, for a quick look; the table says so).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MT=${MT:-.venv/bin/mt}
+PY=${PY:-$(dirname "$MT")/python}
+RUNS=${RUNS:-runs}
+OUT=${OUT:-benchmarks/multi30k.md}
+DATA=data/multi30k
+directions=("$@")
+[ ${#directions[@]} -gt 0 ] || directions=(de-en en-de)
+
+for pair in "${directions[@]}"; do
+  src=${pair%-*} tgt=${pair#*-}
+  config=configs/multi30k_${src}_${tgt}.yaml
+  run=$RUNS/multi30k_${src}_${tgt}
+  [ -f "$config" ] || { echo "multi30k.sh: $config: no recipe for $pair" >&2; exit 1; }
+  rm -rf "$run"
+  overrides=()
+  [ -z "${TIME:-}" ] || overrides+=("train.max_time=$TIME")
+  start=$(date +%s)
+  train_cmd="mt train $config -o $run ${overrides[*]:-}"
+  echo "== $pair: $train_cmd" >&2
+  "$MT" train "$config" -o "$run" -q "${overrides[@]}"
+  for split in val test_2016_flickr; do
+    zcat "$DATA/$split.$src.gz" | "$MT" translate -m "$run" > "$run/$split.hyp.$tgt"
+    "$MT" eval -r "$DATA/$split.$tgt.gz" -s "$run/$split.hyp.$tgt" --metrics bleu,chrf --json -w 2 \
+      > "$run/$split.scores.json"
+  done
+  end=$(date +%s)
+  printf '{"pair": "%s", "config": "%s", "run": "%s", "seconds": %d, "train_cmd": "%s"}\n' \
+    "$pair" "$config" "$run" $((end - start)) "$train_cmd" > "$run/recipe.json"
+  echo "== $pair: $((end - start)) s" >&2
+done
+
+# the table, from every direction whose run is complete
+"$PY" - "$OUT" "$RUNS" "${TIME:-}" <<'EOF'
+import json, platform, sys
+from pathlib import Path
+
+import torch
+import yaml
+
+out, runs, time_override = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+rows, commands, signatures = [], [], set()
+for pair in ("de-en", "en-de"):
+    src, tgt = pair.split("-")
+    run = runs / f"multi30k_{src}_{tgt}"
+    if not (run / "recipe.json").exists():
+        continue
+    recipe = json.loads((run / "recipe.json").read_text())
+    scores = {split: {s["name"]: s for s in json.loads((run / f"{split}.scores.json").read_text())}
+              for split in ("val", "test_2016_flickr")}
+    end = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"end"' in line][-1]
+    chosen = yaml.safe_load((run / "decode.yaml").read_text()) if (run / "decode.yaml").exists() else {}
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")
+    params = sum(v.numel() for v in {v.data_ptr(): v for v in state["model"].values()}.values())  # tied: once
+    rows.append(f"| {src}→{tgt} | {scores['test_2016_flickr']['BLEU']['score']:.2f} | "
+                f"{scores['test_2016_flickr']['chrF2']['score']:.2f} | {scores['val']['BLEU']['score']:.2f} | "
+                f"{scores['val']['chrF2']['score']:.2f} | {recipe['seconds'] / 60:.1f} | {end['step']} | "
+                f"{end['epoch']} | {params / 1e6:.1f}M | {chosen.get('checkpoint', 'best')}, beam "
+                f"{chosen.get('beam', '?')}, lenpen {chosen.get('lenpen', '?')} |")
+    commands += [recipe["train_cmd"],
+                 f"zcat data/multi30k/test_2016_flickr.{src}.gz | mt translate -m {recipe['run']} > hyp.{tgt}",
+                 f"mt eval -r data/multi30k/test_2016_flickr.{tgt}.gz -s hyp.{tgt} --metrics bleu,chrf"]
+    signatures |= {s["signature"] for split in scores.values() for s in split.values()}
+table = [
+    "# Multi30k: the reference recipe on 2 CPU cores",
+    "",
+    "Produced by `scripts/multi30k.sh`" + (f" with `TIME={time_override}` (shortened budget)" if time_override else "")
+    + f". Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}. "
+    "Wall time covers tokenizer training, data preparation, training, the choice of checkpoint/beam/length "
+    "penalty on val, and translating val and test. Scores: sacreBLEU on detokenized, cased output.",
+    "",
+    "| direction | test_2016 BLEU | test_2016 chrF | val BLEU | val chrF | minutes | steps | epochs | "
+    "parameters | decoding (chosen on val) |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    *rows,
+    "",
+    "Signatures: " + "; ".join(f"`{s}`" for s in sorted(signatures)),
+    "",
+    "Commands:",
+    "",
+    "```sh",
+    *commands,
+    "```",
+]
+out.parent.mkdir(parents=True, exist_ok=True)
+out.write_text("\n".join(table) + "\n", encoding="utf-8")
+print("\n".join(table))
+EOF
