@@ -21,7 +21,7 @@ from mt.model import Transformer
 from mt.search import Hypothesis, beam_search, greedy_search
 from mt.data import pad
 from mt.tokenizer import EOS_ID, Tokenizer
-from mt.train import pick_device, tokenizer_files
+from mt.train import pick_device, slow_bf16_warning, tokenizer_files
 from mt.tune import read_defaults
 
 CHUNK_LINES = 2000  # lines read, sorted and translated together
@@ -86,9 +86,12 @@ class Translator:
         tuned = {k: v for k, v in read_defaults(run_dir).items() if k in ("beam", "lenpen")}
         decode = replace(cfg.decode, **tuned)
         decode = replace(decode, **{k: v for k, v in decode_overrides.items() if v is not None})
+        translator = cls(model, src_tok, tgt_tok, decode, greedy=greedy, nbest=nbest)
         if decode.dtype == "bf16":
             model.to(torch.bfloat16)
-        return cls(model, src_tok, tgt_tok, decode, greedy=greedy, nbest=nbest)
+            if slow_bf16_warning(translator.device):
+                translator.warn(f"{slow_bf16_warning(translator.device)} (--dtype fp32)")
+        return translator
 
     def _search(self, ids: list[list[int]]) -> list[list[Hypothesis]]:
         src = pad(ids).to(self.device)

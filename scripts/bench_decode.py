@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from mt.data import pad  # noqa: E402
 from mt.evaluate import read_text, score  # noqa: E402
 from mt.tokenizer import EOS_ID, PAD_ID  # noqa: E402
+from mt.train import slow_bf16_warning  # noqa: E402
 from mt.translate import Translator  # noqa: E402
 
 Engine = Callable[[list[str]], list[str]]
@@ -112,6 +113,10 @@ def main() -> None:
     translator = Translator.from_run(args.model, device="cpu", beam=args.beam)
     tok, d = translator.tgt_tok, translator.decode
     names = args.engines.split(",")
+    notes = []
+    if "mt-bf16" in names and slow_bf16_warning(torch.device("cpu")):
+        names.remove("mt-bf16")  # emulated bf16 would take hours and say nothing about mt
+        notes.append("mt --dtype bf16 not measured: this CPU has no native bf16 instructions.")
     with tempfile.TemporaryDirectory() as tmp:
         engines: dict[str, Engine] = {}
         if "mt" in names:
@@ -158,7 +163,7 @@ def main() -> None:
         f"Input: {Path(args.src).name} ({len(lines)} lines). Machine: {platform.machine()}, {args.threads} threads, "
         f"torch {torch.__version__}. Timed for every engine: text lines to detokenized lines (models loaded), "
         f"median of {args.repeats} passes after a warm-up. mt batches by {args.batch_tokens} source tokens; "
-        f"HF and CTranslate2 by {args.batch} length-sorted sentences.",
+        f"HF and CTranslate2 by {args.batch} length-sorted sentences." + "".join(f" {n}" for n in notes),
         "",
         "| engine | seconds | sentences/s | target tokens/s | vs HF | BLEU |",
         "|---|---:|---:|---:|---:|---:|",

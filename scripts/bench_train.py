@@ -126,10 +126,17 @@ def main() -> None:
                                 args.threads)))
         return
 
+    from mt.train import slow_bf16_warning
+
+    precisions, notes = args.precisions.split(","), []
+    if "bf16" in precisions and slow_bf16_warning(torch.device("cpu")):
+        precisions.remove("bf16")  # emulated bf16 would take hours and say nothing about either engine
+        notes.append("bf16 not measured: this CPU has no native bf16 instructions (emulated bf16 matmuls "
+                     "run ~100x slower than fp32 for both engines).")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         batches = prepare_batches(args.config, args.warmup + args.steps, Path(tmp))
-        for precision in args.precisions.split(","):
+        for precision in precisions:
             result = {}
             for engine in ("mt", "hf"):
                 cmd = [sys.executable, __file__, "--worker", engine, "--precision", precision, "--batches",
@@ -150,7 +157,8 @@ def main() -> None:
         f"Machine: {platform.machine()}, {args.threads} threads, torch {torch.__version__}. A step is forward + "
         "label-smoothed CE + backward + clip + AdamW on the same token-bucketed Multi30k batches "
         f"({rows[0][1]['mt']['tokens']} target tokens in {rows[0][1]['mt']['steps']} batches, after "
-        f"{args.warmup} warm-up batches); median of {args.repeats} passes; each engine in its own process.",
+        f"{args.warmup} warm-up batches); median of {args.repeats} passes; each engine in its own process."
+        + "".join(f" {n}" for n in notes),
         "",
         "| precision | mt tokens/s | HF tokens/s | mt / HF | mt peak RSS (MB) | HF peak RSS (MB) |",
         "|---|---:|---:|---:|---:|---:|",
