@@ -7,7 +7,7 @@ MULTI30K_CANDIDATES := ../shared/data/multi30k ../../shared/data/multi30k /work/
 MULTI30K_DIR ?= $(firstword $(foreach d,$(MULTI30K_CANDIDATES),$(if $(wildcard $(d)/train.de.gz),$(d),)))
 export MULTI30K_DIR
 
-.PHONY: install data test demo bench lint clean
+.PHONY: install data test demo recipe bench lint clean
 
 install: $(VENV)/.installed
 
@@ -36,6 +36,10 @@ demo: install data
 	zcat $(TEST_SRC) | $(BIN)/mt translate -m $(DEMO_RUN) > $(DEMO_RUN)/test_2016_flickr.hyp.en
 	$(BIN)/mt eval -r $(TEST_REF) -s $(DEMO_RUN)/test_2016_flickr.hyp.en --metrics bleu,chrf
 
+# the full recipe (both directions, under an hour each on 2 CPU cores) -> benchmarks/multi30k.md
+recipe: install data
+	MT=$(BIN)/mt scripts/multi30k.sh
+
 # speed side by side (one at a time: the machine has 2 cores): training vs HF transformers, decoding vs HF
 # and CTranslate2 on the run in BENCH_RUN (default: the demo's); tables go to benchmarks/
 BENCH_RUN ?= $(DEMO_RUN)
@@ -43,3 +47,4 @@ bench: install data
 	test -f $(BENCH_RUN)/checkpoints/last.pt || $(MAKE) demo DEMO_RUN=$(BENCH_RUN)
 	$(BIN)/python scripts/bench_train.py
 	$(BIN)/python scripts/bench_decode.py -m $(BENCH_RUN)
+	cat benchmarks/speed_train.md benchmarks/speed_decode.md > benchmarks/speed.md

@@ -324,9 +324,9 @@ def average(
     last: Annotated[int, typer.Option("--last", help="Average the last N step checkpoints.")] = 0,
     best: Annotated[int, typer.Option("--best", help="Average the N step checkpoints with the best validation score.")] = 0,
     metric: Annotated[Optional[str], typer.Option("--metric", help="With --best: bleu or nll (default: the run's train.best_metric).")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Checkpoint to write (default: RUN/checkpoints/average.pt).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Checkpoint to write (default: RUN/checkpoints/average_lastN.pt or average_bestN.pt).")] = None,
 ):
-    """Average the weights of several checkpoints of a run into one (translate it with -c average).
+    """Average the weights of several checkpoints of a run into one (translate with it: -c FILE).
 
     Step checkpoints only exist for the steps the run kept (train.keep_checkpoints); checkpoints
     written without validation (train.save_every) have no score for --best.
@@ -338,11 +338,12 @@ def average(
         _fail("give exactly one of --last N or --best N")
     if metric is not None and metric not in ("bleu", "nll"):
         _fail(f"--metric {metric!r}: choose bleu or nll")
+    # never checkpoints/average.pt: that one is training's, and RUN/decode.yaml may point to it
     if last:
-        path = average_last(run_dir, last, output)
+        path = average_last(run_dir, last, output or run_dir / "checkpoints" / f"average_last{last}.pt")
     else:
         metric = metric or load_config(run_dir / "config.yaml").train.best_metric
-        path = average_best(run_dir, best, metric, output)
+        path = average_best(run_dir, best, metric, output or run_dir / "checkpoints" / f"average_best{best}.pt")
     _log(f"averaged {last or best} checkpoints -> {path}")
 
 

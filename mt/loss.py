@@ -43,9 +43,11 @@ class _LinearLabelSmoothedCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, epsilon: float,
-                ignore_index: int, compute_dtype: torch.dtype, chunk_rows: int):
+                ignore_index: int, compute_dtype: torch.dtype, chunk_rows: int, grad_enabled: bool):
         N, V = hidden.shape[0], weight.shape[0]
-        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # needs_input_grad only says requires_grad; under torch.no_grad (validation) no gradient is wanted
+        need_hidden = grad_enabled and ctx.needs_input_grad[0]
+        need_weight = grad_enabled and ctx.needs_input_grad[1]
         h = hidden.to(compute_dtype)
         w = weight.to(compute_dtype)
         loss = hidden.new_zeros((), dtype=torch.float32)
@@ -85,7 +87,7 @@ class _LinearLabelSmoothedCE(torch.autograd.Function):
             grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 def linear_label_smoothed_loss(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, epsilon: float,
@@ -100,6 +102,7 @@ def linear_label_smoothed_loss(hidden: torch.Tensor, weight: torch.Tensor, targe
     chunk_rows = chunk_rows or max(CHUNK_ELEMENTS // weight.shape[0], 16)
     device = hidden.device.type
     compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    grad_enabled = torch.is_grad_enabled()  # always off inside forward: ask here
     with torch.autocast(device, enabled=False):
         return _LinearLabelSmoothedCE.apply(hidden, weight, target, float(epsilon), ignore_index, compute_dtype,
-                                            chunk_rows)
+                                            chunk_rows, grad_enabled)

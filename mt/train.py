@@ -69,7 +69,7 @@ def learning_rate(step: int, cfg, budget_used: float | None = None) -> float:
     if cfg.schedule == "inverse_sqrt":
         return cfg.lr * math.sqrt(warmup / step) if warmup else cfg.lr
     if cfg.schedule in ("cosine", "linear"):
-        used = budget_used if budget_used is not None else step / cfg.max_steps
+        used = budget_used if budget_used is not None else (step / cfg.max_steps if cfg.max_steps else 0.0)
         warm = used * warmup / step  # the share warmup took, at the average pace so far (steps: warmup / max_steps)
         progress = min(max((used - warm) / max(1.0 - warm, 1e-9), 0.0), 1.0)
         decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1.0 - progress
@@ -91,13 +91,13 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def slow_bf16_warning(device: torch.device) -> str:
+def slow_bf16_warning(device: torch.device, cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """A warning when bf16 would run emulated on this CPU (no AVX512-BF16/AMX or ARM BF16), else ''.
     Emulated bf16 matmuls are ~100x slower than fp32 (1.2 vs 109 GFLOP/s measured on an AVX2 CPU)."""
     if device.type != "cpu":
         return ""
     try:
-        flags = Path("/proc/cpuinfo").read_text(errors="replace").split()
+        flags = cpuinfo.read_text(errors="replace").split()
     except OSError:
         return ""  # not Linux: cannot tell
     if {"avx512_bf16", "amx_bf16", "bf16"} & set(flags):
@@ -296,7 +296,8 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
         raise TrainingError(f"{run_dir}: already holds a trained run; pass --resume to continue it "
                             "or choose another run directory with -o")
     if not resume:  # an earlier attempt that died before its first checkpoint: start clean
-        for name in ("metrics.jsonl", "spm.model", "spm.src.model", "spm.tgt.model"):
+        for name in ("metrics.jsonl", "spm.model", "spm.src.model", "spm.tgt.model", tune.DEFAULTS_FILE,
+                     "checkpoints/average.pt"):
             (run_dir / name).unlink(missing_ok=True)
 
 
@@ -510,9 +511,12 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
     log(f"stopped at step {step}: {stopped}" + ("; checkpoint saved, continue with --resume" if signals.received else ""))
     metrics.write(kind="end", step=step, epoch=sampler.epoch + 1, reason=stopped,
                   **{f"best_{tc.best_metric}": best})
+    if step != initial_step:  # the model changed: an earlier choice no longer holds
+        (run_dir / tune.DEFAULTS_FILE).unlink(missing_ok=True)
+        (ckpt_dir / "average.pt").unlink(missing_ok=True)
     wants_tuning = tc.average_last >= 2 or cfg.decode.tune_beam or cfg.decode.tune_lenpen
-    fresh = step != initial_step or not (run_dir / tune.DEFAULTS_FILE).exists()
-    if valid_data is not None and wants_tuning and fresh and not signals.received:
+    if valid_data is not None and wants_tuning and not (run_dir / tune.DEFAULTS_FILE).exists() \
+            and not signals.received:
         tune.choose_defaults(cfg, run_dir, valid_data, src_tok, tgt_tok, device, log)
     return TrainResult(step=step, epoch=sampler.epoch + 1, best=best, stopped=stopped, run_dir=run_dir,
                        signal=signals.received)

@@ -86,6 +86,8 @@ class Translator:
         tuned = {k: v for k, v in read_defaults(run_dir).items() if k in ("beam", "lenpen")}
         decode = replace(cfg.decode, **tuned)
         decode = replace(decode, **{k: v for k, v in decode_overrides.items() if v is not None})
+        if decode_overrides.get("beam") is None and nbest > decode.beam:  # --nbest N alone: a beam of N
+            decode = replace(decode, beam=nbest)
         translator = cls(model, src_tok, tgt_tok, decode, greedy=greedy, nbest=nbest)
         if decode.dtype == "bf16":
             model.to(torch.bfloat16)

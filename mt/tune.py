@@ -52,6 +52,8 @@ def read_defaults(run_dir: str | Path) -> dict:
         value = tree[key]
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        if key == "checkpoint" and isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)  # a step number
         if not isinstance(value, kind) or isinstance(value, bool):
             raise ckpt.CheckpointError(f"{path}: {key}: expected {kind.__name__}, got {value!r}")
         chosen[key] = value
@@ -63,7 +65,7 @@ def average_last(run_dir: str | Path, n: int, out: str | Path | None = None) -> 
     ckpt_dir = Path(run_dir) / "checkpoints"
     found = ckpt.step_checkpoints(ckpt_dir)
     if n < 2 or len(found) < n:
-        raise ckpt.CheckpointError(f"{ckpt_dir}: averaging the last {n} needs at least max(2, {n}) step "
+        raise ckpt.CheckpointError(f"{ckpt_dir}: averaging the last {n} needs at least {max(2, n)} step "
                                    f"checkpoints, found {len(found)}")
     return average_checkpoints([p for _, p in found[-n:]], out or ckpt_dir / "average.pt")
 
@@ -78,7 +80,7 @@ def average_best(run_dir: str | Path, n: int, metric: str, out: str | Path | Non
             scored.append((valid[metric], step, path))
     if n < 2 or len(scored) < n:
         raise ckpt.CheckpointError(f"{ckpt_dir}: averaging the {n} best by validation {metric} needs at least "
-                                   f"max(2, {n}) validated step checkpoints, found {len(scored)}")
+                                   f"{max(2, n)} validated step checkpoints, found {len(scored)}")
     scored.sort(key=lambda item: (-item[0] if metric == "bleu" else item[0], -item[1]))
     chosen = sorted(scored[:n], key=lambda item: item[1])  # in step order
     return average_checkpoints([p for _, _, p in chosen], out or ckpt_dir / "average.pt")
@@ -99,15 +101,20 @@ def choose_defaults(cfg: Config, run_dir: Path, valid: ParallelData, src_tok: To
     t0 = time.time()
     decode = cfg.decode
     candidates = {"best": ckpt.resolve(run_dir, "best")}
-    n = cfg.train.average_last
-    if n >= 2 and len(ckpt.step_checkpoints(run_dir / "checkpoints")) >= n:
+    n, found = cfg.train.average_last, len(ckpt.step_checkpoints(run_dir / "checkpoints"))
+    if n >= 2 and found >= n:
         candidates["average"] = average_last(run_dir, n)
+    elif n >= 2:
+        log(f"not averaging: train.average_last={n} but the run kept {found} step checkpoints")
     models = {}
     for name, path in candidates.items():
         state = ckpt.load(path)
         model = Transformer(cfg.model, src_tok.vocab_size, tgt_tok.vocab_size, joint=cfg.tokenizer.joint)
         model.load_state_dict(state["model"])
-        models[name] = model.to(device).eval()
+        model.to(device).eval()
+        if decode.dtype == "bf16":  # score what mt translate will run
+            model.to(torch.bfloat16)
+        models[name] = model
     tried = []
 
     def score(name: str, beam: int, lenpen: float) -> float:
@@ -118,7 +125,12 @@ def choose_defaults(cfg: Config, run_dir: Path, valid: ParallelData, src_tok: To
     by_checkpoint = {name: score(name, decode.beam, decode.lenpen) for name in models}
     chosen = max(by_checkpoint, key=lambda name: (by_checkpoint[name], name == "average"))
     best = (by_checkpoint[chosen], decode.beam, decode.lenpen)
+    seen_greedy = decode.beam == 1
     for beam, lenpen in itertools.product(decode.tune_beam or [decode.beam], decode.tune_lenpen or [decode.lenpen]):
+        if beam == 1:  # greedy: the length penalty changes scores, never the output
+            if seen_greedy:
+                continue
+            seen_greedy = True
         if (beam, lenpen) != (decode.beam, decode.lenpen):
             bleu = score(chosen, beam, lenpen)
             if bleu > best[0]:

@@ -133,6 +133,8 @@ def main() -> None:
         precisions.remove("bf16")  # emulated bf16 would take hours and say nothing about either engine
         notes.append("bf16 not measured: this CPU has no native bf16 instructions (emulated bf16 matmuls "
                      "run ~100x slower than fp32 for both engines).")
+    if not precisions:
+        sys.exit("bench_train.py: nothing to measure: " + " ".join(notes))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         batches = prepare_batches(args.config, args.warmup + args.steps, Path(tmp))

@@ -6,20 +6,22 @@
 #   scripts/multi30k.sh [de-en] [en-de]        (default: both; make data first)
 #
 # Environment: MT (default .venv/bin/mt), RUNS (default runs), OUT (default benchmarks/multi30k.md),
-# TIME (optional train.max_time override, e.g. 10m, for a quick look; the table says so).
+# CONFIGS (default configs: where multi30k_SRC_TGT.yaml are), DATA (default data/multi30k: the val and
+# test_2016_flickr files to translate), TIME (optional train.max_time override,
+# e.g. 10m, for a quick look; the table says so). Relative paths are taken from the repository root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MT=${MT:-.venv/bin/mt}
 PY=${PY:-$(dirname "$MT")/python}
 RUNS=${RUNS:-runs}
 OUT=${OUT:-benchmarks/multi30k.md}
-DATA=data/multi30k
+DATA=${DATA:-data/multi30k}
 directions=("$@")
 [ ${#directions[@]} -gt 0 ] || directions=(de-en en-de)
 
 for pair in "${directions[@]}"; do
   src=${pair%-*} tgt=${pair#*-}
-  config=configs/multi30k_${src}_${tgt}.yaml
+  config=${CONFIGS:-configs}/multi30k_${src}_${tgt}.yaml
   run=$RUNS/multi30k_${src}_${tgt}
   [ -f "$config" ] || { echo "multi30k.sh: $config: no recipe for $pair" >&2; exit 1; }
   rm -rf "$run"
@@ -28,27 +30,27 @@ for pair in "${directions[@]}"; do
   start=$(date +%s)
   train_cmd="mt train $config -o $run ${overrides[*]:-}"
   echo "== $pair: $train_cmd" >&2
-  "$MT" train "$config" -o "$run" -q "${overrides[@]}"
+  "$MT" train "$config" -o "$run" -q ${overrides[@]+"${overrides[@]}"}
   for split in val test_2016_flickr; do
-    zcat "$DATA/$split.$src.gz" | "$MT" translate -m "$run" > "$run/$split.hyp.$tgt"
+    gzip -dc "$DATA/$split.$src.gz" | "$MT" translate -m "$run" > "$run/$split.hyp.$tgt"
     "$MT" eval -r "$DATA/$split.$tgt.gz" -s "$run/$split.hyp.$tgt" --metrics bleu,chrf --json -w 2 \
       > "$run/$split.scores.json"
   done
   end=$(date +%s)
-  printf '{"pair": "%s", "config": "%s", "run": "%s", "seconds": %d, "train_cmd": "%s"}\n' \
+  "$PY" -c 'import json, sys; print(json.dumps(dict(zip(["pair", "config", "run", "seconds", "train_cmd"], sys.argv[1:]))))' \
     "$pair" "$config" "$run" $((end - start)) "$train_cmd" > "$run/recipe.json"
   echo "== $pair: $((end - start)) s" >&2
 done
 
 # the table, from every direction whose run is complete
-"$PY" - "$OUT" "$RUNS" "${TIME:-}" <<'EOF'
+"$PY" - "$OUT" "$RUNS" "${TIME:-}" "$DATA" <<'EOF'
 import json, platform, sys
 from pathlib import Path
 
 import torch
 import yaml
 
-out, runs, time_override = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+out, runs, time_override, data = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
 rows, commands, signatures = [], [], set()
 for pair in ("de-en", "en-de"):
     src, tgt = pair.split("-")
@@ -56,6 +58,7 @@ for pair in ("de-en", "en-de"):
     if not (run / "recipe.json").exists():
         continue
     recipe = json.loads((run / "recipe.json").read_text())
+    recipe["seconds"] = int(recipe["seconds"])
     scores = {split: {s["name"]: s for s in json.loads((run / f"{split}.scores.json").read_text())}
               for split in ("val", "test_2016_flickr")}
     end = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"end"' in line][-1]
@@ -68,8 +71,8 @@ for pair in ("de-en", "en-de"):
                 f"{end['epoch']} | {params / 1e6:.1f}M | {chosen.get('checkpoint', 'best')}, beam "
                 f"{chosen.get('beam', '?')}, lenpen {chosen.get('lenpen', '?')} |")
     commands += [recipe["train_cmd"],
-                 f"zcat data/multi30k/test_2016_flickr.{src}.gz | mt translate -m {recipe['run']} > hyp.{tgt}",
-                 f"mt eval -r data/multi30k/test_2016_flickr.{tgt}.gz -s hyp.{tgt} --metrics bleu,chrf"]
+                 f"zcat {data}/test_2016_flickr.{src}.gz | mt translate -m {recipe['run']} > hyp.{tgt}",
+                 f"mt eval -r {data}/test_2016_flickr.{tgt}.gz -s hyp.{tgt} --metrics bleu,chrf"]
     signatures |= {s["signature"] for split in scores.values() for s in split.values()}
 table = [
     "# Multi30k: the reference recipe on 2 CPU cores",

@@ -166,6 +166,7 @@ def test_d_model_must_be_divisible_by_heads():
     ("data.max_len=0", "data.max_len"),
     ("data.tgt_lang=de", "both 'de'"),
     ("train.schedule=cosine", "set train.max_steps or train.max_time"),
+    ("train.average_last=6", r"train.average_last \(6\) exceeds train.keep_checkpoints \(5\)"),
     ("data.max_len=5000", "exceeds train.max_tokens"),
     ("train.device=tpu", "train.device"),
     ("data.train.src=only.de", "src and tgt must be given together"),

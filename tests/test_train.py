@@ -90,9 +90,26 @@ def test_fused_linear_loss_equals_logits_then_loss_in_value_and_gradients(chunk_
         assert grads[0][target == PAD_ID].abs().max() == 0  # ignored rows get no gradient
         hidden.grad = weight.grad = None
     assert not nll.requires_grad
-    with torch.no_grad():  # validation: no gradient work, the same values
-        loss_ng, _ = linear_label_smoothed_loss(hidden, weight, target, 0.1, chunk_rows=chunk_rows)
-    torch.testing.assert_close(loss_ng, label_smoothed_loss(F.linear(hidden, weight), target, 0.1)[0].detach())
+
+
+def test_fused_linear_loss_does_no_gradient_work_under_no_grad(monkeypatch):
+    """Validation runs under torch.no_grad with a weight that requires grad: one matmul per chunk
+    (the logits), not three, and the same value."""
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(30, 8, generator=gen)
+    weight = torch.randn(11, 8, generator=gen, requires_grad=True)
+    target = torch.randint(0, 11, (30,), generator=gen)
+    calls = []
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: calls.append(1) or real_mm(*a, **k))
+    with torch.no_grad():
+        loss, _ = linear_label_smoothed_loss(hidden, weight, target, 0.1, chunk_rows=10)
+    assert len(calls) == 3  # 3 chunks x the logits only
+    calls.clear()
+    linear_label_smoothed_loss(hidden, weight, target, 0.1, chunk_rows=10)
+    assert len(calls) == 6  # with gradients: logits and the weight's gradient (hidden needs none)
+    monkeypatch.undo()
+    torch.testing.assert_close(loss, label_smoothed_loss(F.linear(hidden, weight), target, 0.1)[0].detach())
 
 def test_label_smoothed_loss_matches_cross_entropy_on_random_input():
     gen = torch.Generator().manual_seed(0)

@@ -69,7 +69,8 @@ def test_decode_yaml_records_the_best_of_what_was_tried_on_validation(tuned_run)
     tried = chosen["tried"]
     # both checkpoints with the configured beam 2 / lenpen 1.0, then the grid on the winner
     assert {(t["checkpoint"], t["beam"], t["lenpen"]) for t in tried[:2]} == {("best", 2, 1.0), ("average", 2, 1.0)}
-    assert {(t["beam"], t["lenpen"]) for t in tried[2:]} == {(1, 0.5), (1, 1.0), (2, 0.5), (3, 0.5), (3, 1.0)}
+    # greedy (beam 1) once: the length penalty never changes its output
+    assert [(t["beam"], t["lenpen"]) for t in tried[2:]] == [(1, 0.5), (2, 0.5), (3, 0.5), (3, 1.0)]
     assert all(t["checkpoint"] == chosen["checkpoint"] for t in tried[2:])
     assert chosen["valid_bleu"] == max(t["bleu"] for t in tried)
     winner = [t for t in tried if (t["checkpoint"], t["beam"], t["lenpen"]) ==
@@ -115,6 +116,44 @@ def test_mt_average_last_and_best(tuned_run, tmp_path):
     assert result.exit_code == 1 and "needs at least" in result.stderr and "found 2" in result.stderr
     result = runner.invoke(app, ["average", str(tuned_run), "--last", "2", "--best", "2"])
     assert result.exit_code == 1 and "exactly one of --last N or --best N" in result.stderr
+
+
+def test_mt_average_never_replaces_the_checkpoint_the_run_chose(tuned_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tuned_run, run)
+    before = (run / "checkpoints" / "average.pt").read_bytes()
+    result = runner.invoke(app, ["average", str(run), "--last", "4"])
+    assert result.exit_code == 0, result.output
+    assert (run / "checkpoints" / "average_last4.pt").exists()
+    assert (run / "checkpoints" / "average.pt").read_bytes() == before
+
+
+def test_nbest_alone_widens_the_tuned_beam(tuned_run):
+    chosen = yaml.safe_load((tuned_run / "decode.yaml").read_text())
+    result = runner.invoke(app, ["translate", "-m", str(tuned_run), "--nbest", "4"], input="Ein Hund.\n")
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.splitlines()) == 4 and chosen["beam"] < 4
+    result = runner.invoke(app, ["translate", "-m", str(tuned_run), "--nbest", "4", "--beam", "2"],
+                           input="Ein Hund.\n")
+    assert result.exit_code == 1 and "--nbest 4 exceeds --beam 2" in result.stderr
+
+
+def test_training_further_replaces_the_choice(tuned_run, tmp_path):
+    import shutil
+
+    from mt.config import load_config
+
+    run = tmp_path / "run"
+    shutil.copytree(tuned_run, run)
+    (run / "decode.yaml").write_text("checkpoint: best\nbeam: 3\nlenpen: 0.5\nvalid_bleu: 99.0\n")
+    cfg = load_config(run / "config.yaml", [f"train.run_dir={run}", "train.max_steps=33"])
+    train(cfg, resume=True, log=lambda _: None, progress=False)
+    chosen = yaml.safe_load((run / "decode.yaml").read_text())
+    assert chosen["valid_bleu"] != 99.0 and len(chosen["tried"]) >= 2  # chosen again for the new model
+    average = ckpt.load(run / "checkpoints" / "average.pt")
+    assert average["averaged"][-1] == "step_00000033.pt"
 
 
 def test_a_broken_decode_yaml_is_a_one_line_error(tuned_run, tmp_path):
