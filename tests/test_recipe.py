@@ -76,7 +76,7 @@ def test_multi30k_script_trains_both_directions_and_writes_the_table(tmp_path):
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         bleu_test, chrf_test, bleu_val, chrf_val = map(float, cells[1:5])
-        assert 0 <= bleu_test <= 100 and 0 < chrf_test <= 100 and 0 <= bleu_val <= 100 and 0 < chrf_val <= 100
+        assert all(0 <= x <= 100 for x in (bleu_test, chrf_test, bleu_val, chrf_val))  # 12 steps: near 0
         assert cells[6] == "12"  # steps
     assert "BLEU|nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:" in table
     assert f"mt train {configs}/multi30k_de_en.yaml -o {tmp_path}/runs/multi30k_de_en" in table
