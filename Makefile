@@ -45,6 +45,6 @@ recipe: install data
 BENCH_RUN ?= $(DEMO_RUN)
 bench: install data
 	test -f $(BENCH_RUN)/checkpoints/last.pt || $(MAKE) demo DEMO_RUN=$(BENCH_RUN)
-	$(BIN)/python scripts/bench_train.py
+	$(BIN)/python scripts/bench_train.py --max-tokens 2048,4096
 	$(BIN)/python scripts/bench_decode.py -m $(BENCH_RUN)
 	cat benchmarks/speed_train.md benchmarks/speed_decode.md > benchmarks/speed.md

@@ -159,7 +159,8 @@ def main() -> None:
     table = [
         f"# Decoding speed: beam {args.beam}, length penalty {d.lenpen}, length limit {d.max_len_a}·src + {d.max_len_b}",
         "",
-        f"Command: `python scripts/bench_decode.py -m {args.model} --beam {args.beam} --repeats {args.repeats}`  ",
+        f"Command: `python scripts/bench_decode.py -m {args.model} --beam {args.beam} --repeats {args.repeats} "
+        f"--engines {args.engines}`  ",
         f"Input: {Path(args.src).name} ({len(lines)} lines). Machine: {platform.machine()}, {args.threads} threads, "
         f"torch {torch.__version__}. Timed for every engine: text lines to detokenized lines (models loaded), "
         f"median of {args.repeats} passes after a warm-up. mt batches by {args.batch_tokens} source tokens; "

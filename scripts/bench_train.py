@@ -34,7 +34,7 @@ from mt.data import Batch  # noqa: E402
 from mt.tokenizer import PAD_ID  # noqa: E402
 
 
-def prepare_batches(config: str, count: int, workdir: Path) -> Path:
+def prepare_batches(config: str, count: int, workdir: Path, max_tokens: int = 0) -> Path:
     """The first ``count`` training batches of epoch 1, saved for the workers."""
     from mt.data import load_corpus
     from mt.train import load_split, prepare_tokenizers
@@ -43,7 +43,7 @@ def prepare_batches(config: str, count: int, workdir: Path) -> Path:
     raw = load_corpus(cfg.data.train, cfg.data.src_lang, cfg.data.tgt_lang, cfg.data.cache_dir)
     src_tok, tgt_tok = prepare_tokenizers(cfg, workdir, raw, log=print)
     data = load_split(cfg, "train", src_tok, tgt_tok, raw=raw)
-    sampler = data.sampler(cfg.train.max_tokens, shuffle=True, seed=cfg.train.seed)
+    sampler = data.sampler(max_tokens or cfg.train.max_tokens, shuffle=True, seed=cfg.train.seed)
     batches = [data.batch(i) for _, i in zip(range(count), sampler)]
     path = workdir / "batches.pt"
     torch.save({"vocab": src_tok.vocab_size, "config": str(config),
@@ -112,6 +112,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "configs/multi30k_de_en.yaml"))
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--max-tokens", default="",
+                        help="comma-separated batch token budgets to measure (default: the config's train.max_tokens)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
@@ -135,40 +137,42 @@ def main() -> None:
                      "run ~100x slower than fp32 for both engines).")
     if not precisions:
         sys.exit("bench_train.py: nothing to measure: " + " ".join(notes))
+    budgets = [int(b) for b in args.max_tokens.split(",") if b] or [load_config(args.config).train.max_tokens]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        batches = prepare_batches(args.config, args.warmup + args.steps, Path(tmp))
-        for precision in precisions:
-            result = {}
-            for engine in ("mt", "hf"):
-                cmd = [sys.executable, __file__, "--worker", engine, "--precision", precision, "--batches",
-                       str(batches), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                       "--repeats", str(args.repeats), "--threads", str(args.threads)]
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-                result[engine] = json.loads(out.strip().splitlines()[-1])
-                r = result[engine]
-                print(f"{engine} {precision}: {statistics.median(r['tokens_per_s']):.0f} target tokens/s "
-                      f"(runs: {', '.join(f'{x:.0f}' for x in r['tokens_per_s'])}), peak RSS {r['peak_rss_mb']:.0f} MB",
-                      flush=True)
-            rows.append((precision, result))
+        for budget in budgets:
+            batches = prepare_batches(args.config, args.warmup + args.steps, Path(tmp), budget)
+            for precision in precisions:
+                result = {}
+                for engine in ("mt", "hf"):
+                    cmd = [sys.executable, __file__, "--worker", engine, "--precision", precision, "--batches",
+                           str(batches), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                           "--repeats", str(args.repeats), "--threads", str(args.threads)]
+                    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                    result[engine] = json.loads(out.strip().splitlines()[-1])
+                    r = result[engine]
+                    print(f"{engine} {precision}: {statistics.median(r['tokens_per_s']):.0f} target tokens/s "
+                          f"(runs: {', '.join(f'{x:.0f}' for x in r['tokens_per_s'])}), peak RSS {r['peak_rss_mb']:.0f} MB",
+                          flush=True)
+                rows.append((budget, precision, result))
     table = [
         "# Training speed: mt vs Hugging Face transformers (M2M100), same shape, batches and precision",
         "",
         f"Command: `python scripts/bench_train.py --config {Path(args.config).relative_to(ROOT)} --steps {args.steps} "
-        f"--repeats {args.repeats}`  ",
+        f"--repeats {args.repeats}" + (f" --max-tokens {args.max_tokens}" if args.max_tokens else "") + "`  ",
         f"Machine: {platform.machine()}, {args.threads} threads, torch {torch.__version__}. A step is forward + "
-        "label-smoothed CE + backward + clip + AdamW on the same token-bucketed Multi30k batches "
-        f"({rows[0][1]['mt']['tokens']} target tokens in {rows[0][1]['mt']['steps']} batches, after "
-        f"{args.warmup} warm-up batches); median of {args.repeats} passes; each engine in its own process."
+        f"label-smoothed CE + backward + clip + AdamW on the same token-bucketed Multi30k batches ({args.steps} "
+        f"batches of each budget, after {args.warmup} warm-up batches); median of {args.repeats} passes; each engine in its own process."
         + "".join(f" {n}" for n in notes),
         "",
-        "| precision | mt tokens/s | HF tokens/s | mt / HF | mt peak RSS (MB) | HF peak RSS (MB) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| batch budget (tokens) | target tokens | precision | mt tokens/s | HF tokens/s | mt / HF | "
+        "mt peak RSS (MB) | HF peak RSS (MB) |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
-    for precision, result in rows:
+    for budget, precision, result in rows:
         mt_rate = statistics.median(result["mt"]["tokens_per_s"])
         hf_rate = statistics.median(result["hf"]["tokens_per_s"])
-        table.append(f"| {precision} | {mt_rate:.0f} | {hf_rate:.0f} | {mt_rate / hf_rate:.2f}x | "
+        table.append(f"| {budget} | {result['mt']['tokens']} | {precision} | {mt_rate:.0f} | {hf_rate:.0f} | {mt_rate / hf_rate:.2f}x | "
                      f"{result['mt']['peak_rss_mb']:.0f} | {result['hf']['peak_rss_mb']:.0f} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(table) + "\n", encoding="utf-8")
