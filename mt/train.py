@@ -375,8 +375,9 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
     else:
         log(f"model: {model.num_parameters():,} parameters, {cfg.model.encoder_layers}+{cfg.model.decoder_layers} "
             f"layers, d_model {cfg.model.d_model}; device {device}, {tc.precision}")
-    if tc.precision == "bf16" and slow_bf16_warning(device):
-        log(f"warning: {slow_bf16_warning(device)} (train.precision=fp32)")
+    bf16_warning = slow_bf16_warning(device) if tc.precision == "bf16" else ""
+    if bf16_warning:
+        log(f"warning: {bf16_warning} (train.precision=fp32)")
     check_disk_space(run_dir, model)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     if resume_state is not None:

@@ -91,8 +91,9 @@ class Translator:
         translator = cls(model, src_tok, tgt_tok, decode, greedy=greedy, nbest=nbest)
         if decode.dtype == "bf16":
             model.to(torch.bfloat16)
-            if slow_bf16_warning(translator.device):
-                translator.warn(f"{slow_bf16_warning(translator.device)} (--dtype fp32)")
+            warning = slow_bf16_warning(translator.device)
+            if warning:
+                translator.warn(f"{warning} (--dtype fp32)")
         return translator
 
     def _search(self, ids: list[list[int]]) -> list[list[Hypothesis]]:

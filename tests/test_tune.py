@@ -1,7 +1,6 @@
 """Checkpoint averaging and decoding defaults chosen on validation: `mt average`, RUN/decode.yaml,
 and `mt translate` / `mt eval` using the run's choice unless told otherwise."""
 
-import gzip
 import json
 from pathlib import Path
 
@@ -15,26 +14,17 @@ from mt.cli import app
 from mt.config import config_from_dict
 from mt.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
-MULTI30K = ROOT / "data" / "multi30k"
 runner = CliRunner()
 
 
-def head(name: str, n: int) -> list[str]:
-    if not (MULTI30K / name).exists():
-        pytest.fail(f"{MULTI30K / name} is missing: run `make data`")
-    with gzip.open(MULTI30K / name, "rt", encoding="utf-8") as f:
-        return [next(f).rstrip("\n") for _ in range(n)]
-
-
 @pytest.fixture(scope="module")
-def tuned_run(tmp_path_factory) -> Path:
+def tuned_run(tmp_path_factory, multi30k_head) -> Path:
     """A tiny de->en run: checkpoints every 5 steps, validation every 15, the last 3 averaged, beam
     and length penalty tuned on 80 validation pairs."""
     tmp = tmp_path_factory.mktemp("tune")
     for lang in ("de", "en"):
-        (tmp / f"train.{lang}").write_text("\n".join(head(f"train.{lang}.gz", 3000)) + "\n", encoding="utf-8")
-        (tmp / f"val.{lang}").write_text("\n".join(head(f"val.{lang}.gz", 80)) + "\n", encoding="utf-8")
+        (tmp / f"train.{lang}").write_text("\n".join(multi30k_head("train", lang, 3000)) + "\n", encoding="utf-8")
+        (tmp / f"val.{lang}").write_text("\n".join(multi30k_head("val", lang, 80)) + "\n", encoding="utf-8")
     cfg = config_from_dict({
         "data": {"train": {"src": str(tmp / "train.de"), "tgt": str(tmp / "train.en")},
                  "valid": {"src": str(tmp / "val.de"), "tgt": str(tmp / "val.en")},
@@ -84,9 +74,9 @@ def test_decode_yaml_records_the_best_of_what_was_tried_on_validation(tuned_run)
     assert json.loads(result.stdout)[0]["score"] == pytest.approx(chosen["valid_bleu"], abs=0.01)
 
 
-def test_translate_uses_the_runs_choice_unless_told_otherwise(tuned_run):
+def test_translate_uses_the_runs_choice_unless_told_otherwise(tuned_run, multi30k_head):
     chosen = yaml.safe_load((tuned_run / "decode.yaml").read_text())
-    lines = "\n".join(head("test_2016_flickr.de.gz", 20)) + "\n"
+    lines = "\n".join(multi30k_head("test_2016_flickr", "de", 20)) + "\n"
     default = runner.invoke(app, ["translate", "-m", str(tuned_run), "--scores"], input=lines)
     explicit = runner.invoke(app, ["translate", "-m", str(tuned_run), "--scores", "-c", chosen["checkpoint"],
                                    "--beam", str(chosen["beam"]), "--lenpen", str(chosen["lenpen"])]
