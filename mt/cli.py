@@ -169,7 +169,7 @@ Greedy = Annotated[bool, typer.Option("--greedy", help="Greedy search instead of
 Checkpoint = Annotated[Optional[str], typer.Option("--checkpoint", "-c", help="best, last, average, a step number or a file (default: the one chosen on validation, else best).")]
 Average = Annotated[int, typer.Option("--average", help="Average the weights of the last N (>= 2) step checkpoints instead of --checkpoint.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
-Dtype = Annotated[Optional[str], typer.Option("--dtype", help="fp32 or bf16 (faster on CPUs with bf16 instructions).")]
+Dtype = Annotated[Optional[str], typer.Option("--dtype", help="fp32, bf16 (faster on CPUs with bf16 instructions) or int8 (CPU: quantized linear layers, fastest).")]
 RunDir = Annotated[Path, typer.Option("--model", "-m", help="Run directory written by mt train.")]
 
 

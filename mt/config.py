@@ -291,8 +291,9 @@ class DecodeConfig:
     batch_tokens: int = 2048
     """Source-token budget of a translation batch (small batches stay in the CPU caches)."""
     dtype: str = "fp32"
-    """Weights and activations when translating: fp32, or bf16 (about 1.5x faster on CPUs with bf16
-    instructions; scores are still computed in fp32)."""
+    """Weights and activations when translating: fp32; bf16 (about 1.5x faster on CPUs with bf16
+    instructions; scores are still computed in fp32); or int8 (CPU: linear layers in int8 with
+    per-row weight scales and activations quantized per call, see mt/int8.py)."""
     tune_beam: list[int] = field(default_factory=list)
     """After training, try these beam sizes on the validation split and make the best the run's
     default (RUN/decode.yaml); empty: keep ``beam``."""
@@ -303,7 +304,7 @@ class DecodeConfig:
         _positive("decode.beam", self.beam)
         for beam in self.tune_beam:
             _positive("decode.tune_beam", beam)
-        _choice("decode.dtype", self.dtype, ("fp32", "bf16"))
+        _choice("decode.dtype", self.dtype, ("fp32", "bf16", "int8"))
         _positive("decode.batch_tokens", self.batch_tokens)
         _positive("decode.min_len", self.min_len, allow_zero=True)
         _positive("decode.max_len_a", self.max_len_a, allow_zero=True)

@@ -52,6 +52,14 @@ class EncoderOut:
     src_mask: torch.Tensor  # (B, S) True at real (non-pad) source tokens
 
 
+class PackedLinear(nn.Linear):
+    """The packed input projection [W_q; W_k; W_v] (3D, D). ``rows`` applies one block of it alone:
+    cross-attention projects queries and keys/values from different inputs."""
+
+    def rows(self, x: torch.Tensor, start: int, stop: int | None = None) -> torch.Tensor:
+        return F.linear(x, self.weight[start:stop], self.bias[start:stop])
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention with one packed input projection [W_q; W_k; W_v] of shape (3D, D)."""
 
@@ -59,7 +67,7 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
         self.dropout = dropout
-        self.in_proj = nn.Linear(d_model, 3 * d_model)
+        self.in_proj = PackedLinear(d_model, 3 * d_model)
         self.out_proj = nn.Linear(d_model, d_model)
 
     def _heads(self, x: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
@@ -88,6 +96,8 @@ class MultiHeadAttention(nn.Module):
         past = cache.append(k, v)
         k, v = cache.keys(), cache.values()  # (B, H, past + T, hd)
         T = q.shape[2]
+        if T == 1 and not self.training:  # a decoding step
+            return self._merge(_attend_small(q, k, v))
         if T == 1 or not causal:
             return self._attend(q, k, v, None, False)
         if past == 0:
@@ -98,8 +108,7 @@ class MultiHeadAttention(nn.Module):
 
     def cross_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values from the encoder output: (B, S, D) -> 2 x (B, H, S, hd)."""
-        kv = F.linear(memory, self.in_proj.weight[self.d_model:], self.in_proj.bias[self.d_model:])
-        return self._heads(kv, 2)
+        return self._heads(self.in_proj.rows(memory, self.d_model), 2)
 
     def cross_attention(self, x: torch.Tensor, *, memory: torch.Tensor | None = None,
                         kv: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -107,18 +116,28 @@ class MultiHeadAttention(nn.Module):
         """Queries from x (B, T, D); keys/values from ``memory`` (B, S, D) or precomputed ``kv``
         (N, H, S, hd). With N < B, x holds B / N beams per source sentence (sentence-major rows): the
         beams become extra query positions of their sentence, so K/V are never copied per beam."""
-        q = F.linear(x, self.in_proj.weight[: self.d_model], self.in_proj.bias[: self.d_model])
-        (q,) = self._heads(q, 1)  # (B, H, T, hd)
+        (q,) = self._heads(self.in_proj.rows(x, 0, self.d_model), 1)  # (B, H, T, hd)
         k, v = kv if kv is not None else self.cross_kv(memory)
         N = k.shape[0]
-        if N == q.shape[0]:
+        if N == q.shape[0] and (kv is None or self.training):
             return self._attend(q, k, v, key_mask, False)
         B, H, T, hd = q.shape
         beams = B // N
         q = q.view(N, beams, H, T, hd).transpose(1, 2).reshape(N, H, beams * T, hd)  # (N, H, K·T, hd)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # (N, H, K·T, hd)
+        bias = None if key_mask is None else torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~key_mask, -math.inf)
+        out = _attend_small(q, k, v, bias)  # (N, H, K·T, hd)
         out = out.view(N, H, beams, T, hd).transpose(1, 2).reshape(B, H, T, hd)  # (B, H, T, hd)
         return self._merge(out)
+
+
+def _attend_small(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q kᵀ/√d + bias)·v with two batched matmuls, no dropout: q (B, H, T, hd), k and v
+    (B, H, L, hd), bias broadcastable to (B, H, T, L) (-inf: masked). For the few query positions
+    of a decoding step this is 1.5-4x faster than SDPA's CPU kernel (measured at 850 rows, 2 threads)."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)  # (B, H, T, L)
+    if bias is not None:
+        scores = scores.add_(bias)
+    return torch.matmul(scores.softmax(-1, dtype=torch.float32).to(v.dtype), v)  # (B, H, T, hd)
 
 
 class FeedForward(nn.Module):
@@ -189,7 +208,8 @@ class LayerCache:
 
     Self-attention K/V live in two buffers of shape (2, R, H, capacity, hd) (keys, values): selecting
     rows (beam reordering, dropping sentences) gathers the filled part of one buffer into the other
-    and swaps them, so a beam step allocates no new cache memory."""
+    and swaps them, so a beam step allocates no new cache memory. Selecting more rows than there are
+    (a search that starts with one row per sentence, then branches into beams) grows the buffers."""
 
     def __init__(self, cross: tuple[torch.Tensor, torch.Tensor], capacity: int, beam: int = 1):
         self.cross = cross  # 2 x (N, H, S, hd)
@@ -197,8 +217,13 @@ class LayerCache:
         self._buffers = [cross[0].new_empty(2, N * beam, H, capacity, hd) for _ in range(2)]
         self._active = 0
         self.rows = N * beam
-        self.beam = beam
         self.length = 0
+
+    @property
+    def beam(self) -> int:
+        """Rows per sentence."""
+        N = self.cross[0].shape[0]
+        return self.rows // N if N else 0
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> int:
         """Store k, v (R, H, T, hd) after the cached positions; return the previous length."""
@@ -233,8 +258,9 @@ class LayerCache:
 
     def select_sentences(self, index: torch.Tensor) -> None:
         """Keep sentences ``index`` (N',) with all their beams."""
+        rows = sentence_rows(index, self.beam)
         self.cross = (self.cross[0].index_select(0, index), self.cross[1].index_select(0, index))
-        self.select_rows(sentence_rows(index, self.beam))
+        self.select_rows(rows)
 
 
 def sentence_rows(index: torch.Tensor, beam: int) -> torch.Tensor:
@@ -246,17 +272,23 @@ class DecoderCache:
     """Incremental decoding state of the whole decoder (see ``Transformer.init_cache``). Rows are
     sentence-major: row r holds beam r % beam of sentence r // beam."""
 
-    def __init__(self, layers: list[LayerCache], src_mask: torch.Tensor, beam: int = 1):
+    def __init__(self, layers: list[LayerCache], src_mask: torch.Tensor):
         self.layers = layers
         self.src_mask = src_mask  # (N, S)
-        self.beam = beam
+
+    @property
+    def beam(self) -> int:
+        """Rows per sentence."""
+        return self.layers[0].beam
 
     @property
     def length(self) -> int:
         return self.layers[0].length
 
     def reorder_beams(self, rows: torch.Tensor) -> None:
-        """Row i continues from row ``rows[i]``, which must belong to the same sentence (beam search)."""
+        """Row i continues from row ``rows[i]``, which must belong to the same sentence (beam search);
+        ``rows`` lists the same number of rows for every sentence, e.g. K copies of a sentence's one
+        row to branch into K beams."""
         for layer in self.layers:
             layer.select_rows(rows)
 
@@ -349,7 +381,9 @@ class Transformer(nn.Module):
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """Decoder states (..., D) -> logits (..., V)."""
-        return F.linear(hidden, self.output_weight)
+        if self.output_proj is not None:  # untied, or replaced for inference (mt.int8)
+            return self.output_proj(hidden)
+        return F.linear(hidden, self.tgt_embed.weight)
 
     def decode(self, tgt_in: torch.Tensor, enc: EncoderOut | None = None, *,
                cache: DecoderCache | None = None) -> torch.Tensor:
@@ -364,7 +398,7 @@ class Transformer(nn.Module):
         """Start incremental decoding of ``beam`` rows per source sentence: cross-attention K/V from
         ``enc`` (once per sentence), empty self-attention buffers (one per row)."""
         layers = [LayerCache(layer.cross_attn.cross_kv(enc.memory), capacity, beam) for layer in self.decoder_layers]
-        return DecoderCache(layers, enc.src_mask, beam)
+        return DecoderCache(layers, enc.src_mask)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

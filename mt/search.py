@@ -2,7 +2,8 @@
 search lives outside the model and drives ``init_cache`` / ``decode(cache=...)`` / ``reorder_beams``).
 
 Both searches are batched over sentences and beams: one decoder call per step for the whole batch,
-rows of size B·K. Cross-attention keys/values are computed once per source and selected with the
+rows of size B·K (B at beam search's first step, where all K beams of a sentence would be the same;
+the rows then branch into beams). Cross-attention keys/values are computed once per source and selected with the
 beams; the self-attention cache is reordered every step. Sentences whose search is over leave the
 running batch, so each sentence's result does not depend on the others.
 
@@ -50,7 +51,7 @@ class _DecoderState:
     the whole prefix every step."""
 
     def __init__(self, model: Transformer, enc: EncoderOut, capacity: int, use_cache: bool, beam: int = 1):
-        self.model, self.beam = model, beam
+        self.model, self.beam, self.sentences = model, beam, enc.memory.shape[0]
         self.cache = model.init_cache(enc, capacity=capacity, beam=beam) if use_cache else None
         if self.cache is None:
             rows = torch.arange(enc.memory.shape[0], device=enc.memory.device).repeat_interleave(beam)
@@ -64,12 +65,16 @@ class _DecoderState:
         return self.model.decode(prefix, self.enc)[:, -1]
 
     def reorder_beams(self, rows: torch.Tensor) -> None:
+        """Row i continues row ``rows[i]`` of the same sentence; ``rows`` may hold more rows per
+        sentence than before (branching into beams)."""
+        self.beam = rows.numel() // self.sentences
         if self.cache is not None:
             self.cache.reorder_beams(rows)
         else:
             self._select(rows)
 
     def select_sentences(self, index: torch.Tensor) -> None:
+        self.sentences = index.numel()
         if self.cache is not None:
             self.cache.select_sentences(index)
         else:
@@ -79,11 +84,12 @@ class _DecoderState:
         self.enc = EncoderOut(self.enc.memory.index_select(0, rows), self.enc.src_mask.index_select(0, rows))
 
 
-def _step_logprobs(state: _DecoderState, prefix: torch.Tensor, step: int, min_len: int,
-                   must_end: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities (R, V) of the next token after ``prefix`` (R, step + 1). ``step`` tokens have
-    been generated; ``must_end`` (R,) rows may only produce ``</s>``."""
-    lprobs = F.log_softmax(state.logits(prefix).float(), dim=-1)
+def _step_top(state: _DecoderState, prefix: torch.Tensor, step: int, min_len: int, must_end: torch.Tensor,
+              k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` most probable next tokens after ``prefix`` (R, step + 1) and their log-probabilities:
+    (R, k) each, best first. ``step`` tokens have been generated; ``must_end`` (R,) rows may only
+    produce ``</s>``."""
+    lprobs = F.log_softmax(state.logits(prefix).float(), dim=-1)  # (R, V)
     lprobs[:, PAD_ID] = -math.inf
     lprobs[:, BOS_ID] = -math.inf
     if step < min_len:
@@ -92,7 +98,7 @@ def _step_logprobs(state: _DecoderState, prefix: torch.Tensor, step: int, min_le
         eos = lprobs[must_end, EOS_ID].clone()
         lprobs[must_end] = -math.inf
         lprobs[must_end, EOS_ID] = eos.clamp(min=torch.finfo(lprobs.dtype).min)
-    return lprobs
+    return lprobs.topk(min(k, lprobs.shape[-1]), dim=-1)  # (R, k) each
 
 
 @torch.inference_mode()
@@ -109,8 +115,8 @@ def greedy_search(model: Transformer, src: torch.Tensor, *, max_len_a: float = 1
     final = torch.zeros(B, device=src.device)
     step = 0
     while alive.numel():
-        lprobs = _step_logprobs(state, prefix, step, min_len, must_end=max_len[alive] == step + 1)
-        best, last = lprobs.max(dim=-1)  # (R,)
+        best, last = _step_top(state, prefix, step, min_len, must_end=max_len[alive] == step + 1, k=1)
+        best, last = best[:, 0], last[:, 0]  # (R,)
         prefix = torch.cat([prefix, last[:, None]], dim=1)
         scores = scores + best
         out[alive, step] = last
@@ -138,29 +144,32 @@ def beam_search(model: Transformer, src: torch.Tensor, *, beam: int = 5, lenpen:
         raise ValueError(f"nbest ({nbest}) cannot exceed beam ({beam})")
     B, K, device = src.shape[0], beam, src.device
     max_len = _max_lengths(src, max_len_a, max_len_b, model.cfg.max_positions)
-    state = _DecoderState(model, model.encode(src), int(max_len.max()), use_cache, beam=K)  # rows: (B·K)
+    # the first step runs one row per sentence (all its beams would be the same), then branches into K
+    width = 1 if model.tgt_vocab >= K else K  # rows per running sentence
+    state = _DecoderState(model, model.encode(src), int(max_len.max()), use_cache, beam=width)
     alive = torch.arange(B, device=device)  # (B') original sentence index of each running sentence
-    scores = torch.full((B, K), -math.inf, device=device)
-    scores[:, 0] = 0.0  # only one live beam at the start
-    prefix = torch.full((B * K, 1), BOS_ID, dtype=torch.long, device=device)  # (B'·K, step + 1)
+    scores = torch.full((B, width), -math.inf, device=device)
+    scores[:, 0] = 0.0  # only one live hypothesis at the start
+    prefix = torch.full((B * width, 1), BOS_ID, dtype=torch.long, device=device)  # (B'·width, step + 1)
     finished: list[list[Hypothesis]] = [[] for _ in range(B)]
     n_finished = torch.zeros(B, dtype=torch.long, device=device)  # (B,) len(finished[sentence])
     step = 0
     while alive.numel():
         Ba = alive.numel()
-        must_end = (max_len[alive] == step + 1).repeat_interleave(K)
-        lprobs = _step_logprobs(state, prefix, step, min_len, must_end)  # (B'·K, V)
-        V = lprobs.shape[-1]
-        candidates = (scores.view(-1, 1) + lprobs).view(Ba, K * V)
-        top_scores, top_index = candidates.topk(min(2 * K, K * V), dim=1)  # (B', 2K), best first
-        top_beam, top_token = top_index // V, top_index % V
+        must_end = (max_len[alive] == step + 1).repeat_interleave(width)
+        # the 2K best continuations of every row hold the 2K best of its sentence
+        lprobs, tokens = _step_top(state, prefix, step, min_len, must_end, k=2 * K)  # (B'·width, C) each
+        C = lprobs.shape[-1]
+        candidates = (scores.view(-1, 1) + lprobs).view(Ba, width * C)
+        top_scores, top_index = candidates.topk(min(2 * K, width * C), dim=1)  # (B', 2K), best first
+        top_beam, top_token = top_index // C, tokens.view(Ba, width * C).gather(1, top_index)
         is_eos = top_token == EOS_ID
         step += 1
 
         # </s> among the K best candidates finishes a hypothesis
         ends = (is_eos[:, :K] & (top_scores[:, :K] > -math.inf)).nonzero().tolist()
         for b, j in ends:
-            sid, row = int(alive[b]), b * K + int(top_beam[b, j])
+            sid, row = int(alive[b]), b * width + int(top_beam[b, j])
             model_score = float(top_scores[b, j])
             hyp = Hypothesis(prefix[row, 1:].tolist(), _normalise(model_score, step, lenpen), model_score)
             finished[sid].append(hyp)
@@ -173,10 +182,11 @@ def beam_search(model: Transformer, src: torch.Tensor, *, beam: int = 5, lenpen:
         rank = torch.arange(top_index.shape[1], device=device) + is_eos * top_index.shape[1]
         pick = rank.topk(K, dim=1, largest=False).indices  # (B', K), in score order
         scores = top_scores.gather(1, pick)
-        rows = (torch.arange(Ba, device=device) * K)[:, None] + top_beam.gather(1, pick)  # (B', K)
+        rows = (torch.arange(Ba, device=device) * width)[:, None] + top_beam.gather(1, pick)  # (B', K)
         rows = rows.view(-1)
         prefix = torch.cat([prefix[rows], top_token.gather(1, pick).view(-1, 1)], dim=1)
         state.reorder_beams(rows)
+        width = K
 
         # a sentence is over once K of its hypotheses have ended (fairseq's rule: beam 1 is greedy), at
         # its length limit, or with no open hypothesis left

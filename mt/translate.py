@@ -17,6 +17,7 @@ import torch
 
 from mt import checkpoint as ckpt
 from mt.config import Config, ConfigError, DecodeConfig, config_from_dict
+from mt.int8 import quantize_int8
 from mt.model import Transformer
 from mt.search import Hypothesis, beam_search, greedy_search
 from mt.data import pad
@@ -94,6 +95,8 @@ class Translator:
             warning = slow_bf16_warning(translator.device)
             if warning:
                 translator.warn(f"{warning} (--dtype fp32)")
+        elif decode.dtype == "int8":
+            quantize_int8(model)
         return translator
 
     def _search(self, ids: list[list[int]]) -> list[list[Hypothesis]]:

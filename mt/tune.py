@@ -27,6 +27,7 @@ import yaml
 from mt import checkpoint as ckpt
 from mt.config import Config
 from mt.data import ParallelData
+from mt.int8 import quantize_int8
 from mt.model import Transformer
 from mt.tokenizer import Tokenizer
 
@@ -114,6 +115,8 @@ def choose_defaults(cfg: Config, run_dir: Path, valid: ParallelData, src_tok: To
         model.to(device).eval()
         if decode.dtype == "bf16":  # score what mt translate will run
             model.to(torch.bfloat16)
+        elif decode.dtype == "int8" and device.type == "cpu":  # int8 kernels are CPU-only
+            quantize_int8(model)
         models[name] = model
     tried = []
 

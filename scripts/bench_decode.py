@@ -1,7 +1,7 @@
 """Decoding speed side by side: `mt translate` (with and without its KV cache), Hugging Face
 ``generate()`` on the exported weights, and CTranslate2 (float32, int8) on the converted weights.
 
-    python scripts/bench_decode.py -m RUN_DIR [--beam 5] [--repeats 3] [--engines mt,mt-nocache,hf,ct2,ct2-int8]
+    python scripts/bench_decode.py -m RUN_DIR [--beam 5] [--repeats 3] [--engines mt,mt-int8,mt-nocache,hf,ct2,ct2-int8]
 
 Every engine translates the same file (default: Multi30k test_2016_flickr, 1,000 lines) on
 ``--threads`` CPU threads with the same beam size, length penalty and per-batch length limit
@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--batch-tokens", type=int, default=2048, help="source tokens per batch for mt")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--engines", default="mt,mt-bf16,mt-nocache,hf,ct2,ct2-int8")
+    parser.add_argument("--engines", default="mt,mt-bf16,mt-int8,mt-nocache,hf,ct2,ct2-int8")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/speed_decode.md"))
     args = parser.parse_args()
 
@@ -123,6 +123,8 @@ def main() -> None:
             engines["mt"] = mt_engine(args.model, args.beam, args.batch_tokens, use_cache=True)
         if "mt-bf16" in names:
             engines["mt-bf16"] = mt_engine(args.model, args.beam, args.batch_tokens, use_cache=True, dtype="bf16")
+        if "mt-int8" in names:
+            engines["mt-int8"] = mt_engine(args.model, args.beam, args.batch_tokens, use_cache=True, dtype="int8")
         if "mt-nocache" in names:
             engines["mt-nocache"] = mt_engine(args.model, args.beam, args.batch_tokens, use_cache=False)
         if "hf" in names or any(n.startswith("ct2") for n in names):
@@ -154,6 +156,7 @@ def main() -> None:
             print(f"{name}: {seconds:.2f}s, {len(lines) / seconds:.1f} sentences/s, BLEU {bleu:.2f}", flush=True)
     base = {r[0]: r[2] for r in rows}.get("hf")
     labels = {"mt": "mt translate (fp32, KV cache)", "mt-bf16": "mt translate --dtype bf16",
+              "mt-int8": "mt translate --dtype int8",
               "mt-nocache": "mt, no cache (full prefix each step)",
               "hf": "HF generate() (fp32)", "ct2": "CTranslate2 float32", "ct2-int8": "CTranslate2 int8"}
     table = [

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from mt.config import ModelConfig
-from mt.model import POSITION_OFFSET, MultiHeadAttention, Transformer, sinusoidal_table
+from mt.model import POSITION_OFFSET, EncoderOut, MultiHeadAttention, Transformer, sinusoidal_table
 from mt.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 V = 40
@@ -141,6 +141,28 @@ def test_cache_reorder_then_continue_equals_full_decoding_of_reordered_batch(mod
     rest = [model.decode(tgt_in[index, t: t + 1], cache=cache) for t in range(4, tgt_in.shape[1])]
     full = model.decode(tgt_in[index], model.encode(src[index]))
     torch.testing.assert_close(torch.cat(rest, dim=1), full[:, 4:], atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_cache_branches_one_row_into_beams_then_drops_a_sentence(model, batch):
+    """Beam search's first step runs one row per sentence, then branches each into K beams."""
+    _, src, tgt_in = batch
+    B, K = src.shape[0], 3
+    enc = model.encode(src)
+    cache = model.init_cache(enc, capacity=2)
+    first = model.decode(tgt_in[:, :1], cache=cache)
+    rows = torch.arange(B).repeat_interleave(K)  # (B·K,) sentence-major
+    cache.reorder_beams(rows)
+    assert cache.beam == K and cache.length == 1
+    cont = torch.randint(4, V, (B * K, 3), generator=torch.Generator().manual_seed(5))  # each beam its own tokens
+    steps = [model.decode(cont[:, t: t + 1], cache=cache) for t in range(2)]
+    cache.select_sentences(torch.arange(1, B))  # the first sentence is done
+    assert cache.beam == K
+    last = model.decode(cont[K:, 2:3], cache=cache)
+    full = model.decode(torch.cat([tgt_in[rows, :1], cont], dim=1), EncoderOut(enc.memory[rows], enc.src_mask[rows]))
+    torch.testing.assert_close(first[rows], full[:, :1], atol=ATOL, rtol=0)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 1:3], atol=ATOL, rtol=0)
+    torch.testing.assert_close(last, full[K:, 3:4], atol=ATOL, rtol=0)
 
 
 @torch.no_grad()

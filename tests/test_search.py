@@ -160,3 +160,44 @@ def test_nbest_larger_than_beam_is_refused(random_model):
 def test_scores_are_finite_for_empty_source(random_model):
     (hyps,) = beam_search(random_model, pad([[EOS_ID]]), beam=4, nbest=4)
     assert len(hyps) == 4 and all(math.isfinite(h.score) for h in hyps)
+
+
+def test_int8_linear_is_close_to_fp32_and_its_row_blocks_match():
+    from mt.int8 import Int8Linear
+
+    gen = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(96, 32, generator=gen), torch.randn(96, generator=gen)
+    x = torch.randn(3, 5, 32, generator=gen)  # (B, T, D): leading dimensions are kept
+    layer = Int8Linear(weight, bias)
+    exact = torch.nn.functional.linear(x, weight, bias)
+    y = layer(x)
+    assert y.shape == (3, 5, 96) and y.dtype == torch.float32
+    assert (y - exact).abs().max() <= 0.03 * exact.abs().max()  # 8-bit error, not a different function
+    assert not torch.equal(y, exact)  # it really is quantized
+    torch.testing.assert_close(layer.rows(x, 32), y[..., 32:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.rows(x, 0, 32), y[..., :32], rtol=1e-5, atol=1e-5)
+    # one activation scale per row: a row's result does not depend on the other rows
+    loud = torch.cat([x[:1], 100 * x[1:]])
+    torch.testing.assert_close(layer(loud)[0], y[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(layer(x[:1, 2:3])[0, 0], y[0, 2], rtol=0, atol=1e-6)
+
+
+def test_int8_model_replaces_every_linear_and_still_reverses(reversal_model):
+    import copy
+
+    from mt.int8 import Int8Linear, quantize_int8
+
+    model = quantize_int8(copy.deepcopy(reversal_model))
+    assert not [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert isinstance(model.output_proj, Int8Linear)  # the tied output projection too
+    src = pad(sources(40, seed=123, lo=3, hi=8)[:-1])
+    tgt_in = torch.full((src.shape[0], 1), BOS_ID)
+    with torch.no_grad():
+        exact, fast = reversal_model(src, tgt_in), model(src, tgt_in)
+    assert (fast.softmax(-1) - exact.softmax(-1)).abs().max() < 0.05  # probabilities, to 8-bit error
+    assert (fast.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.95
+    hyps = beam_search(model, src, beam=5, max_len_a=1.0, max_len_b=5)
+    fp32 = beam_search(reversal_model, src, beam=5, max_len_a=1.0, max_len_b=5)
+    assert sum(a[0].tokens == b[0].tokens for a, b in zip(hyps, fp32)) >= 38
+    with_cache, without = beam_search(model, src, beam=3), beam_search(model, src, beam=3, use_cache=False)
+    assert sum(a[0].tokens == b[0].tokens for a, b in zip(with_cache, without)) >= 38

@@ -230,3 +230,16 @@ def test_bf16_translation_keeps_lines_and_mostly_agrees_with_fp32(run_dir):
     exact = Translator.from_run(run_dir).translate_lines(lines + [""])
     assert len(fast) == 41 and fast[-1] == ""
     assert sum(a == b for a, b in zip(fast, exact)) >= 20  # bf16 rounding changes a few, not most
+
+
+def test_int8_translation_keeps_lines_and_mostly_agrees_with_fp32(run_dir):
+    lines = head("test_2016_flickr.de.gz", 40)
+    fast = Translator.from_run(run_dir, dtype="int8").translate_lines(lines + [""])
+    exact = Translator.from_run(run_dir).translate_lines(lines + [""])
+    assert len(fast) == 41 and fast[-1] == ""
+    assert sum(a == b for a, b in zip(fast, exact)) >= 20
+    result = runner.invoke(app, ["translate", "-m", str(run_dir), "--dtype", "int8"], input="\n".join(lines[:5]) + "\n")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == fast[:5]
+    result = runner.invoke(app, ["translate", "-m", str(run_dir), "--dtype", "int4"], input="x\n")
+    assert result.exit_code != 0 and "decode.dtype" in result.output and "int8" in result.output

@@ -1,0 +1,95 @@
+"""Int8 translation on CPU (``mt translate --dtype int8``): dynamic quantization.
+
+Every linear layer's weight — attention projections, feed-forward layers and the output projection —
+is stored as int8 with one scale per output row (symmetric: w ≈ scale·q, q in [-127, 127]); each call
+quantizes its input activations with one scale per row (token) computed from that row, multiplies in
+int8 with int32 accumulation (PyTorch's FBGEMM / oneDNN kernels behind ``torch.ops.quantized``) and
+returns fp32. Embeddings, layer norms, attention scores and the search stay in fp32. This is the
+scheme of CTranslate2's ``int8`` compute type; unlike ``torch.ao.quantization.quantize_dynamic``
+(one activation scale per call), a sentence's translation does not depend on its batch.
+
+The converted model is for inference only: it cannot be trained or saved as a checkpoint.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from mt.config import ConfigError
+from mt.model import Transformer
+
+
+class Int8Error(ConfigError):
+    """int8 decoding is not possible here (device, PyTorch build)."""
+
+
+def _pack(weight: torch.Tensor):
+    """(out, in) fp32 weight -> FBGEMM's packed int8 weight with per-row scales."""
+    weight = weight.detach().float().contiguous()
+    scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12).double()  # (out,)
+    zero = torch.zeros(weight.shape[0], dtype=torch.long)
+    with warnings.catch_warnings():  # PyTorch announces the quantized tensor API's removal; 2.13 has it
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
+        qweight = torch.quantize_per_channel(weight, scales, zero, 0, torch.qint8)
+    return torch.ops.quantized.linear_prepack(qweight, None)
+
+
+class Int8Linear(nn.Module):
+    """y = x Wᵀ + b with W in int8 (per output row) and x quantized per call, one scale per row of x.
+    ``rows(x, start, stop)`` applies one block of rows of W alone (see ``mt.model.PackedLinear``);
+    each block is packed once.
+
+    FBGEMM's dynamic linear quantizes its whole input with one scale, which would make a sentence's
+    result depend on the others in its batch. So each row is divided by its own max |x| first, and a
+    guard row [1, -1, 0, ...] pins the input's range to [-1, 1]: every row is then quantized on the
+    same fixed grid, i.e. with its own scale, and the output is multiplied back row by row."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self._weight = weight.detach()
+        self._bias = None if bias is None else bias.detach().float()
+        self._packed = {(None, None): _pack(self._weight)}
+        self._guard = torch.zeros(1, self.in_features)
+        self._guard[0, 0], self._guard[0, -1] = 1.0, -1.0
+
+    def rows(self, x: torch.Tensor, start: int | None, stop: int | None = None) -> torch.Tensor:
+        key = (start, stop)
+        if key not in self._packed:
+            self._packed[key] = _pack(self._weight[start:stop])
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.in_features).float()  # (M, in)
+        scale = x.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12)  # (M, 1)
+        x = torch.cat([x / scale, self._guard], dim=0)  # (M + 1, in), every value in [-1, 1]
+        # reduce_range: 7-bit activations, so AVX2's u8·s8 pair sums cannot saturate int16
+        y = torch.ops.quantized.linear_dynamic(x, self._packed[key], True)[:-1]  # (M, out)
+        y = y.mul_(scale) if self._bias is None else torch.addcmul(self._bias[start:stop], y, scale)
+        return y.view(*lead, y.shape[-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rows(x, None, None)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+def quantize_int8(model: Transformer) -> Transformer:
+    """Replace every linear layer of ``model`` (on the CPU, in eval mode) by an ``Int8Linear``, and
+    give a tied output projection its own int8 copy; in place. Returns the model."""
+    if not ({"fbgemm", "x86", "onednn"} & set(torch.backends.quantized.supported_engines)
+            and hasattr(torch.ops.quantized, "linear_dynamic")):
+        raise Int8Error("int8 decoding needs PyTorch's quantized CPU kernels (FBGEMM or oneDNN), "
+                        f"which this build lacks (engines: {torch.backends.quantized.supported_engines}); use --dtype fp32")
+    if next(model.parameters()).device.type != "cpu":
+        raise Int8Error("int8 decoding runs on the CPU only (--device cpu), or use --dtype fp32/bf16")
+    model.eval()
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, name, Int8Linear(child.weight, child.bias))
+    if model.output_proj is None:
+        model.output_proj = Int8Linear(model.tgt_embed.weight, None)
+    return model
