@@ -13,6 +13,7 @@ The converted model is for inference only: it cannot be trained or saved as a ch
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -53,8 +54,8 @@ class Int8Linear(nn.Module):
         self._weight = weight.detach()
         self._bias = None if bias is None else bias.detach().float()
         self._packed = {(None, None): _pack(self._weight)}
-        self._guard = torch.zeros(1, self.in_features)
-        self._guard[0, 0], self._guard[0, -1] = 1.0, -1.0
+        self._guard = torch.zeros(self.in_features)
+        self._guard[0], self._guard[-1] = 1.0, -1.0
 
     def rows(self, x: torch.Tensor, start: int | None, stop: int | None = None) -> torch.Tensor:
         key = (start, stop)
@@ -62,10 +63,13 @@ class Int8Linear(nn.Module):
             self._packed[key] = _pack(self._weight[start:stop])
         lead = x.shape[:-1]
         x = x.reshape(-1, self.in_features).float()  # (M, in)
-        scale = x.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12)  # (M, 1)
-        x = torch.cat([x / scale, self._guard], dim=0)  # (M + 1, in), every value in [-1, 1]
+        M = x.shape[0]
+        scale = torch.linalg.vector_norm(x, ord=math.inf, dim=1, keepdim=True).clamp_(min=1e-12)  # (M, 1)
+        scaled = torch.empty(M + 1, self.in_features)  # (M + 1, in), every value in [-1, 1]
+        torch.div(x, scale, out=scaled[:M])
+        scaled[M] = self._guard
         # reduce_range: 7-bit activations, so AVX2's u8·s8 pair sums cannot saturate int16
-        y = torch.ops.quantized.linear_dynamic(x, self._packed[key], True)[:-1]  # (M, out)
+        y = torch.ops.quantized.linear_dynamic(scaled, self._packed[key], True)[:M]  # (M, out)
         y = y.mul_(scale) if self._bias is None else torch.addcmul(self._bias[start:stop], y, scale)
         return y.view(*lead, y.shape[-1])
 
