@@ -292,8 +292,8 @@ class DecodeConfig:
     """Source-token budget of a translation batch (small batches stay in the CPU caches)."""
     dtype: str = "fp32"
     """Weights and activations when translating: fp32; bf16 (about 1.5x faster on CPUs with bf16
-    instructions; scores are still computed in fp32); or int8 (CPU: linear layers in int8 with
-    per-row weight scales and activations quantized per call, see mt/int8.py)."""
+    instructions; scores are still computed in fp32); or int8 (CPU: linear layers in int8, one
+    scale per weight row and per token, see mt/int8.py)."""
     tune_beam: list[int] = field(default_factory=list)
     """After training, try these beam sizes on the validation split and make the best the run's
     default (RUN/decode.yaml); empty: keep ``beam``."""

@@ -3,12 +3,15 @@
 Every linear layer's weight — attention projections, feed-forward layers and the output projection —
 is stored as int8 with one scale per output row (symmetric: w ≈ scale·q, q in [-127, 127]); each call
 quantizes its input activations with one scale per row (token) computed from that row, multiplies in
-int8 with int32 accumulation (PyTorch's FBGEMM / oneDNN kernels behind ``torch.ops.quantized``) and
-returns fp32. Embeddings, layer norms, attention scores and the search stay in fp32. This is the
-scheme of CTranslate2's ``int8`` compute type; unlike ``torch.ao.quantization.quantize_dynamic``
-(one activation scale per call), a sentence's translation does not depend on its batch.
+int8 with int32 accumulation (PyTorch's FBGEMM / oneDNN x86 kernels behind ``torch.ops.quantized``)
+and returns fp32. Embeddings, layer norms, attention scores and the search stay in fp32. Like
+CTranslate2's ``int8`` compute type (and unlike ``torch.ao.quantization.quantize_dynamic``, with one
+activation scale per call), a sentence's translation never depends on its batch. Activations get 7
+bits (±63 levels of the row's max |x|; FBGEMM's ``reduce_range``, which keeps AVX2's int16 pair sums
+from saturating), one bit fewer than CTranslate2's.
 
-The converted model is for inference only: it cannot be trained or saved as a checkpoint.
+The converted model is for inference only: it cannot be trained or saved as a checkpoint, and it
+keeps the fp32 weights too (row blocks are packed on first use).
 """
 
 from __future__ import annotations
@@ -80,15 +83,26 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
+X86_ENGINES = ("x86", "fbgemm", "onednn")
+
+
+def unavailable() -> str:
+    """Why int8 decoding cannot run with this PyTorch build, or '' when it can."""
+    engine = torch.backends.quantized.engine
+    if engine not in X86_ENGINES or not hasattr(torch.ops.quantized, "linear_dynamic"):
+        return (f"int8 decoding needs PyTorch's x86 quantized kernels (FBGEMM/oneDNN); this build's quantized "
+                f"engine is {engine!r} (supported: {torch.backends.quantized.supported_engines})")
+    return ""
+
+
 def quantize_int8(model: Transformer) -> Transformer:
     """Replace every linear layer of ``model`` (on the CPU, in eval mode) by an ``Int8Linear``, and
     give a tied output projection its own int8 copy; in place. Returns the model."""
-    if not ({"fbgemm", "x86", "onednn"} & set(torch.backends.quantized.supported_engines)
-            and hasattr(torch.ops.quantized, "linear_dynamic")):
-        raise Int8Error("int8 decoding needs PyTorch's quantized CPU kernels (FBGEMM or oneDNN), "
-                        f"which this build lacks (engines: {torch.backends.quantized.supported_engines}); use --dtype fp32")
+    reason = unavailable()
+    if reason:
+        raise Int8Error(f"{reason}; use --dtype fp32")
     if next(model.parameters()).device.type != "cpu":
-        raise Int8Error("int8 decoding runs on the CPU only (--device cpu), or use --dtype fp32/bf16")
+        raise Int8Error("int8 decoding runs on the CPU only: use --device cpu (or auto), or --dtype fp32/bf16")
     model.eval()
     for module in list(model.modules()):
         for name, child in list(module.named_children()):

@@ -89,6 +89,8 @@ class Translator:
         decode = replace(decode, **{k: v for k, v in decode_overrides.items() if v is not None})
         if decode_overrides.get("beam") is None and nbest > decode.beam:  # --nbest N alone: a beam of N
             decode = replace(decode, beam=nbest)
+        if decode.dtype == "int8" and device == "auto":  # the int8 kernels are CPU kernels
+            model.to("cpu")
         translator = cls(model, src_tok, tgt_tok, decode, greedy=greedy, nbest=nbest)
         if decode.dtype == "bf16":
             model.to(torch.bfloat16)

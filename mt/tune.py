@@ -115,8 +115,8 @@ def choose_defaults(cfg: Config, run_dir: Path, valid: ParallelData, src_tok: To
         model.to(device).eval()
         if decode.dtype == "bf16":  # score what mt translate will run
             model.to(torch.bfloat16)
-        elif decode.dtype == "int8" and device.type == "cpu":  # int8 kernels are CPU-only
-            quantize_int8(model)
+        elif decode.dtype == "int8":  # on the CPU, like mt translate
+            quantize_int8(model.cpu())
         models[name] = model
     tried = []
 

@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from mt.data import pad  # noqa: E402
 from mt.evaluate import read_text, score  # noqa: E402
+from mt.int8 import unavailable as int8_unavailable  # noqa: E402
 from mt.tokenizer import EOS_ID, PAD_ID  # noqa: E402
 from mt.train import slow_bf16_warning  # noqa: E402
 from mt.translate import Translator  # noqa: E402
@@ -117,6 +118,9 @@ def main() -> None:
     if "mt-bf16" in names and slow_bf16_warning(torch.device("cpu")):
         names.remove("mt-bf16")  # emulated bf16 would take hours and say nothing about mt
         notes.append("mt --dtype bf16 not measured: this CPU has no native bf16 instructions.")
+    if "mt-int8" in names and int8_unavailable():
+        names.remove("mt-int8")
+        notes.append(f"mt --dtype int8 not measured: {int8_unavailable()}.")
     with tempfile.TemporaryDirectory() as tmp:
         engines: dict[str, Engine] = {}
         if "mt" in names:

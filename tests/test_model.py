@@ -163,6 +163,8 @@ def test_cache_branches_one_row_into_beams_then_drops_a_sentence(model, batch):
     torch.testing.assert_close(first[rows], full[:, :1], atol=ATOL, rtol=0)
     torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 1:3], atol=ATOL, rtol=0)
     torch.testing.assert_close(last, full[K:, 3:4], atol=ATOL, rtol=0)
+    cache.select_sentences(torch.zeros(0, dtype=torch.long))  # all done: an empty step still works
+    assert model.decode(torch.zeros(0, 1, dtype=torch.long), cache=cache).shape == (0, 1, V)
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mt.config import ModelConfig
+from mt.int8 import unavailable as int8_unavailable
 from mt.data import pad
 from mt.model import Transformer
 from mt.search import beam_search, greedy_search
@@ -152,6 +153,21 @@ def test_length_limits(random_model):
         assert len(h.tokens) + 1 <= len(s)
 
 
+def test_beam_wider_than_the_vocabulary():
+    """K > V: the first step cannot run one row per sentence (too few candidates), so all K start."""
+    torch.manual_seed(4)
+    cfg = ModelConfig(d_model=16, n_heads=2, ffn_dim=32, encoder_layers=1, decoder_layers=1, dropout=0.0,
+                      max_positions=64)
+    model = Transformer(cfg, 6, 6).eval()  # ids 4 and 5 are the only symbols
+    srcs = [[4, 5, EOS_ID], [5, EOS_ID], [EOS_ID]]
+    batched = beam_search(model, pad(srcs), beam=8, nbest=8, max_len_b=4)
+    for src, hyps in zip(srcs, batched):
+        assert hyps and all(t not in (BOS_ID, 1, EOS_ID) for h in hyps for t in h.tokens)
+        assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
+        alone = beam_search(model, pad([src]), beam=8, nbest=8, max_len_b=4)[0]
+        assert [h.tokens for h in hyps] == [h.tokens for h in alone]
+
+
 def test_nbest_larger_than_beam_is_refused(random_model):
     with pytest.raises(ValueError, match="nbest"):
         beam_search(random_model, pad(sources(2, seed=0)), beam=2, nbest=3)
@@ -162,6 +178,10 @@ def test_scores_are_finite_for_empty_source(random_model):
     assert len(hyps) == 4 and all(math.isfinite(h.score) for h in hyps)
 
 
+needs_int8 = pytest.mark.skipif(bool(int8_unavailable()), reason=int8_unavailable() or "-")
+
+
+@needs_int8
 def test_int8_linear_is_close_to_fp32_and_its_row_blocks_match():
     from mt.int8 import Int8Linear
 
@@ -182,6 +202,7 @@ def test_int8_linear_is_close_to_fp32_and_its_row_blocks_match():
     torch.testing.assert_close(layer(x[:1, 2:3])[0, 0], y[0, 2], rtol=0, atol=1e-6)
 
 
+@needs_int8
 def test_int8_model_replaces_every_linear_and_still_reverses(reversal_model):
     import copy
 
