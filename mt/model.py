@@ -120,7 +120,7 @@ class MultiHeadAttention(nn.Module):
         (q,) = self._heads(self.in_proj.rows(x, 0, self.d_model), 1)  # (B, H, T, hd)
         k, v = kv if kv is not None else self.cross_kv(memory)
         N = k.shape[0]
-        if N == 0 or N == q.shape[0] and (kv is None or self.training):
+        if N == 0 or (N == q.shape[0] and (kv is None or self.training)):  # no beams as extra queries
             return self._attend(q, k, v, key_mask, False)
         B, H, T, hd = q.shape
         beams = B // N

@@ -3,8 +3,8 @@ search lives outside the model and drives ``init_cache`` / ``decode(cache=...)``
 
 Both searches are batched over sentences and beams: one decoder call per step for the whole batch,
 rows of size B·K (B at beam search's first step, where all K beams of a sentence would be the same;
-the rows then branch into beams). Cross-attention keys/values are computed once per source and selected with the
-beams; the self-attention cache is reordered every step. Sentences whose search is over leave the
+the rows then branch into beams). Cross-attention keys/values are computed once per source and
+selected with the beams; the self-attention cache is reordered every step. Sentences whose search is over leave the
 running batch, so each sentence's result does not depend on the others.
 
 Scores. A hypothesis y of |y| tokens (``</s>`` included) has model score log p(y|x) = Σ_t log p(y_t|..)
