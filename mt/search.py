@@ -3,9 +3,11 @@ search lives outside the model and drives ``init_cache`` / ``decode(cache=...)``
 
 Both searches are batched over sentences and beams: one decoder call per step for the whole batch,
 rows of size B·K (B at beam search's first step, where all K beams of a sentence would be the same;
-the rows then branch into beams). Cross-attention keys/values are computed once per source and
-selected with the beams; the self-attention cache is reordered every step. Sentences whose search is over leave the
-running batch, so each sentence's result does not depend on the others.
+the rows then branch into beams). Cross-attention keys/values are computed once per source. A beam's
+best continuation stays in the beam's row, so only the rows of the other continuations copy their
+self-attention cache. Candidates come from a two-stage top-k (vocabulary blocks, then tokens), never a
+top-k over whole rows of the vocabulary. Sentences whose search is over leave the running batch, so
+each sentence's result does not depend on the others.
 
 Scores. A hypothesis y of |y| tokens (``</s>`` included) has model score log p(y|x) = Σ_t log p(y_t|..)
 and is ranked by the length-normalised score  log p(y|x) / |y|^α  (α = ``lenpen``; α = 0 ranks by
@@ -84,11 +86,26 @@ class _DecoderState:
         self.enc = EncoderOut(self.enc.memory.index_select(0, rows), self.enc.src_mask.index_select(0, rows))
 
 
-def _step_top(state: _DecoderState, prefix: torch.Tensor, step: int, min_len: int, must_end: torch.Tensor,
-              k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` most probable next tokens after ``prefix`` (R, step + 1) and their log-probabilities:
-    (R, k) each, best first. ``step`` tokens have been generated; ``must_end`` (R,) rows may only
-    produce ``</s>``."""
+def _stay_in_rows(parent: torch.Tensor) -> torch.Tensor:
+    """Where the new beams go. parent (B, K): the row (within its sentence) that each new beam
+    continues, in score order -> order (B, K): new beam order[b, r] goes to row r. The best child of
+    each parent takes the parent's row; the other children take the rows left without a child, in
+    order; so a row continued by its own best child keeps its cache where it is."""
+    B, K = parent.shape
+    children = F.one_hot(parent, K)  # (B, K new beams, K rows)
+    first = children.cumsum(1).gather(2, parent[:, :, None]).squeeze(2) == 1  # (B, K): best child of its parent
+    childless = children.sum(1) == 0  # (B, K rows)
+    free = (torch.arange(K, device=parent.device) + K * ~childless).argsort(dim=1)  # childless rows first, ascending
+    nth_other = ((~first).long().cumsum(1) - 1).clamp(min=0)  # (B, K) rank among the other children
+    row = torch.where(first, parent, free.gather(1, nth_other))  # (B, K): the row of each new beam
+    return row.argsort(dim=1)
+
+
+def _next_log_probs(state: _DecoderState, prefix: torch.Tensor, step: int, min_len: int,
+                    must_end: torch.Tensor) -> torch.Tensor:
+    """(R, V) log-probabilities of the next token after ``prefix`` (R, step + 1), -inf where not
+    allowed: ``<pad>``, ``<s>``, ``</s>`` before ``min_len`` tokens, anything but ``</s>`` in rows
+    ``must_end`` (R,). ``step`` tokens have been generated."""
     lprobs = F.log_softmax(state.logits(prefix).float(), dim=-1)  # (R, V)
     lprobs[:, PAD_ID] = -math.inf
     lprobs[:, BOS_ID] = -math.inf
@@ -98,7 +115,32 @@ def _step_top(state: _DecoderState, prefix: torch.Tensor, step: int, min_len: in
         eos = lprobs[must_end, EOS_ID].clone()
         lprobs[must_end] = -math.inf
         lprobs[must_end, EOS_ID] = eos.clamp(min=torch.finfo(lprobs.dtype).min)
-    return lprobs.topk(min(k, lprobs.shape[-1]), dim=-1)  # (R, k) each
+    return lprobs
+
+
+BLOCK = 64  # vocabulary block of the two-stage top-k
+
+
+def _top_candidates(lprobs: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    """The k best continuations of each sentence's hypotheses: lprobs (B·W, V) for W rows per
+    sentence, scores (B, W) of those rows -> scores, row within the sentence and token, (B, k)
+    each, best first. Two stages, so that no top-k runs over whole rows of V: the k best
+    candidates lie in the k vocabulary blocks (of one row each) with the best maxima."""
+    B, W = scores.shape
+    V = lprobs.shape[1]
+    if V % BLOCK or V < 4 * BLOCK:  # one stage
+        candidates = (scores.view(-1, 1) + lprobs).view(B, W * V)
+        top, index = candidates.topk(min(k, W * V), dim=1)
+        return top, index // V, index % V
+    nb = V // BLOCK
+    best_in_block = lprobs.view(B * W, nb, BLOCK).amax(dim=2).add_(scores.view(-1, 1))  # (B·W, nb)
+    blocks = best_in_block.view(B, W * nb).topk(min(k, W * nb), dim=1).indices  # (B, k') of row·nb + block
+    row = blocks // nb
+    tokens = ((blocks % nb) * BLOCK)[:, :, None] + torch.arange(BLOCK, device=lprobs.device)  # (B, k', BLOCK)
+    candidates = lprobs[(torch.arange(B, device=lprobs.device)[:, None] * W + row)[:, :, None], tokens]
+    candidates = candidates.add_(scores.gather(1, row)[:, :, None]).view(B, -1)  # (B, k'·BLOCK)
+    top, index = candidates.topk(min(k, candidates.shape[1]), dim=1)
+    return top, row.gather(1, index // BLOCK), tokens.view(B, -1).gather(1, index)
 
 
 @torch.inference_mode()
@@ -115,8 +157,8 @@ def greedy_search(model: Transformer, src: torch.Tensor, *, max_len_a: float = 1
     final = torch.zeros(B, device=src.device)
     step = 0
     while alive.numel():
-        best, last = _step_top(state, prefix, step, min_len, must_end=max_len[alive] == step + 1, k=1)
-        best, last = best[:, 0], last[:, 0]  # (R,)
+        lprobs = _next_log_probs(state, prefix, step, min_len, must_end=max_len[alive] == step + 1)
+        best, last = lprobs.max(dim=1)  # (R,)
         prefix = torch.cat([prefix, last[:, None]], dim=1)
         scores = scores + best
         out[alive, step] = last
@@ -157,30 +199,28 @@ def beam_search(model: Transformer, src: torch.Tensor, *, beam: int = 5, lenpen:
     while alive.numel():
         Ba = alive.numel()
         must_end = (max_len[alive] == step + 1).repeat_interleave(width)
-        # the 2K best continuations of every row hold the 2K best of its sentence
-        lprobs, tokens = _step_top(state, prefix, step, min_len, must_end, k=2 * K)  # (B'·width, C) each
-        C = lprobs.shape[-1]
-        candidates = (scores.view(-1, 1) + lprobs).view(Ba, width * C)
-        top_scores, top_index = candidates.topk(min(2 * K, width * C), dim=1)  # (B', 2K), best first
-        top_beam, top_token = top_index // C, tokens.view(Ba, width * C).gather(1, top_index)
+        lprobs = _next_log_probs(state, prefix, step, min_len, must_end)  # (B'·width, V)
+        top_scores, top_beam, top_token = _top_candidates(lprobs, scores, 2 * K)  # (B', 2K) each, best first
         is_eos = top_token == EOS_ID
         step += 1
 
         # </s> among the K best candidates finishes a hypothesis
-        ends = (is_eos[:, :K] & (top_scores[:, :K] > -math.inf)).nonzero().tolist()
-        for b, j in ends:
-            sid, row = int(alive[b]), b * width + int(top_beam[b, j])
-            model_score = float(top_scores[b, j])
-            hyp = Hypothesis(prefix[row, 1:].tolist(), _normalise(model_score, step, lenpen), model_score)
-            finished[sid].append(hyp)
-        if ends:
-            for sid in {int(alive[b]) for b, _ in ends}:
+        ends = (is_eos[:, :K] & (top_scores[:, :K] > -math.inf)).nonzero()  # (E, 2) of (sentence, candidate)
+        if ends.numel():
+            b, j = ends.unbind(1)
+            sids = alive[b].tolist()
+            prefixes = prefix[b * width + top_beam[b, j], 1:].tolist()
+            for sid, tokens, model_score in zip(sids, prefixes, top_scores[b, j].tolist()):
+                finished[sid].append(Hypothesis(tokens, _normalise(model_score, step, lenpen), model_score))
+            for sid in set(sids):
                 finished[sid] = sorted(finished[sid], key=lambda h: -h.score)[:K]
                 n_finished[sid] = len(finished[sid])
 
         # the K best candidates that do not end continue
-        rank = torch.arange(top_index.shape[1], device=device) + is_eos * top_index.shape[1]
+        rank = torch.arange(top_scores.shape[1], device=device) + is_eos * top_scores.shape[1]
         pick = rank.topk(K, dim=1, largest=False).indices  # (B', K), in score order
+        if width == K:  # each beam's best continuation stays in its row: fewer cache rows move
+            pick = pick.gather(1, _stay_in_rows(top_beam.gather(1, pick)))
         scores = top_scores.gather(1, pick)
         rows = (torch.arange(Ba, device=device) * width)[:, None] + top_beam.gather(1, pick)  # (B', K)
         rows = rows.view(-1)
@@ -190,7 +230,7 @@ def beam_search(model: Transformer, src: torch.Tensor, *, beam: int = 5, lenpen:
 
         # a sentence is over once K of its hypotheses have ended (fairseq's rule: beam 1 is greedy), at
         # its length limit, or with no open hypothesis left
-        done = (n_finished[alive] >= K) | (max_len[alive] <= step) | torch.isneginf(scores[:, 0])
+        done = (n_finished[alive] >= K) | (max_len[alive] <= step) | torch.isneginf(scores).all(dim=1)
         if done.any():
             keep = (~done).nonzero().squeeze(1)
             alive, scores, prefix = alive[keep], scores[keep], prefix[sentence_rows(keep, K)]

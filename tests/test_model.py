@@ -168,6 +168,28 @@ def test_cache_branches_one_row_into_beams_then_drops_a_sentence(model, batch):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("rows", [[0, 1, 2, 3, 4, 5], [0, 0, 2, 3, 3, 5], [1, 0, 2, 5, 4, 3], [2, 2, 2, 3, 3, 3]])
+def test_beam_reorder_copies_only_moved_rows_and_equals_a_full_gather(model, batch, rows):
+    """reorder_beams copies in place the rows that continue another row (few, in beam search) and
+    gathers everything into the spare buffer when most rows move; both give the rows asked for."""
+    _, src, tgt_in = batch
+    src, tgt_in, K = src[:2], tgt_in[:2], 3
+    enc = model.encode(src)
+    cache = model.init_cache(enc, capacity=8, beam=K)
+    beams = tgt_in.repeat_interleave(K, dim=0)  # (2·K, T)
+    beams[:, 2] = torch.arange(4, 4 + 2 * K)  # every row its own prefix
+    model.decode(beams[:, :3], cache=cache)
+    keys = [layer.keys().clone() for layer in cache.layers]
+    rows = torch.tensor(rows)
+    cache.reorder_beams(rows)
+    for layer, before in zip(cache.layers, keys):
+        torch.testing.assert_close(layer.keys(), before[rows], atol=0, rtol=0)
+    out = model.decode(beams[rows, 3:5], cache=cache)
+    full = model.decode(beams[rows, :5], EncoderOut(enc.memory[rows // K], enc.src_mask[rows // K]))
+    torch.testing.assert_close(out, full[:, 3:5], atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
 def test_empty_source_sentence(model):
     gen = torch.Generator().manual_seed(3)
     srcs = [[EOS_ID], sentence(gen, 5)]

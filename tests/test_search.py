@@ -10,7 +10,7 @@ from mt.config import ModelConfig
 from mt.int8 import unavailable as int8_unavailable
 from mt.data import pad
 from mt.model import Transformer
-from mt.search import beam_search, greedy_search
+from mt.search import BLOCK, _stay_in_rows, _top_candidates, beam_search, greedy_search
 from mt.tokenizer import BOS_ID, EOS_ID
 
 VOCAB = 24  # ids 4..23 are symbols; 0-3 are <s> <pad> </s> <unk>
@@ -166,6 +166,32 @@ def test_beam_wider_than_the_vocabulary():
         assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
         alone = beam_search(model, pad([src]), beam=8, nbest=8, max_len_b=4)[0]
         assert [h.tokens for h in hyps] == [h.tokens for h in alone]
+
+
+@pytest.mark.parametrize("V", [8 * BLOCK, 8 * BLOCK + 1])  # two stages by vocabulary blocks; one stage
+def test_top_candidates_equal_a_top_k_over_all_continuations(V):
+    gen = torch.Generator().manual_seed(0)
+    B, W, k = 6, 4, 8
+    lprobs = torch.log_softmax(torch.randn(B * W, V, generator=gen) * 3, dim=-1)
+    lprobs[:, 1] = -math.inf
+    lprobs[W: 2 * W, : V // 2] = -math.inf  # a sentence whose candidates crowd into few blocks
+    scores = -torch.rand(B, W, generator=gen) * 4
+    scores[0, 1:] = -math.inf  # a sentence with one live hypothesis
+    top, row, token = _top_candidates(lprobs, scores, k)
+    brute, index = (scores.view(-1, 1) + lprobs).view(B, W * V).topk(k, dim=1)
+    assert torch.equal(top, brute)
+    assert torch.equal(row, index // V) and torch.equal(token, index % V)
+    assert torch.equal(top, scores.gather(1, row) + lprobs.view(B, W, V)[torch.arange(B)[:, None], row, token])
+
+
+def test_each_beams_best_continuation_stays_in_its_row():
+    # parents of the new beams, in score order: row 0 gets two children, row 1 two, row 2 one
+    parent = torch.tensor([[0, 0, 2, 1, 1], [4, 4, 4, 4, 4], [3, 1, 0, 4, 2]])
+    order = _stay_in_rows(parent)
+    assert order.tolist() == [[0, 3, 2, 1, 4], [1, 2, 3, 4, 0], [2, 1, 4, 0, 3]]
+    # every row of a parent with children is continued by that parent's best (first) child
+    placed = parent.gather(1, order)
+    assert placed.tolist() == [[0, 1, 2, 0, 1], [4, 4, 4, 4, 4], [0, 1, 2, 3, 4]]
 
 
 def test_nbest_larger_than_beam_is_refused(random_model):
