@@ -259,7 +259,8 @@ class LayerCache:
 
     def select_rows(self, rows: torch.Tensor, moved: torch.Tensor | None = None) -> None:
         """Self-attention state of rows ``rows`` (R',), in that order (repeats allowed). ``moved``
-        (same number of rows only): the rows i with rows[i] != i; only those are copied, in place."""
+        (only when R' <= R; see ``moved_rows``): the rows i with rows[i] != i; only those are copied,
+        in place, and the buffer keeps its first R' rows."""
         needed = rows.shape[0] if moved is None else moved.shape[0]
         spare = self._buffers[1 - self._active]
         if needed > spare.shape[1]:
@@ -269,6 +270,7 @@ class LayerCache:
             scratch = spare[:, : moved.shape[0], :, : self.length]
             torch.index_select(filled, 1, rows[moved], out=scratch)
             filled[:, moved] = scratch
+            self.rows = rows.shape[0]
             return
         source = self._buffers[self._active][:, : self.rows, :, : self.length]
         target = spare[:, : rows.shape[0], :, : self.length]
@@ -276,10 +278,27 @@ class LayerCache:
         self._active, self.rows = 1 - self._active, rows.shape[0]
 
     def select_sentences(self, index: torch.Tensor) -> None:
-        """Keep sentences ``index`` (N',) with all their beams."""
+        """Keep sentences ``index`` (N',) with all their beams. Sentences that keep their place are
+        not copied (``search`` fills the places of finished sentences with the last ones)."""
         rows = sentence_rows(index, self.beam)
-        self.cross = (self.cross[0].index_select(0, index), self.cross[1].index_select(0, index))
-        self.select_rows(rows)
+        moved = moved_rows(index, self.cross[1].shape[0])
+        if moved is None:
+            self.cross = (self.cross[0].index_select(0, index), self.cross[1].index_select(0, index))
+        else:
+            for tensor in self.cross:
+                tensor[moved] = tensor.index_select(0, index[moved])
+            self.cross = (self.cross[0][: index.shape[0]], self.cross[1][: index.shape[0]])
+        self.select_rows(rows, moved_rows(rows, self.rows))
+
+
+def moved_rows(rows: torch.Tensor, current: int) -> torch.Tensor | None:
+    """For a selection ``rows`` (R',) of ``current`` rows: the positions i with rows[i] != i, when
+    copying only those in place beats gathering all rows anew (at most half of them move and
+    R' <= current); else None."""
+    if rows.shape[0] > current:
+        return None
+    moved = (rows != torch.arange(rows.shape[0], device=rows.device)).nonzero().squeeze(1)
+    return moved if 2 * moved.shape[0] <= rows.shape[0] else None
 
 
 def sentence_rows(index: torch.Tensor, beam: int) -> torch.Tensor:
@@ -308,13 +327,7 @@ class DecoderCache:
         """Row i continues from row ``rows[i]``, which must belong to the same sentence (beam search);
         ``rows`` lists the same number of rows for every sentence, e.g. K copies of a sentence's one
         row to branch into K beams. Rows that continue themselves are not copied."""
-        moved = None
-        if rows.numel() == self.layers[0].rows:
-            moved = (rows != torch.arange(rows.numel(), device=rows.device)).nonzero().squeeze(1)
-            if moved.numel() == 0:
-                return
-            if 2 * moved.numel() > rows.numel():  # most rows move: one gather of all rows is faster
-                moved = None
+        moved = moved_rows(rows, self.layers[0].rows)
         for layer in self.layers:
             layer.select_rows(rows, moved)
 

@@ -101,6 +101,15 @@ def _stay_in_rows(parent: torch.Tensor) -> torch.Tensor:
     return row.argsort(dim=1)
 
 
+def _keep_in_place(done: torch.Tensor) -> torch.Tensor:
+    """done (B,) bool -> the running sentences to keep (B',): each in its place where it can stay,
+    the last ones moving into the places of finished ones (so that the cache copies only those)."""
+    n = int((~done).sum())
+    index = torch.arange(n, device=done.device)
+    index[done[:n].nonzero().squeeze(1)] = (~done[n:]).nonzero().squeeze(1) + n
+    return index
+
+
 def _next_log_probs(state: _DecoderState, prefix: torch.Tensor, step: int, min_len: int,
                     must_end: torch.Tensor) -> torch.Tensor:
     """(R, V) log-probabilities of the next token after ``prefix`` (R, step + 1), -inf where not
@@ -166,7 +175,7 @@ def greedy_search(model: Transformer, src: torch.Tensor, *, max_len_a: float = 1
         done = last == EOS_ID
         if done.any():
             final[alive[done]] = scores[done]
-            keep = (~done).nonzero().squeeze(1)
+            keep = _keep_in_place(done)
             alive, prefix, scores = alive[keep], prefix[keep], scores[keep]
             state.select_sentences(keep)
     results = []
@@ -232,7 +241,7 @@ def beam_search(model: Transformer, src: torch.Tensor, *, beam: int = 5, lenpen:
         # its length limit, or with no open hypothesis left
         done = (n_finished[alive] >= K) | (max_len[alive] <= step) | torch.isneginf(scores).all(dim=1)
         if done.any():
-            keep = (~done).nonzero().squeeze(1)
+            keep = _keep_in_place(done)
             alive, scores, prefix = alive[keep], scores[keep], prefix[sentence_rows(keep, K)]
             state.select_sentences(keep)
     return [hyps[:nbest] for hyps in finished]

@@ -7,13 +7,16 @@ Every engine translates the same file (default: Multi30k test_2016_flickr, 1,000
 ``--threads`` CPU threads with the same beam size, length penalty and per-batch length limit
 (a·source_length + b). Timed, for every engine alike: the decode loop from text lines to
 detokenized lines (SentencePiece encoding, batching, search, decoding), models already loaded; one
-warm-up pass over 100 lines, then the median of ``--repeats`` passes. Reports sentences/s, target
+warm-up pass over 100 lines, then the median of ``--repeats`` passes, taken round robin across the
+engines (this machine's speed drifts by 10-20% over minutes; interleaving spreads that evenly). Each
+engine runs in its own worker process, so that no engine's thread pool slows another's. Reports sentences/s, target
 tokens/s, the ratio against HF and BLEU. Writes a markdown table to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import platform
 import statistics
 import sys
@@ -95,6 +98,30 @@ def ct2_engine(ct2_dir: Path, tok, beam: int, lenpen: float, a: float, b: int, b
     return translate
 
 
+def _serve(conn, name: str, args: argparse.Namespace, dirs: dict[str, Path]) -> None:
+    """Worker process: build engine ``name``, warm it up, then translate the input file on every
+    "go" and send back (seconds, outputs); stop on None."""
+    torch.set_num_threads(args.threads)
+    lines = read_text(args.src)
+    reference = Translator.from_run(args.model, device="cpu", beam=args.beam)
+    d, tok = reference.decode, reference.tgt_tok
+    limits = (d.lenpen, d.max_len_a, d.max_len_b)
+    if name.startswith("mt"):
+        dtype = {"mt-bf16": "bf16", "mt-int8": "int8"}.get(name, "fp32")
+        engine = mt_engine(args.model, args.beam, args.batch_tokens, use_cache=name != "mt-nocache", dtype=dtype)
+    elif name == "hf":
+        engine = hf_engine(dirs["hf"], tok, args.beam, *limits, args.batch)
+    else:
+        compute = "int8" if name == "ct2-int8" else "float32"
+        engine = ct2_engine(dirs["ct2"], tok, args.beam, *limits, args.batch, compute, args.threads)
+    engine(lines[:100])  # warm-up
+    conn.send("ready")
+    while conn.recv() is not None:
+        start = time.perf_counter()
+        outputs = engine(lines)
+        conn.send((time.perf_counter() - start, outputs))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-m", "--model", required=True, help="run directory")
@@ -122,40 +149,45 @@ def main() -> None:
         names.remove("mt-int8")
         notes.append(f"mt --dtype int8 not measured: {int8_unavailable()}.")
     with tempfile.TemporaryDirectory() as tmp:
-        engines: dict[str, Engine] = {}
-        if "mt" in names:
-            engines["mt"] = mt_engine(args.model, args.beam, args.batch_tokens, use_cache=True)
-        if "mt-bf16" in names:
-            engines["mt-bf16"] = mt_engine(args.model, args.beam, args.batch_tokens, use_cache=True, dtype="bf16")
-        if "mt-int8" in names:
-            engines["mt-int8"] = mt_engine(args.model, args.beam, args.batch_tokens, use_cache=True, dtype="int8")
-        if "mt-nocache" in names:
-            engines["mt-nocache"] = mt_engine(args.model, args.beam, args.batch_tokens, use_cache=False)
+        dirs = {}
         if "hf" in names or any(n.startswith("ct2") for n in names):
             from mt.export import to_ctranslate2, to_hf
 
-            hf_dir = to_hf(args.model, Path(tmp) / "hf")
-            if "hf" in names:
-                engines["hf"] = hf_engine(hf_dir, tok, args.beam, d.lenpen, d.max_len_a, d.max_len_b, args.batch)
+            dirs["hf"] = to_hf(args.model, Path(tmp) / "hf")
             if any(n.startswith("ct2") for n in names):
-                ct2_dir = to_ctranslate2(args.model, Path(tmp) / "ct2")
-                for name, compute in (("ct2", "float32"), ("ct2-int8", "int8")):
-                    if name in names:
-                        engines[name] = ct2_engine(ct2_dir, tok, args.beam, d.lenpen, d.max_len_a, d.max_len_b,
-                                                   args.batch, compute, args.threads)
+                dirs["ct2"] = to_ctranslate2(args.model, Path(tmp) / "ct2")
+        # one process per engine: CTranslate2's thread pool slows PyTorch down by ~30% in a process
+        # where both have run (measured here); only one process computes at a time
+        context = multiprocessing.get_context("spawn")
+        workers = {}
+        for name in names:
+            parent, child = context.Pipe()
+            process = context.Process(target=_serve, args=(child, name, args, dirs), daemon=True)
+            process.start()
+            workers[name] = (process, parent)
+        for name, (_, conn) in workers.items():
+            assert conn.recv() == "ready", name
+        # passes interleaved round robin (the order rotating), so that the machine's drift over the
+        # minutes of a run hits every engine alike
+        timings: dict[str, list[float]] = {name: [] for name in names}
+        outputs: dict[str, list[str]] = {}
+        for r in range(args.repeats):
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                conn = workers[name][1]
+                conn.send("go")
+                seconds, outputs[name] = conn.recv()
+                timings[name].append(seconds)
+                print(f"pass {r + 1}: {name} {seconds:.2f}s", flush=True)
+                time.sleep(0.5)  # let thread pools that spin after work go idle
+        for process, conn in workers.values():
+            conn.send(None)
+            process.join()
         rows = []
         for name in names:
-            engine = engines[name]
-            engine(lines[:100])  # warm-up
-            timings, outputs = [], None
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                outputs = engine(lines)
-                timings.append(time.perf_counter() - start)
-            seconds = statistics.median(timings)
-            assert len(outputs) == len(lines)
-            tokens = sum(len(ids) for ids in tok.encode(outputs))  # pieces + </s>
-            bleu = score(outputs, refs, ["bleu"])[0].score
+            seconds = statistics.median(timings[name])
+            assert len(outputs[name]) == len(lines)
+            tokens = sum(len(ids) for ids in tok.encode(outputs[name]))  # pieces + </s>
+            bleu = score(outputs[name], refs, ["bleu"])[0].score
             rows.append((name, seconds, len(lines) / seconds, tokens / seconds, bleu))
             print(f"{name}: {seconds:.2f}s, {len(lines) / seconds:.1f} sentences/s, BLEU {bleu:.2f}", flush=True)
     base = {r[0]: r[2] for r in rows}.get("hf")
@@ -170,7 +202,8 @@ def main() -> None:
         f"--engines {args.engines}`  ",
         f"Input: {Path(args.src).name} ({len(lines)} lines). Machine: {platform.machine()}, {args.threads} threads, "
         f"torch {torch.__version__}. Timed for every engine: text lines to detokenized lines (models loaded), "
-        f"median of {args.repeats} passes after a warm-up. mt batches by {args.batch_tokens} source tokens; "
+        f"median of {args.repeats} passes after a warm-up; each engine in its own process, the engines' passes "
+        f"interleaved round robin. mt batches by {args.batch_tokens} source tokens; "
         f"HF and CTranslate2 by {args.batch} length-sorted sentences." + "".join(f" {n}" for n in notes),
         "",
         "| engine | seconds | sentences/s | target tokens/s | vs HF | BLEU |",

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from mt.config import ModelConfig
-from mt.model import POSITION_OFFSET, EncoderOut, MultiHeadAttention, Transformer, sinusoidal_table
+from mt.model import POSITION_OFFSET, EncoderOut, MultiHeadAttention, Transformer, sentence_rows, sinusoidal_table
 from mt.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 V = 40
@@ -129,7 +129,7 @@ def test_incremental_decoding_in_chunks_equals_full_decoding(model, batch, chunk
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("index", [[2, 0, 0, 1], [1, 2], [2]])
+@pytest.mark.parametrize("index", [[2, 0, 0, 1], [1, 2], [2], [0, 2], [2, 1], [0, 1]])  # the last 3 copy in place
 def test_cache_reorder_then_continue_equals_full_decoding_of_reordered_batch(model, batch, index):
     _, src, tgt_in = batch
     index = torch.tensor(index)
@@ -187,6 +187,25 @@ def test_beam_reorder_copies_only_moved_rows_and_equals_a_full_gather(model, bat
     out = model.decode(beams[rows, 3:5], cache=cache)
     full = model.decode(beams[rows, :5], EncoderOut(enc.memory[rows // K], enc.src_mask[rows // K]))
     torch.testing.assert_close(out, full[:, 3:5], atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_dropping_a_sentence_in_place_keeps_every_beam(model, batch):
+    """select_sentences([0, 2]) moves sentence 2's beams (and cross-attention state) into sentence
+    1's place without gathering the rest; decoding then continues as for those sentences alone."""
+    _, src, tgt_in = batch
+    K, index = 2, torch.tensor([0, 2])
+    enc = model.encode(src)
+    cache = model.init_cache(enc, capacity=8, beam=K)
+    beams = tgt_in.repeat_interleave(K, dim=0)
+    beams[:, 2] = torch.arange(4, 4 + 3 * K)  # every row its own prefix
+    model.decode(beams[:, :3], cache=cache)
+    cache.select_sentences(index)
+    assert cache.beam == K and cache.layers[0].cross[1].shape[0] == 2
+    rows = sentence_rows(index, K)
+    out = model.decode(beams[rows, 3:6], cache=cache)
+    full = model.decode(beams[rows, :6], EncoderOut(enc.memory[rows // K], enc.src_mask[rows // K]))
+    torch.testing.assert_close(out, full[:, 3:6], atol=ATOL, rtol=0)
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ from mt.config import ModelConfig
 from mt.int8 import unavailable as int8_unavailable
 from mt.data import pad
 from mt.model import Transformer
-from mt.search import BLOCK, _stay_in_rows, _top_candidates, beam_search, greedy_search
+from mt.search import BLOCK, _keep_in_place, _stay_in_rows, _top_candidates, beam_search, greedy_search
 from mt.tokenizer import BOS_ID, EOS_ID
 
 VOCAB = 24  # ids 4..23 are symbols; 0-3 are <s> <pad> </s> <unk>
@@ -182,6 +182,13 @@ def test_top_candidates_equal_a_top_k_over_all_continuations(V):
     assert torch.equal(top, brute)
     assert torch.equal(row, index // V) and torch.equal(token, index % V)
     assert torch.equal(top, scores.gather(1, row) + lprobs.view(B, W, V)[torch.arange(B)[:, None], row, token])
+
+
+def test_finished_sentences_leave_their_places_to_the_last_running_ones():
+    done = torch.tensor([False, True, False, True, False, False, True])
+    assert _keep_in_place(done).tolist() == [0, 4, 2, 5]
+    assert _keep_in_place(torch.tensor([True, True])).tolist() == []
+    assert _keep_in_place(torch.tensor([False, False, True])).tolist() == [0, 1]
 
 
 def test_each_beams_best_continuation_stays_in_its_row():
