@@ -7,8 +7,8 @@ int8 with int32 accumulation (PyTorch's FBGEMM / oneDNN x86 kernels behind ``tor
 and returns fp32. Embeddings, layer norms, attention scores and the search stay in fp32. Like
 CTranslate2's ``int8`` compute type (and unlike ``torch.ao.quantization.quantize_dynamic``, with one
 activation scale per call), a sentence's translation never depends on its batch. Activations get 7
-bits (±63 levels of the row's max |x|; FBGEMM's ``reduce_range``, which keeps AVX2's int16 pair sums
-from saturating), one bit fewer than CTranslate2's.
+bits (±63 levels of the row's max |x|, as FBGEMM's ``reduce_range``: AVX2's int16 sums of u8·s8
+pairs cannot saturate), one bit fewer than CTranslate2's.
 
 The converted model is for inference only: it cannot be trained or saved as a checkpoint, and it
 keeps the fp32 weights too (row blocks are packed on first use).
@@ -40,15 +40,22 @@ def _pack(weight: torch.Tensor):
     return torch.ops.quantized.linear_prepack(qweight, None)
 
 
+# [-1, 1] onto u8 codes 1..127 (scale, zero point): 7 bits, so that AVX2's int16 sums of u8·s8 pairs
+# cannot saturate (127·127·2 < 2^15)
+ACTIVATION_GRID = (1 / 63, 64)
+# fp32 in, quantized on a given grid (no pass over the input for its range), int8 GEMM, fp32 out
+_LINEAR = getattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32", None)
+
+
 class Int8Linear(nn.Module):
     """y = x Wᵀ + b with W in int8 (per output row) and x quantized per call, one scale per row of x.
     ``rows(x, start, stop)`` applies one block of rows of W alone (see ``mt.model.PackedLinear``);
     each block is packed once.
 
-    FBGEMM's dynamic linear quantizes its whole input with one scale, which would make a sentence's
-    result depend on the others in its batch. So each row is divided by its own max |x| first, and a
-    guard row [1, -1, 0, ...] pins the input's range to [-1, 1]: every row is then quantized on the
-    same fixed grid, i.e. with its own scale, and the output is multiplied back row by row."""
+    One scale per call (FBGEMM's dynamic linear) would make a sentence's result depend on the others
+    in its batch. So each row is divided by its own max |x| first and
+    quantized on one fixed grid over [-1, 1] (``ACTIVATION_GRID``), i.e. with its own scale; the
+    output is multiplied back row by row."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -56,8 +63,6 @@ class Int8Linear(nn.Module):
         self._weight = weight.detach()
         self._bias = None if bias is None else bias.detach().float()
         self._packed = {(None, None): _pack(self._weight)}
-        self._guard = torch.zeros(self.in_features)
-        self._guard[0], self._guard[-1] = 1.0, -1.0
 
     def rows(self, x: torch.Tensor, start: int | None, stop: int | None = None) -> torch.Tensor:
         key = (start, stop)
@@ -65,13 +70,8 @@ class Int8Linear(nn.Module):
             self._packed[key] = _pack(self._weight[start:stop])
         lead = x.shape[:-1]
         x = x.reshape(-1, self.in_features).float()  # (M, in)
-        M = x.shape[0]
         scale = x.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12)  # (M, 1); 8x faster than vector_norm(inf)
-        scaled = torch.empty(M + 1, self.in_features)  # (M + 1, in), every value in [-1, 1]
-        torch.div(x, scale, out=scaled[:M])
-        scaled[M] = self._guard
-        # reduce_range: 7-bit activations, so AVX2's u8·s8 pair sums cannot saturate int16
-        y = torch.ops.quantized.linear_dynamic(scaled, self._packed[key], True)[:M]  # (M, out)
+        y = _LINEAR(x / scale, *ACTIVATION_GRID, self._packed[key])  # (M, out); every input in [-1, 1]
         y = y.mul_(scale) if self._bias is None else torch.addcmul(self._bias[start:stop], y, scale)
         return y.view(*lead, y.shape[-1])
 
@@ -88,7 +88,7 @@ X86_ENGINES = ("x86", "fbgemm", "onednn")
 def unavailable() -> str:
     """Why int8 decoding cannot run with this PyTorch build, or '' when it can."""
     engine = torch.backends.quantized.engine
-    if engine not in X86_ENGINES or not hasattr(torch.ops.quantized, "linear_dynamic"):
+    if engine not in X86_ENGINES or _LINEAR is None:
         return (f"int8 decoding needs PyTorch's x86 quantized kernels (FBGEMM/oneDNN); this build's quantized "
                 f"engine is {engine!r} (supported: {torch.backends.quantized.supported_engines})")
     return ""
