@@ -3,7 +3,7 @@
 Every linear layer's weight — attention projections, feed-forward layers and the output projection —
 is stored as int8 with one scale per output row (symmetric: w ≈ scale·q, q in [-127, 127]); each call
 quantizes its input activations with one scale per row (token) computed from that row, multiplies in
-int8 with int32 accumulation (PyTorch's FBGEMM / oneDNN x86 kernels behind ``torch.ops.quantized``)
+int8 with int32 accumulation (PyTorch's FBGEMM x86 kernels behind ``torch.ops.quantized``)
 and returns fp32. Embeddings, layer norms, attention scores and the search stay in fp32. Like
 CTranslate2's ``int8`` compute type (and unlike ``torch.ao.quantization.quantize_dynamic``, with one
 activation scale per call), a sentence's translation never depends on its batch. Activations get 7
@@ -82,16 +82,19 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
-X86_ENGINES = ("x86", "fbgemm", "onednn")
-
-
 def unavailable() -> str:
-    """Why int8 decoding cannot run with this PyTorch build, or '' when it can."""
+    """Why int8 decoding cannot run with this PyTorch build and quantized engine, or '' when it can
+    (found by running the kernel once on a tiny input)."""
     engine = torch.backends.quantized.engine
-    if engine not in X86_ENGINES or _LINEAR is None:
-        return (f"int8 decoding needs PyTorch's x86 quantized kernels (FBGEMM/oneDNN); this build's quantized "
-                f"engine is {engine!r} (supported: {torch.backends.quantized.supported_engines})")
-    return ""
+    try:
+        probe = Int8Linear(torch.eye(4), torch.zeros(4))(torch.ones(1, 4))
+        if probe.shape == (1, 4) and torch.allclose(probe, torch.ones(1, 4), atol=0.05):
+            return ""
+        problem = "wrong results"
+    except (RuntimeError, TypeError) as e:  # no such operator / kernel for this engine
+        problem = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return (f"int8 decoding needs PyTorch's x86 quantized kernels (FBGEMM); with the quantized engine "
+            f"{engine!r} (supported: {torch.backends.quantized.supported_engines}) they fail: {problem}")
 
 
 def quantize_int8(model: Transformer) -> Transformer:

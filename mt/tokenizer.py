@@ -134,3 +134,10 @@ class Tokenizer:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_bytes(self._proto)
         tmp.replace(path)
+
+
+def tokenizer_files(run_dir: Path, joint: bool) -> tuple[Path, Path]:
+    """The (source, target) SentencePiece models of a run directory."""
+    if joint:
+        return run_dir / "spm.model", run_dir / "spm.model"
+    return run_dir / "spm.src.model", run_dir / "spm.tgt.model"

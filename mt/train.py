@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -34,7 +33,8 @@ from mt.config import Config, ConfigError, DecodeConfig, config_from_dict, parse
 from mt.data import Batch, ParallelData, clean, load_corpus, tokenize
 from mt.loss import linear_label_smoothed_loss
 from mt.model import Transformer
-from mt.tokenizer import PAD_ID, Tokenizer, train_sentencepiece
+from mt.device import autocast, pick_device, slow_bf16_warning
+from mt.tokenizer import PAD_ID, Tokenizer, tokenizer_files, train_sentencepiece
 
 TRAINER_STATE_VERSION = 1
 MAX_BAD_UPDATES = 5  # consecutive non-finite updates before training gives up
@@ -77,49 +77,8 @@ def learning_rate(step: int, cfg, budget_used: float | None = None) -> float:
     return cfg.lr
 
 
-def pick_device(name: str) -> torch.device:
-    """auto (CUDA when available), cpu, cuda or cuda:N -> a usable device, else a ConfigError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    index = name[5:] if name.startswith("cuda:") else ("0" if name == "cuda" else None)
-    if index is None or not index.isdigit():
-        raise ConfigError(f"device {name!r}: choose auto, cpu, cuda or cuda:N")
-    if not torch.cuda.is_available() or int(index) >= torch.cuda.device_count():
-        raise ConfigError(f"device {name!r}: no such CUDA device on this machine")
-    return torch.device(name)
-
-
-def slow_bf16_warning(device: torch.device, cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    """A warning when bf16 would run emulated on this CPU (no AVX512-BF16/AMX or ARM BF16), else ''.
-    Emulated bf16 matmuls are ~100x slower than fp32 (1.2 vs 109 GFLOP/s measured on an AVX2 CPU)."""
-    if device.type != "cpu":
-        return ""
-    try:
-        flags = cpuinfo.read_text(errors="replace").split()
-    except OSError:
-        return ""  # not Linux: cannot tell
-    if {"avx512_bf16", "amx_bf16", "bf16"} & set(flags):
-        return ""
-    return ("this CPU has no native bf16 instructions (no avx512_bf16/amx_bf16 in /proc/cpuinfo): bf16 runs "
-            "emulated, far slower than fp32; use fp32")
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
 # --------------------------------------------------------------------------------------------------
 # Run directory, tokenizer, data
-
-
-def tokenizer_files(run_dir: Path, joint: bool) -> tuple[Path, Path]:
-    if joint:
-        return run_dir / "spm.model", run_dir / "spm.model"
-    return run_dir / "spm.src.model", run_dir / "spm.tgt.model"
 
 
 def _text_stream(ds, column: str) -> Iterator[str]:

@@ -21,8 +21,8 @@ from mt.int8 import quantize_int8
 from mt.model import Transformer
 from mt.search import Hypothesis, beam_search, greedy_search
 from mt.data import pad
-from mt.tokenizer import EOS_ID, Tokenizer
-from mt.train import pick_device, slow_bf16_warning, tokenizer_files
+from mt.device import pick_device, slow_bf16_warning
+from mt.tokenizer import EOS_ID, Tokenizer, tokenizer_files
 from mt.tune import read_defaults
 
 CHUNK_LINES = 2000  # lines read, sorted and translated together

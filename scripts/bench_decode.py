@@ -34,7 +34,7 @@ from mt.data import pad  # noqa: E402
 from mt.evaluate import read_text, score  # noqa: E402
 from mt.int8 import unavailable as int8_unavailable  # noqa: E402
 from mt.tokenizer import EOS_ID, PAD_ID  # noqa: E402
-from mt.train import slow_bf16_warning  # noqa: E402
+from mt.device import slow_bf16_warning  # noqa: E402
 from mt.translate import Translator  # noqa: E402
 
 Engine = Callable[[list[str]], list[str]]
@@ -102,24 +102,38 @@ def _serve(conn, name: str, args: argparse.Namespace, dirs: dict[str, Path]) -> 
     """Worker process: build engine ``name``, warm it up, then translate the input file on every
     "go" and send back (seconds, outputs); stop on None."""
     torch.set_num_threads(args.threads)
-    lines = read_text(args.src)
-    reference = Translator.from_run(args.model, device="cpu", beam=args.beam)
-    d, tok = reference.decode, reference.tgt_tok
-    limits = (d.lenpen, d.max_len_a, d.max_len_b)
-    if name.startswith("mt"):
-        dtype = {"mt-bf16": "bf16", "mt-int8": "int8"}.get(name, "fp32")
-        engine = mt_engine(args.model, args.beam, args.batch_tokens, use_cache=name != "mt-nocache", dtype=dtype)
-    elif name == "hf":
-        engine = hf_engine(dirs["hf"], tok, args.beam, *limits, args.batch)
-    else:
-        compute = "int8" if name == "ct2-int8" else "float32"
-        engine = ct2_engine(dirs["ct2"], tok, args.beam, *limits, args.batch, compute, args.threads)
-    engine(lines[:100])  # warm-up
-    conn.send("ready")
-    while conn.recv() is not None:
-        start = time.perf_counter()
-        outputs = engine(lines)
-        conn.send((time.perf_counter() - start, outputs))
+    try:
+        lines = read_text(args.src)
+        reference = Translator.from_run(args.model, device="cpu", beam=args.beam)
+        d, tok = reference.decode, reference.tgt_tok
+        limits = (d.lenpen, d.max_len_a, d.max_len_b)
+        if name.startswith("mt"):
+            dtype = {"mt-bf16": "bf16", "mt-int8": "int8"}.get(name, "fp32")
+            engine = mt_engine(args.model, args.beam, args.batch_tokens, use_cache=name != "mt-nocache", dtype=dtype)
+        elif name == "hf":
+            engine = hf_engine(dirs["hf"], tok, args.beam, *limits, args.batch)
+        else:
+            compute = "int8" if name == "ct2-int8" else "float32"
+            engine = ct2_engine(dirs["ct2"], tok, args.beam, *limits, args.batch, compute, args.threads)
+        engine(lines[:100])  # warm-up
+        conn.send("ready")
+        while conn.recv() is not None:
+            start = time.perf_counter()
+            outputs = engine(lines)
+            conn.send((time.perf_counter() - start, outputs))
+    except Exception as e:  # the parent reports it and stops
+        conn.send(("failed", f"{type(e).__name__}: {e}"))
+
+
+def _answer(conn, name: str):
+    """The worker's next message; a worker that failed or died ends the benchmark with its error."""
+    try:
+        message = conn.recv()
+    except EOFError:
+        raise SystemExit(f"bench_decode: the {name} worker died") from None
+    if isinstance(message, tuple) and message[0] == "failed":
+        raise SystemExit(f"bench_decode: {name} failed: {message[1]}")
+    return message
 
 
 def main() -> None:
@@ -164,9 +178,10 @@ def main() -> None:
             parent, child = context.Pipe()
             process = context.Process(target=_serve, args=(child, name, args, dirs), daemon=True)
             process.start()
+            child.close()  # only the worker holds its end: if it dies, recv() raises EOFError
             workers[name] = (process, parent)
         for name, (_, conn) in workers.items():
-            assert conn.recv() == "ready", name
+            _answer(conn, name)  # "ready"
         # passes interleaved round robin (the order rotating), so that the machine's drift over the
         # minutes of a run hits every engine alike
         timings: dict[str, list[float]] = {name: [] for name in names}
@@ -175,7 +190,7 @@ def main() -> None:
             for name in names[r % len(names):] + names[: r % len(names)]:
                 conn = workers[name][1]
                 conn.send("go")
-                seconds, outputs[name] = conn.recv()
+                seconds, outputs[name] = _answer(conn, name)
                 timings[name].append(seconds)
                 print(f"pass {r + 1}: {name} {seconds:.2f}s", flush=True)
                 time.sleep(0.5)  # let thread pools that spin after work go idle

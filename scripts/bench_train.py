@@ -128,7 +128,7 @@ def main() -> None:
                                 args.threads)))
         return
 
-    from mt.train import slow_bf16_warning
+    from mt.device import slow_bf16_warning
 
     precisions, notes = args.precisions.split(","), []
     if "bf16" in precisions and slow_bf16_warning(torch.device("cpu")):

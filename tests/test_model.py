@@ -190,6 +190,28 @@ def test_beam_reorder_copies_only_moved_rows_and_equals_a_full_gather(model, bat
 
 
 @torch.no_grad()
+def test_in_place_reorder_right_after_branching_grows_the_spare_buffer(model, batch):
+    """After branching 3 rows into 3x3 the spare buffer still has 3 rows; the next reorder moves 4
+    rows in place (through the spare buffer) and the cache grows its capacity afterwards."""
+    _, src, tgt_in = batch
+    B, K = 3, 3
+    enc = model.encode(src)
+    cache = model.init_cache(enc, capacity=2)
+    model.decode(tgt_in[:, :1], cache=cache)
+    cache.reorder_beams(torch.arange(B).repeat_interleave(K))
+    cont = torch.randint(4, V, (B * K, 4), generator=torch.Generator().manual_seed(6))
+    model.decode(cont[:, :1], cache=cache)
+    rows = torch.tensor([0, 0, 0, 3, 3, 5, 6, 6, 8])  # 4 of 9 rows move
+    cache.reorder_beams(rows)
+    out = model.decode(cont[rows, 1:4], cache=cache)  # 2 + 3 positions: past the capacity of 2
+    prefix = torch.cat([tgt_in.repeat_interleave(K, dim=0)[:, :1], cont[:, :1]], dim=1)[rows]
+    rows_src = torch.arange(B).repeat_interleave(K)
+    full = model.decode(torch.cat([prefix, cont[rows, 1:4]], dim=1),
+                        EncoderOut(enc.memory[rows_src], enc.src_mask[rows_src]))
+    torch.testing.assert_close(out, full[:, 2:5], atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
 def test_dropping_a_sentence_in_place_keeps_every_beam(model, batch):
     """select_sentences([0, 2]) moves sentence 2's beams (and cross-attention state) into sentence
     1's place without gathering the rest; decoding then continues as for those sentences alone."""

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from mt.config import load_config
-from mt.train import slow_bf16_warning
+from mt.device import slow_bf16_warning
 
 ROOT = Path(__file__).resolve().parents[1]
 MULTI30K = ROOT / "data" / "multi30k"

@@ -184,6 +184,29 @@ def test_top_candidates_equal_a_top_k_over_all_continuations(V):
     assert torch.equal(top, scores.gather(1, row) + lprobs.view(B, W, V)[torch.arange(B)[:, None], row, token])
 
 
+def test_two_stage_top_k_search_equals_one_stage(monkeypatch):
+    """With a vocabulary of 5 blocks the search takes candidates by blocks; with a block size that
+    does not divide it, by whole rows. Same hypotheses, same scores, alone or batched, cached or not."""
+    import mt.search
+
+    torch.manual_seed(4)
+    cfg = ModelConfig(d_model=32, n_heads=4, ffn_dim=64, encoder_layers=1, decoder_layers=2, dropout=0.0,
+                      max_positions=64)
+    model = Transformer(cfg, 5 * BLOCK, 5 * BLOCK).eval()
+    src = pad(sources(6, seed=9, vocab=5 * BLOCK))
+    def same(xs, ys):
+        assert [[h.tokens for h in n] for n in xs] == [[h.tokens for h in n] for n in ys]
+        assert [h.model_score for n in xs for h in n] == pytest.approx([h.model_score for n in ys for h in n],
+                                                                       abs=1e-5)
+
+    blocks = beam_search(model, src, beam=4, nbest=2)
+    same(beam_search(model, src[2:3], beam=4, nbest=2), [blocks[2]])
+    same(beam_search(model, src, beam=4, nbest=2, use_cache=False), blocks)
+    monkeypatch.setattr(mt.search, "BLOCK", 7)  # 320 % 7 != 0: one stage
+    same(beam_search(model, src, beam=4, nbest=2), blocks)
+    assert len({tuple(n[0].tokens) for n in blocks}) > 3  # the sentences really differ
+
+
 def test_finished_sentences_leave_their_places_to_the_last_running_ones():
     done = torch.tensor([False, True, False, True, False, False, True])
     assert _keep_in_place(done).tolist() == [0, 4, 2, 5]

@@ -408,7 +408,8 @@ def test_bf16_autocast_training_step_is_finite_and_learns():
     from mt.config import ModelConfig
     from mt.data import collate
     from mt.model import Transformer
-    from mt.train import autocast, batch_loss
+    from mt.device import autocast
+    from mt.train import batch_loss
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig(d_model=32, n_heads=2, ffn_dim=64, encoder_layers=1, decoder_layers=1,
