@@ -10,13 +10,10 @@ optimizer, step, epoch, sampler position, best score, RNG states — is saved in
 
 from __future__ import annotations
 
-import json
 import math
 import random
-import shutil
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -31,17 +28,14 @@ from mt import checkpoint as ckpt
 from mt import tune
 from mt.config import Config, ConfigError, DecodeConfig, config_from_dict, parse_duration, save_config
 from mt.data import Batch, ParallelData, clean, load_corpus, tokenize
+from mt.device import autocast, pick_device, slow_bf16_warning
 from mt.loss import linear_label_smoothed_loss
 from mt.model import Transformer
-from mt.device import autocast, pick_device, slow_bf16_warning
+from mt.rundir import MetricsLog, StopSignals, TrainingError, check_disk_space, check_run_dir
 from mt.tokenizer import PAD_ID, Tokenizer, tokenizer_files, train_sentencepiece
 
 TRAINER_STATE_VERSION = 1
 MAX_BAD_UPDATES = 5  # consecutive non-finite updates before training gives up
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on; the message says why."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -145,69 +139,6 @@ class TrainResult:
     signal: int = 0  # the signal that interrupted training (its checkpoint was saved), or 0
 
 
-class StopSignals:
-    """The first SIGINT/SIGTERM asks training to stop after the current update (and save); a second
-    one interrupts at once. Only the main thread can own signal handlers; elsewhere this does nothing."""
-
-    def __init__(self):
-        self.received = 0
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.received = signum
-        self._restore()
-
-    def _restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-    def __exit__(self, *exc) -> None:
-        self._restore()
-
-
-def check_disk_space(run_dir: Path, model: torch.nn.Module) -> None:
-    """Refuse to start when the disk cannot hold two checkpoints (weights + Adam moments each)."""
-    checkpoint_bytes = 3 * sum(p.numel() * p.element_size() for p in model.parameters())
-    free = shutil.disk_usage(run_dir).free
-    if free < 2 * checkpoint_bytes:
-        raise TrainingError(f"{run_dir}: only {free / 2**20:.0f} MiB free on disk; checkpoints need about "
-                            f"{2 * checkpoint_bytes / 2**20:.0f} MiB")
-
-
-class MetricsLog:
-    """Append-only JSON lines (``metrics.jsonl``), one row per log or validation event."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def write(self, **row) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-
-    def truncate_after(self, step: int) -> None:
-        """Drop rows logged after ``step`` (by a run killed after its last checkpoint), atomically."""
-        if not self.path.exists():
-            return
-        kept = []
-        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a row torn by a kill mid-write
-                continue
-            if row.get("step", 0) <= step:
-                kept.append(line if line.endswith("\n") else line + "\n")
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        tmp.replace(self.path)
-
-
 def validation_bleu(model: Transformer, data: ParallelData, src_tok: Tokenizer, tgt_tok: Tokenizer,
                     decode: DecodeConfig) -> float:
     """Corpus BLEU (sacreBLEU defaults) of translating the split's source with greedy (beam 1) or
@@ -239,25 +170,6 @@ def validate(model: Transformer, data: ParallelData, *, max_tokens: int, epsilon
     model.train(was_training)
     nll = nll_sum / tokens
     return {"loss": loss_sum / tokens, "nll": nll, "ppl": math.exp(min(nll, 50.0)), "tokens": tokens}
-
-
-def check_run_dir(run_dir: Path, resume: bool) -> None:
-    """Fail at start, not after an hour: the run directory must be writable and, unless resuming,
-    must not already hold a run."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_bytes(b"x")
-        probe.unlink()
-    except OSError as e:
-        raise TrainingError(f"{run_dir}: run directory is not writable ({e.strerror})") from None
-    if not resume and (run_dir / "checkpoints" / "last.pt").exists():
-        raise TrainingError(f"{run_dir}: already holds a trained run; pass --resume to continue it "
-                            "or choose another run directory with -o")
-    if not resume:  # an earlier attempt that died before its first checkpoint: start clean
-        for name in ("metrics.jsonl", "spm.model", "spm.src.model", "spm.tgt.model", tune.DEFAULTS_FILE,
-                     "checkpoints/average.pt"):
-            (run_dir / name).unlink(missing_ok=True)
 
 
 def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | None = None,

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mt.config import ModelConfig
 from mt.model import POSITION_OFFSET, EncoderOut, MultiHeadAttention, Transformer, sentence_rows, sinusoidal_table

@@ -209,7 +209,7 @@ def test_non_finite_updates_are_skipped_then_training_stops(tmp_path, multi30k_h
 def test_disk_space_and_unwritable_run_dir_fail_at_start(tmp_path, multi30k_head, spm_model, monkeypatch):
     import shutil
 
-    import mt.train as train_module
+    import mt.rundir
 
     config = config_file(tmp_path, multi30k_head, spm_model, max_steps=5, valid_every=5)
     cfg = load_config(config)
@@ -220,7 +220,7 @@ def test_disk_space_and_unwritable_run_dir_fail_at_start(tmp_path, multi30k_head
         train(cfg, log=lambda _: None, progress=False)
 
     cfg.train.run_dir = str(tmp_path / "run")
-    monkeypatch.setattr(train_module.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(mt.rundir.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(TrainingError, match="MiB free on disk"):
         train(cfg, log=lambda _: None, progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -332,7 +332,7 @@ def test_translate_truncates_overlong_lines_with_a_warning(random_run):
 
 
 def test_metrics_rows_torn_by_a_kill_are_dropped_on_resume(tmp_path):
-    from mt.train import MetricsLog
+    from mt.rundir import MetricsLog
 
     log = MetricsLog(tmp_path / "metrics.jsonl")
     for step in (1, 2, 3):
