@@ -141,9 +141,9 @@ class MultiHeadAttention(nn.Module):
 
 def _attend_small(q: torch.Tensor, keys_t: torch.Tensor, v: torch.Tensor,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(q kᵀ/√d + bias)·v with two batched matmuls, no dropout: q (B, H, T, hd), keys
-    transposed ``keys_t`` = kᵀ (B, H, hd, L), v (B, H, L, hd), bias (fp32) broadcastable to (B, H, T, L). Scores and softmax in fp32, as SDPA
-    keeps them. For the few query positions of a decoding step this is 1.5-4x faster than SDPA's
+    """softmax(q kᵀ/√d + bias)·v with two batched matmuls, no dropout: q (B, H, T, hd), the keys
+    transposed ``keys_t`` = kᵀ (B, H, hd, L), v (B, H, L, hd), bias (fp32) broadcastable to
+    (B, H, T, L). Scores and softmax in fp32, as SDPA keeps them. For the few query positions of a decoding step this is 1.5-4x faster than SDPA's
     CPU kernel (measured at 850 rows, 2 threads)."""
     scores = torch.matmul(q.float(), keys_t.float()).mul_(q.shape[-1] ** -0.5)  # (B, H, T, L)
     if bias is not None:
@@ -219,8 +219,10 @@ class LayerCache:
 
     Self-attention K/V live in two buffers of shape (2, R, H, capacity, hd) (keys, values): selecting
     rows (beam reordering, dropping sentences) gathers the filled part of one buffer into the other
-    and swaps them, so a beam step allocates no new cache memory. Selecting more rows than there are
-    (a search that starts with one row per sentence, then branches into beams) grows the buffers."""
+    and swaps them, so a beam step allocates no new cache memory; when at most half of the rows
+    change (beams that keep their rows, finished sentences replaced by the last ones), only those
+    are copied, in place, through the other buffer. Selecting more rows than there are (a search
+    that starts with one row per sentence, then branches into beams) grows the buffers."""
 
     def __init__(self, cross: tuple[torch.Tensor, torch.Tensor], capacity: int, beam: int = 1):
         self.cross = cross  # keys transposed (N, H, hd, S), values (N, H, S, hd)

@@ -228,7 +228,7 @@ def beam_search(model: Transformer, src: torch.Tensor, *, beam: int = 5, lenpen:
         # the K best candidates that do not end continue
         rank = torch.arange(top_scores.shape[1], device=device) + is_eos * top_scores.shape[1]
         pick = rank.topk(K, dim=1, largest=False).indices  # (B', K), in score order
-        if width == K:  # each beam's best continuation stays in its row: fewer cache rows move
+        if width == K:  # in row order instead: each beam's best continuation stays in its row
             pick = pick.gather(1, _stay_in_rows(top_beam.gather(1, pick)))
         scores = top_scores.gather(1, pick)
         rows = (torch.arange(Ba, device=device) * width)[:, None] + top_beam.gather(1, pick)  # (B', K)
