@@ -53,9 +53,9 @@ class Int8Linear(nn.Module):
     each block is packed once.
 
     One scale per call (FBGEMM's dynamic linear) would make a sentence's result depend on the others
-    in its batch. So each row is divided by its own max |x| first and
-    quantized on one fixed grid over [-1, 1] (``ACTIVATION_GRID``), i.e. with its own scale; the
-    output is multiplied back row by row."""
+    in its batch. So each row is divided by its own max |x| first and quantized on one fixed grid
+    over [-1, 1] (``ACTIVATION_GRID``), i.e. with its own scale; the output is multiplied back row
+    by row."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()

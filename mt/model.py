@@ -279,18 +279,19 @@ class LayerCache:
         torch.index_select(source, 1, rows, out=target)
         self._active, self.rows = 1 - self._active, rows.shape[0]
 
-    def select_sentences(self, index: torch.Tensor) -> None:
-        """Keep sentences ``index`` (N',) with all their beams. Sentences that keep their place are
-        not copied (``search`` fills the places of finished sentences with the last ones)."""
-        rows = sentence_rows(index, self.beam)
-        moved = moved_rows(index, self.cross[1].shape[0])
+    def select_sentences(self, index: torch.Tensor, moved: torch.Tensor | None = None) -> None:
+        """Keep sentences ``index`` (N',) with all their beams. ``moved``: see ``moved_rows``
+        (sentences that keep their place are then not copied)."""
+        beam = self.beam
+        rows = sentence_rows(index, beam)
         if moved is None:
             self.cross = (self.cross[0].index_select(0, index), self.cross[1].index_select(0, index))
-        else:
-            for tensor in self.cross:
-                tensor[moved] = tensor.index_select(0, index[moved])
-            self.cross = (self.cross[0][: index.shape[0]], self.cross[1][: index.shape[0]])
-        self.select_rows(rows, moved_rows(rows, self.rows))
+            self.select_rows(rows)
+            return
+        for tensor in self.cross:
+            tensor[moved] = tensor.index_select(0, index[moved])
+        self.cross = (self.cross[0][: index.shape[0]], self.cross[1][: index.shape[0]])
+        self.select_rows(rows, sentence_rows(moved, beam))  # a moved sentence moves all its rows
 
 
 def moved_rows(rows: torch.Tensor, current: int) -> torch.Tensor | None:
@@ -334,9 +335,12 @@ class DecoderCache:
             layer.select_rows(rows, moved)
 
     def select_sentences(self, index: torch.Tensor) -> None:
-        """Keep sentences ``index`` (N',), in that order (drop finished ones, reorder a batch)."""
+        """Keep sentences ``index`` (N',), in that order (drop finished ones, reorder a batch).
+        Sentences that keep their place are not copied (``search`` fills the places of finished
+        sentences with the last ones)."""
+        moved = moved_rows(index, self.src_mask.shape[0])
         for layer in self.layers:
-            layer.select_sentences(index)
+            layer.select_sentences(index, moved)
         self.src_mask = self.src_mask.index_select(0, index)
 
     def reorder(self, index: torch.Tensor) -> None:
