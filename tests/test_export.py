@@ -17,6 +17,7 @@ from mt.search import beam_search, greedy_search
 from mt.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from mt.train import train
 from mt.translate import load_model
+from tolerance import score_slack
 
 transformers = pytest.importorskip("transformers", reason="the optional extra mt[export] is not installed")
 ctranslate2 = pytest.importorskip("ctranslate2", reason="the optional extra mt[export] is not installed")
@@ -26,7 +27,9 @@ from mt.export import ExportError, to_ctranslate2, to_hf  # noqa: E402
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, multi30k_head) -> Path:
-    """A small de->en run trained in-test long enough that most outputs end with </s>."""
+    """A small de->en run trained in-test long enough that its outputs end with </s> on every CPU: after
+    200 steps all 200 beam outputs below end before 40 tokens under ATEN_CPU_CAPABILITY=default, avx2
+    and avx512, 1 or 2 threads (after 100 steps 180-181: too close to any floor)."""
     tmp = tmp_path_factory.mktemp("export")
     for lang in ("de", "en"):
         (tmp / f"train.{lang}").write_text("\n".join(multi30k_head("train", lang, 4000)) + "\n", encoding="utf-8")
@@ -36,8 +39,8 @@ def run_dir(tmp_path_factory, multi30k_head) -> Path:
         "tokenizer": {"vocab_size": 500},
         "model": {"d_model": 64, "n_heads": 4, "ffn_dim": 128, "encoder_layers": 2, "decoder_layers": 2,
                   "dropout": 0.0, "max_positions": 256},
-        "train": {"run_dir": str(tmp / "run"), "max_steps": 100, "valid_every": 100, "max_tokens": 2048,
-                  "lr": 3e-3, "warmup_steps": 20, "num_threads": 2},
+        "train": {"run_dir": str(tmp / "run"), "max_steps": 200, "valid_every": 200, "max_tokens": 2048,
+                  "lr": 3e-3, "warmup_steps": 20, "num_threads": 0},
         "decode": {"beam": 5, "lenpen": 1.0},
     })
     train(cfg, log=lambda _: None, progress=False)
@@ -91,22 +94,47 @@ def _hf_generate(hf, src: torch.Tensor, **kwargs) -> list[list[int]]:
     return result
 
 
-def _agree(ours: list[int], theirs: list[int], limit: int) -> bool:
-    """Equal outputs; a hypothesis cut at the length limit (mt ends it with </s>, HF just stops)
-    compares on the tokens before the limit."""
-    if theirs and theirs[-1] == EOS_ID and len(theirs) < limit:
-        return ours + [EOS_ID] == theirs
-    return ours == theirs[: limit - 1]
+def _mt_log_probs(model, src: list[int], tokens: list[int]) -> torch.Tensor:
+    """(len(tokens), V) log-probabilities under mt of each next token, teacher-forced on ``tokens``."""
+    with torch.no_grad():
+        logits = model(torch.tensor([src]), torch.tensor([[BOS_ID] + tokens[:-1]]))
+    return torch.log_softmax(logits[0].float(), dim=-1)
+
+
+def _mt_score(model, src: list[int], tokens: list[int], lenpen: float) -> float:
+    """mt's ranking score of an output ``tokens`` (</s> included): log p / len**lenpen."""
+    lprobs = _mt_log_probs(model, src, tokens)
+    return lprobs[torch.arange(len(tokens)), torch.tensor(tokens)].sum().item() / len(tokens) ** lenpen
+
+
+def _assert_near_tie(model, src: list[int], ours: list[int], theirs: list[int], lenpen: float) -> None:
+    """Two engines' different beam outputs (</s> included) must score the same under mt, to rounding:
+    a near-tie that another CPU's summation order decided the other way. A clearly better hypothesis
+    missed by either side fails."""
+    mine, other = _mt_score(model, src, ours, lenpen), _mt_score(model, src, theirs, lenpen)
+    assert abs(mine - other) <= score_slack(mine, max(len(ours), len(theirs))), \
+        f"mt {ours} scores {mine:.6f} under mt, the other engine's {theirs} {other:.6f}"
 
 
 def test_hf_greedy_outputs_equal_mt_greedy(exported, test_sources):
     _, hf, model, _, _ = exported
     src = pad(test_sources)
     limit = 40
-    ours = greedy_search(model, src, max_len_a=0.0, max_len_b=limit)
+    ours = [h.tokens + [EOS_ID] for h in greedy_search(model, src, max_len_a=0.0, max_len_b=limit)]
     theirs = _hf_generate(hf, src, num_beams=1, max_new_tokens=limit)
-    assert all(_agree(o.tokens, t, limit) for o, t in zip(ours, theirs))
-    assert sum(t[-1] == EOS_ID for t in theirs) >= len(theirs) // 2  # the check is not only about limits
+    for ids, o, t in zip(test_sources, ours, theirs):
+        # compared up to the limit: there mt ends a hypothesis with </s> and HF just stops
+        n = min(len(o), len(t), limit - 1)
+        differ = [j for j in range(n) if o[j] != t[j]]
+        if not differ:
+            assert len(o) == len(t) or n == limit - 1, f"one ends, the other goes on: {o} vs {t}"
+            continue
+        # greedy outputs part at a step where both tokens are (to rounding) equally probable under mt
+        j = differ[0]
+        lprobs = _mt_log_probs(model, ids, o)[j]
+        assert lprobs[o[j]].item() == pytest.approx(lprobs[t[j]].item(), rel=0, abs=score_slack(0.0, 1)), \
+            f"step {j}: mt chose {o[j]}, HF {t[j]}"
+    assert sum(t[-1] == EOS_ID for t in theirs) >= len(theirs) // 4  # the check is not only about limits
 
 
 @pytest.mark.parametrize("lenpen", [1.0, 0.6])
@@ -114,30 +142,37 @@ def test_hf_beam_outputs_equal_mt_beam_with_the_same_length_penalty(exported, te
     _, hf, model, _, _ = exported
     src = pad(test_sources)
     limit = 40
-    ours = beam_search(model, src, beam=5, lenpen=lenpen, max_len_a=0.0, max_len_b=limit)
+    ours = [h[0].tokens + [EOS_ID] for h in beam_search(model, src, beam=5, lenpen=lenpen, max_len_a=0.0,
+                                                        max_len_b=limit)]
     theirs = _hf_generate(hf, src, num_beams=5, length_penalty=lenpen, early_stopping=True, max_new_tokens=limit)
     finished = [i for i, t in enumerate(theirs) if t[-1] == EOS_ID and len(t) < limit]
-    assert len(finished) >= len(theirs) // 2
-    assert [ours[i][0].tokens + [EOS_ID] for i in finished] == [theirs[i] for i in finished]
+    assert len(finished) >= 0.75 * len(theirs)  # the check is not only about limits
+    for i, (o, t) in enumerate(zip(ours, theirs)):
+        if i not in finished:  # cut at the limit: mt ends it with </s>, HF just stops
+            assert o[: limit - 1] == t[: limit - 1]
+        elif o != t:
+            _assert_near_tie(model, test_sources[i], o, t, lenpen)
 
 
 def test_ctranslate2_float32_agrees_with_mt(run_dir, tmp_path, multi30k_head):
     out = to_ctranslate2(run_dir, tmp_path / "ct2")
-    _, _, src_tok, tgt_tok = load_model(run_dir, device="cpu")
+    model, _, src_tok, tgt_tok = load_model(run_dir, device="cpu")
     lines = multi30k_head("test_2016_flickr", "de", 200)
-    model, _, _, _ = load_model(run_dir, device="cpu")
     ids = src_tok.encode(lines)
     limit = 40
     ours = [h[0].tokens for h in beam_search(model, pad(ids), beam=5, lenpen=1.0, max_len_a=0.0, max_len_b=limit)]
-    translator = ctranslate2.Translator(str(out), device="cpu", compute_type="float32", intra_threads=2)
+    translator = ctranslate2.Translator(str(out), device="cpu", compute_type="float32", intra_threads=torch.get_num_threads())
     pieces = [[src_tok.sp.id_to_piece(i) for i in seq] for seq in ids]
     results = translator.translate_batch(pieces, beam_size=5, length_penalty=1.0, max_decoding_length=limit - 1)
     theirs = [[tgt_tok.sp.piece_to_id(p) for p in r.hypotheses[0]] for r in results]
-    # mt ends a hypothesis at the length limit with </s>; CTranslate2 cuts it: compare those that end
+    # mt ends a hypothesis at the length limit with </s>; CTranslate2 cuts it, and the last step's
+    # choice then differs by design: compare those that end
     ended = [i for i in range(len(lines)) if max(len(ours[i]), len(theirs[i])) < limit - 1]
     assert len(ended) >= 0.9 * len(lines)
-    agree = sum(ours[i] == theirs[i] for i in ended)
-    assert agree >= 0.99 * len(ended), f"{agree}/{len(ended)} agree"
+    for i in ended:
+        if ours[i] != theirs[i]:
+            _assert_near_tie(model, ids[i], ours[i] + [EOS_ID], theirs[i] + [EOS_ID], lenpen=1.0)
+    assert sum(ours[i] == theirs[i] for i in ended) >= 0.9 * len(ended)  # near-ties are rare
 
 
 def test_post_norm_and_separate_vocabularies_are_refused(tmp_path, run_dir):

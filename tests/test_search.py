@@ -12,6 +12,7 @@ from mt.data import pad
 from mt.model import Transformer
 from mt.search import BLOCK, _keep_in_place, _stay_in_rows, _top_candidates, beam_search, greedy_search
 from mt.tokenizer import BOS_ID, EOS_ID
+from tolerance import score_close, score_slack
 
 VOCAB = 24  # ids 4..23 are symbols; 0-3 are <s> <pad> </s> <unk>
 
@@ -23,7 +24,9 @@ def reversal_batch(gen: torch.Generator, n: int, lo: int = 3, hi: int = 8) -> li
 
 @pytest.fixture(scope="module")
 def reversal_model() -> Transformer:
-    """A small Transformer taught to reverse sequences (it needs cross-attention to do it)."""
+    """A small Transformer taught to reverse sequences (it needs cross-attention to do it). The learning
+    rate decays over the last 300 steps, so the model converges on every CPU (40/40 reversed under
+    ATEN_CPU_CAPABILITY=default, avx2 and avx512, 1 or 2 threads; without the decay 37-40)."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     cfg = ModelConfig(d_model=64, n_heads=4, ffn_dim=128, encoder_layers=2, decoder_layers=2, dropout=0.0,
@@ -32,7 +35,7 @@ def reversal_model() -> Transformer:
     opt = torch.optim.Adam(model.parameters(), lr=3e-3, betas=(0.9, 0.98))
     for step in range(1, 801):
         for group in opt.param_groups:
-            group["lr"] = 3e-3 * min(1.0, step / 100)  # warmup
+            group["lr"] = 3e-3 * min(1.0, step / 100, (800 - step) / 300 + 0.02)  # warmup, flat, decay
         seqs = reversal_batch(gen, 64)
         src = pad([s + [EOS_ID] for s in seqs])
         tgt = [list(reversed(s)) + [EOS_ID] for s in seqs]
@@ -73,8 +76,8 @@ def test_beam_size_one_equals_greedy(model_name, request):
     beam1 = beam_search(model, src, beam=1, lenpen=0.7)
     for g, (b,) in zip(greedy, beam1):
         assert g.tokens == b.tokens
-        assert g.score == pytest.approx(b.score, abs=1e-5)
-        assert g.model_score == pytest.approx(b.model_score, abs=1e-5)
+        assert g.score == score_close(b.score, len(b.tokens) + 1)
+        assert g.model_score == score_close(b.model_score, len(b.tokens) + 1)
 
 
 @pytest.mark.parametrize("model_name", ["reversal_model", "random_model"])
@@ -85,7 +88,8 @@ def test_batched_beam_equals_one_by_one(model_name, request):
     for src, hyps in zip(srcs, batched):
         alone = beam_search(model, pad([src]), beam=4, nbest=4, max_len_b=8)[0]
         assert [h.tokens for h in hyps] == [h.tokens for h in alone]
-        assert [h.score for h in hyps] == pytest.approx([h.score for h in alone], abs=1e-4)
+        for h, a in zip(hyps, alone):
+            assert h.score == score_close(a.score, len(a.tokens) + 1)
     greedy_batched = greedy_search(model, pad(srcs), max_len_b=8)
     for src, hyp in zip(srcs, greedy_batched):
         assert hyp.tokens == greedy_search(model, pad([src]), max_len_b=8)[0].tokens
@@ -99,7 +103,8 @@ def test_cache_gives_the_same_search_as_full_decoding(model_name, request):
     without = beam_search(model, src, beam=3, nbest=3, use_cache=False)
     for a, b in zip(with_cache, without):
         assert [h.tokens for h in a] == [h.tokens for h in b]
-        assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-4)
+        for x, y in zip(a, b):
+            assert x.score == score_close(y.score, len(y.tokens) + 1)
     assert [h.tokens for h in greedy_search(model, src)] == [h.tokens for h in greedy_search(model, src, use_cache=False)]
 
 
@@ -125,7 +130,7 @@ def test_model_score_is_the_sum_of_token_log_probabilities(reversal_model):
         with torch.no_grad():
             lprobs = torch.log_softmax(reversal_model(src[i: i + 1], torch.tensor([[BOS_ID] + tgt[:-1]])), -1)
         expected = lprobs[0, torch.arange(len(tgt)), torch.tensor(tgt)].sum().item()
-        assert h.model_score == pytest.approx(expected, abs=1e-4)
+        assert h.model_score == score_close(expected, len(tgt))
 
 
 def test_beam_finds_at_least_the_greedy_score(reversal_model):
@@ -134,7 +139,7 @@ def test_beam_finds_at_least_the_greedy_score(reversal_model):
         greedy = greedy_search(reversal_model, src, lenpen=lenpen)
         beam = beam_search(reversal_model, src, beam=5, lenpen=lenpen)
         for g, (b,) in zip(greedy, beam):
-            assert b.score >= g.score - 1e-5
+            assert b.score >= g.score - score_slack(g.score, len(g.tokens) + 1)
 
 
 def test_length_limits(random_model):
@@ -196,8 +201,8 @@ def test_two_stage_top_k_search_equals_one_stage(monkeypatch):
     src = pad(sources(6, seed=9, vocab=5 * BLOCK))
     def same(xs, ys):
         assert [[h.tokens for h in n] for n in xs] == [[h.tokens for h in n] for n in ys]
-        assert [h.model_score for n in xs for h in n] == pytest.approx([h.model_score for n in ys for h in n],
-                                                                       abs=1e-5)
+        for x, y in zip((h for n in xs for h in n), (h for n in ys for h in n)):
+            assert x.model_score == score_close(y.model_score, len(y.tokens) + 1)
 
     blocks = beam_search(model, src, beam=4, nbest=2)
     same(beam_search(model, src[2:3], beam=4, nbest=2), [blocks[2]])

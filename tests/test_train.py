@@ -254,7 +254,7 @@ def slice_overrides(files: dict[str, Path], train: str, run_dir: Path, cache_dir
         "model.d_model": 64, "model.n_heads": 2, "model.ffn_dim": 128,
         "model.encoder_layers": 1, "model.decoder_layers": 1, "model.dropout": 0.0, "model.max_positions": 128,
         "train.run_dir": run_dir, "train.max_tokens": 1024, "train.max_steps": 40, "train.valid_every": 20,
-        "train.log_every": 10, "train.lr": 0.003, "train.warmup_steps": 10, "train.num_threads": 2,
+        "train.log_every": 10, "train.lr": 0.003, "train.warmup_steps": 10, "train.num_threads": 0,
         "train.device": "cpu", "train.seed": 1,
     }
     values.update(extra)
