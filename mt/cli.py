@@ -31,17 +31,9 @@ _state = {"debug": os.environ.get("MT_DEBUG", "") not in ("", "0")}
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from mt.checkpoint import CheckpointError
-    from mt.config import ConfigError
-    from mt.data import CorpusError
-    from mt.multi30k import DataFetchError
-    from mt.evaluate import EvaluationError
-    from mt.export import ExportError
-    from mt.tokenizer import TokenizerError
-    from mt.train import TrainingError
+    from mt.errors import MtError
 
-    return (ConfigError, CorpusError, TokenizerError, CheckpointError, TrainingError, DataFetchError,
-            EvaluationError, ExportError, OSError)
+    return (MtError, OSError)
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -106,7 +98,9 @@ def train(
     if config is None:
         if not (resume and run_dir is not None):
             _fail("give a config file (or --resume with -o RUN_DIR to use the run's config.yaml)")
-        config = run_dir / "config.yaml"
+        from mt.run import Run
+
+        config = Run(run_dir).config_path
     if run_dir is not None:
         overrides.append(f"train.run_dir={json.dumps(str(run_dir))}")  # literal, not YAML-parsed
     cfg = load_config(config, overrides)
@@ -225,6 +219,8 @@ def translate(
 
     from tqdm import tqdm
 
+    from mt.files import atomic_write
+
     translator = _translator(model, checkpoint, average, device, greedy, nbest, beam, lenpen, max_len_a,
                              max_len_b, min_len, batch_tokens, dtype)
     with contextlib.ExitStack() as stack:
@@ -237,10 +233,8 @@ def translate(
                 _fail(f"{input}: cannot open ({e.strerror})")
         if output is None:
             sink = io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8", newline="\n", write_through=True)
-        else:  # written to a temporary file, renamed into place only when complete
-            tmp = output.with_name(f".{output.name}.tmp")
-            stack.callback(tmp.unlink, missing_ok=True)
-            sink = stack.enter_context(open(tmp, "w", encoding="utf-8", newline="\n"))
+        else:  # appears only when complete
+            sink = stack.enter_context(atomic_write(output))
         bar = stack.enter_context(tqdm(disable=None, unit=" lines", file=sys.stderr, leave=False))
         for index, result in enumerate(translator.translate(_input_lines(source, name))):
             if nbest > 1:
@@ -257,9 +251,6 @@ def translate(
         sink.flush()
         if output is None:
             sink.detach()
-        else:
-            sink.close()
-            tmp.replace(output)
 
 
 @app.command("eval")
@@ -294,6 +285,7 @@ def evaluate(
     import sys
 
     from mt.evaluate import decode_lines, parse_metrics, read_text, score
+    from mt.files import atomic_write
 
     names = parse_metrics(metrics)
     references = read_text(ref)
@@ -304,7 +296,8 @@ def evaluate(
                                  max_len_b, min_len, batch_tokens, dtype)
         hypotheses = translator.translate_lines(read_text(src))
         if output is not None:
-            output.write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
+            with atomic_write(output) as f:
+                f.write("".join(h + "\n" for h in hypotheses))
     elif system is not None:
         hypotheses = read_text(system)
     else:
@@ -331,19 +324,18 @@ def average(
     Step checkpoints only exist for the steps the run kept (train.keep_checkpoints); checkpoints
     written without validation (train.save_every) have no score for --best.
     """
-    from mt.config import load_config
-    from mt.tune import average_best, average_last
+    from mt.run import Run
 
     if bool(last) == bool(best):
         _fail("give exactly one of --last N or --best N")
     if metric is not None and metric not in ("bleu", "nll"):
         _fail(f"--metric {metric!r}: choose bleu or nll")
-    # never checkpoints/average.pt: that one is training's, and RUN/decode.yaml may point to it
+    run = Run(run_dir)
     if last:
-        path = average_last(run_dir, last, output or run_dir / "checkpoints" / f"average_last{last}.pt")
+        path = run.average_last(last, output or run.average_name("last", last))
     else:
-        metric = metric or load_config(run_dir / "config.yaml").train.best_metric
-        path = average_best(run_dir, best, metric, output or run_dir / "checkpoints" / f"average_best{best}.pt")
+        path = run.average_best(best, metric or run.load_config().train.best_metric,
+                                output or run.average_name("best", best))
     _log(f"averaged {last or best} checkpoints -> {path}")
 
 

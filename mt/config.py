@@ -19,8 +19,11 @@ from typing import Any
 
 import yaml
 
+from mt.errors import MtError
+from mt.files import atomic_write
 
-class ConfigError(ValueError):
+
+class ConfigError(MtError):
     """A configuration value or key is invalid; the message names it."""
 
 
@@ -454,8 +457,6 @@ def config_from_dict(tree: dict) -> Config:
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML (atomically: temp file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
-    tmp.replace(path)
+    """Write the resolved config as YAML (atomically)."""
+    with atomic_write(path) as f:
+        yaml.safe_dump(config.to_dict(), f, sort_keys=False, allow_unicode=True)

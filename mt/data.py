@@ -21,10 +21,11 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-import torch
 
+from mt.batch import Batch, collate
 from mt.config import CorpusConfig
-from mt.tokenizer import BOS_ID, PAD_ID, Tokenizer
+from mt.errors import MtError
+from mt.tokenizer import Tokenizer
 
 CACHE_VERSION = "2"  # bump when the reading or tokenizing code changes what it produces
 datasets.logging.set_verbosity_error()
@@ -34,7 +35,7 @@ datasets.disable_progress_bars()
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 (but tab and newline), DEL, C1
 
 
-class CorpusError(ValueError):
+class CorpusError(MtError):
     """A corpus file is missing or malformed; the message names the file (and line)."""
 
 
@@ -259,39 +260,6 @@ def clean(ds: datasets.Dataset, max_len: int, max_ratio: float = 0.0) -> tuple[d
 
 # --------------------------------------------------------------------------------------------------
 # Batching
-
-
-@dataclass
-class Batch:
-    """A padded batch. ``tgt_in`` is ``<s> y1 .. yn`` and ``tgt_out`` is ``y1 .. yn </s>``."""
-
-    src: torch.Tensor  # (B, S)
-    tgt_in: torch.Tensor  # (B, T)
-    tgt_out: torch.Tensor  # (B, T)
-    indices: np.ndarray  # (B,) example indices in the dataset
-
-    @property
-    def num_tgt_tokens(self) -> int:
-        return int((self.tgt_out != PAD_ID).sum())
-
-    def to(self, device: torch.device) -> Batch:
-        return Batch(self.src.to(device, non_blocking=True), self.tgt_in.to(device, non_blocking=True),
-                     self.tgt_out.to(device, non_blocking=True), self.indices)
-
-
-def pad(sequences: list[list[int]], pad_id: int = PAD_ID) -> torch.Tensor:
-    """Right-pad lists of ids to a (B, max_len) long tensor."""
-    out = np.full((len(sequences), max(map(len, sequences))), pad_id, dtype=np.int64)
-    for row, seq in zip(out, sequences):
-        row[: len(seq)] = seq
-    return torch.from_numpy(out)
-
-
-def collate(src_ids: list[list[int]], tgt_ids: list[list[int]], indices: np.ndarray) -> Batch:
-    """Teacher forcing: the decoder reads the target shifted right by one, starting with ``<s>``."""
-    tgt_out = pad(tgt_ids)
-    tgt_in = pad([[BOS_ID] + t[:-1] for t in tgt_ids])
-    return Batch(src=pad(src_ids), tgt_in=tgt_in, tgt_out=tgt_out, indices=indices)
 
 
 class TokenBatchSampler:

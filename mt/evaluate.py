@@ -15,10 +15,12 @@ from pathlib import Path
 
 from sacrebleu.metrics import BLEU, CHRF, TER
 
+from mt.errors import MtError
+
 METRICS = {"bleu": BLEU, "chrf": CHRF, "ter": TER}
 
 
-class EvaluationError(ValueError):
+class EvaluationError(MtError):
     """Inputs cannot be scored (unknown metric, line counts differ); the message says which."""
 
 

@@ -15,7 +15,6 @@ Needs the optional extra ``mt[export]`` (transformers, safetensors; ctranslate2 
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,12 +22,13 @@ import torch
 
 from mt import checkpoint as ckpt
 from mt.config import Config, config_from_dict
+from mt.errors import MtError
+from mt.files import atomic_copy, atomic_write
+from mt.run import Run
 from mt.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
-from mt.translate import load_model
-from mt.tune import read_defaults
 
 
-class ExportError(ValueError):
+class ExportError(MtError):
     """The run cannot be exported; the message says which setting prevents it."""
 
 
@@ -117,11 +117,12 @@ def to_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str | None = Non
     ``checkpoint`` None: the run's tuned choice (RUN/decode.yaml), else best; so are beam and lenpen."""
     transformers = _require("transformers")
     _check_out_dir(out_dir)
-    tuned = read_defaults(run_dir)
+    run = Run(run_dir)
+    tuned = run.read_defaults()
     checkpoint = checkpoint or tuned.get("checkpoint", "best")
-    state = ckpt.load(ckpt.resolve(run_dir, checkpoint))  # check the settings before building anything
+    state = ckpt.load(run.resolve(checkpoint))  # check the settings before building anything
     check_exportable(config_from_dict(state["config"]), state["vocab"]["src"], state["vocab"]["tgt"])
-    model, cfg, src_tok, tgt_tok = load_model(run_dir, checkpoint, average, device="cpu")
+    model, cfg, src_tok, tgt_tok = run.load_for_inference(checkpoint, "fp32", "cpu", average)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     hf = transformers.M2M100ForConditionalGeneration(hf_config(cfg, tgt_tok.vocab_size))
@@ -136,12 +137,12 @@ def to_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str | None = Non
         num_beams=d.beam, length_penalty=d.lenpen, early_stopping=True, max_length=cfg.model.max_positions,
     )
     hf.save_pretrained(out_dir, safe_serialization=True)
-    shutil.copyfile(Path(run_dir) / "spm.model", out_dir / "sentencepiece.model")
-    (out_dir / "mt_export.json").write_text(json.dumps({
-        "source": str(run_dir), "checkpoint": checkpoint, "average": average,
-        "special_ids": {"bos": BOS_ID, "pad": PAD_ID, "eos": EOS_ID, "unk": UNK_ID},
-        "decode": {"beam": d.beam, "lenpen": d.lenpen, "max_len_a": d.max_len_a, "max_len_b": d.max_len_b},
-    }, indent=1) + "\n", encoding="utf-8")
+    atomic_copy(run.tokenizer_paths(joint=True)[0], out_dir / "sentencepiece.model")
+    record = {"source": str(run_dir), "checkpoint": checkpoint, "average": average,
+              "special_ids": {"bos": BOS_ID, "pad": PAD_ID, "eos": EOS_ID, "unk": UNK_ID},
+              "decode": {"beam": d.beam, "lenpen": d.lenpen, "max_len_a": d.max_len_a, "max_len_b": d.max_len_b}}
+    with atomic_write(out_dir / "mt_export.json") as f:
+        f.write(json.dumps(record, indent=1) + "\n")
     return out_dir
 
 
@@ -183,5 +184,5 @@ def to_ctranslate2(run_dir: str | Path, out_dir: str | Path, checkpoint: str | N
         hf_dir = to_hf(run_dir, Path(tmp) / "hf", checkpoint, average)
         # force=True lets the converter replace out_dir, which was checked to be new or empty above
         Converter(str(hf_dir)).convert(str(out_dir), quantization=quantization, force=True)
-        shutil.copyfile(hf_dir / "sentencepiece.model", out_dir / "sentencepiece.model")
+        atomic_copy(hf_dir / "sentencepiece.model", out_dir / "sentencepiece.model")
     return out_dir

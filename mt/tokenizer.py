@@ -15,11 +15,14 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from mt.errors import MtError
+from mt.files import atomic_write
+
 BOS_ID, PAD_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 SPECIAL_PIECES = {"bos": "<s>", "pad": "<pad>", "eos": "</s>", "unk": "<unk>"}
 
 
-class TokenizerError(ValueError):
+class TokenizerError(MtError):
     """SentencePiece could not be trained or loaded; the message says why and what to change."""
 
 
@@ -74,10 +77,8 @@ def train_sentencepiece(
         raise TokenizerError(f"SentencePiece training failed: {message.splitlines()[-1]}") from None
     if count == 0:
         raise TokenizerError("SentencePiece training failed: no non-empty sentences")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    tmp.write_bytes(buffer.getvalue())
-    tmp.replace(out_path)
+    with atomic_write(out_path, "wb") as f:
+        f.write(buffer.getvalue())
     return out_path
 
 
@@ -130,14 +131,5 @@ class Tokenizer:
         return self.sp.decode([[i for i in seq if i >= UNK_ID] for seq in ids])
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(self._proto)
-        tmp.replace(path)
-
-
-def tokenizer_files(run_dir: Path, joint: bool) -> tuple[Path, Path]:
-    """The (source, target) SentencePiece models of a run directory."""
-    if joint:
-        return run_dir / "spm.model", run_dir / "spm.model"
-    return run_dir / "spm.src.model", run_dir / "spm.tgt.model"
+        with atomic_write(path, "wb") as f:
+            f.write(self._proto)

@@ -21,21 +21,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sacrebleu.metrics import BLEU
 from tqdm import tqdm
 
 from mt import checkpoint as ckpt
 from mt import tune
-from mt.config import Config, ConfigError, DecodeConfig, config_from_dict, parse_duration, save_config
-from mt.data import Batch, ParallelData, clean, load_corpus, tokenize
+from mt.batch import Batch
+from mt.config import Config, ConfigError, config_from_dict, parse_duration
+from mt.data import ParallelData, clean, load_corpus, tokenize
 from mt.device import autocast, pick_device, slow_bf16_warning
+from mt.errors import MtError
 from mt.loss import linear_label_smoothed_loss
 from mt.model import Transformer
-from mt.rundir import MetricsLog, StopSignals, TrainingError, check_disk_space, check_run_dir
-from mt.tokenizer import PAD_ID, Tokenizer, tokenizer_files, train_sentencepiece
+from mt.run import Run
+from mt.signals import StopSignals
+from mt.tokenizer import PAD_ID, Tokenizer, train_sentencepiece
+from mt.translate import validation_bleu
 
 TRAINER_STATE_VERSION = 1
 MAX_BAD_UPDATES = 5  # consecutive non-finite updates before training gives up
+
+
+class TrainingError(MtError):
+    """Training cannot go on; the message says why."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -80,18 +87,27 @@ def _text_stream(ds, column: str) -> Iterator[str]:
         yield from batch[column]
 
 
-def prepare_tokenizers(cfg: Config, run_dir: Path, train_ds, log: Callable[[str], None]) -> tuple[Tokenizer, Tokenizer]:
+def tokenizers_in_place(cfg: Config, run: Run) -> tuple[Path, ...]:
+    """The configured tokenizer files that already are the run's own files (``mt tokenizer train -o
+    RUN/spm.model``): used where they are, never replaced."""
+    ours = {p.absolute() for p in run.tokenizer_paths(cfg.tokenizer.joint)}
+    named = [Path(m) for m in (cfg.tokenizer.src_model, cfg.tokenizer.tgt_model) if m]
+    return tuple(p for p in named if p.absolute() in ours)
+
+
+def prepare_tokenizers(cfg: Config, run: Run, train_ds, log: Callable[[str], None]) -> tuple[Tokenizer, Tokenizer]:
     """Reuse the run's tokenizer, copy the configured one in, or train SentencePiece on ``train_ds``."""
     tok = cfg.tokenizer
-    src_path, tgt_path = tokenizer_files(run_dir, tok.joint)
+    src_path, tgt_path = run.tokenizer_paths(tok.joint)
     if src_path.exists() and tgt_path.exists():
         return Tokenizer(src_path), Tokenizer(tgt_path)
     if tok.src_model:
-        Tokenizer(tok.src_model).save(src_path)
-        if not tok.joint:
-            if not tok.tgt_model:
-                raise ConfigError("tokenizer.tgt_model: needed with tokenizer.src_model when joint is false")
-            Tokenizer(tok.tgt_model).save(tgt_path)
+        if not tok.joint and not tok.tgt_model:
+            raise ConfigError("tokenizer.tgt_model: needed with tokenizer.src_model when joint is false")
+        for given, path in ((tok.src_model, src_path), (tok.tgt_model, tgt_path)):
+            if given and not path.exists():
+                run.own(path)
+                Tokenizer(given).save(path)
         return Tokenizer(src_path), Tokenizer(tgt_path)
     options = dict(vocab_size=tok.vocab_size, model_type=tok.type, character_coverage=tok.character_coverage,
                    input_sentence_size=tok.input_sentence_size)
@@ -100,8 +116,10 @@ def prepare_tokenizers(cfg: Config, run_dir: Path, train_ds, log: Callable[[str]
         def both() -> Iterator[str]:
             yield from _text_stream(train_ds, "src")
             yield from _text_stream(train_ds, "tgt")
+        run.own(src_path)
         train_sentencepiece(both(), src_path, **options)
     else:
+        run.own(src_path, tgt_path)
         train_sentencepiece(_text_stream(train_ds, "src"), src_path, **options)
         train_sentencepiece(_text_stream(train_ds, "tgt"), tgt_path, **options)
     log(f"trained SentencePiece {tok.type} ({'joint' if tok.joint else 'separate'}, {tok.vocab_size} pieces) "
@@ -139,20 +157,6 @@ class TrainResult:
     signal: int = 0  # the signal that interrupted training (its checkpoint was saved), or 0
 
 
-def validation_bleu(model: Transformer, data: ParallelData, src_tok: Tokenizer, tgt_tok: Tokenizer,
-                    decode: DecodeConfig) -> float:
-    """Corpus BLEU (sacreBLEU defaults) of translating the split's source with greedy (beam 1) or
-    beam search, against its target text."""
-    from mt.translate import Translator
-
-    was_training = model.training
-    model.eval()
-    translator = Translator(model, src_tok, tgt_tok, decode, greedy=decode.beam == 1)  # model's dtype
-    hypotheses = translator.translate_lines(data.ds["src"])
-    model.train(was_training)
-    return BLEU(force=True).corpus_score(hypotheses, [data.ds["tgt"]]).score  # force: no tokenized-input warning
-
-
 @torch.no_grad()
 def validate(model: Transformer, data: ParallelData, *, max_tokens: int, epsilon: float,
              device: torch.device, precision: str) -> dict:
@@ -174,19 +178,30 @@ def validate(model: Transformer, data: ParallelData, *, max_tokens: int, epsilon
 
 def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | None = None,
           progress: bool | None = None) -> TrainResult:
-    """Train the model described by ``cfg`` into ``cfg.train.run_dir``; return where it stopped."""
+    """Train the model described by ``cfg`` into ``cfg.train.run_dir``; return where it stopped. The
+    run directory is locked for the whole of it."""
     log = log or (lambda message: print(message, file=sys.stderr))
+    run = Run(cfg.train.run_dir)
+    run.open_for_training(resume, in_place=tokenizers_in_place(cfg, run))
+    try:
+        return _train(cfg, run, resume, log, progress)
+    finally:
+        run.close()
+
+
+def _train(cfg: Config, run: Run, resume: bool, log: Callable[[str], None], progress: bool | None) -> TrainResult:
     tc = cfg.train
-    run_dir = Path(tc.run_dir)
-    ckpt_dir = run_dir / "checkpoints"
-    check_run_dir(run_dir, resume)
     resume_state = None
     if resume:
-        last, resume_state = ckpt.load_resume_state(ckpt_dir, log)
+        last, resume_state = run.resume_state(log)
         saved = config_from_dict(resume_state["config"])
         if saved.model != cfg.model or saved.tokenizer.joint != cfg.tokenizer.joint:
             raise TrainingError(f"{last}: the model or tokenizer settings differ from the checkpoint's; "
                                 "resume with the run's own config.yaml")
+        missing = [p for p in run.tokenizer_paths(cfg.tokenizer.joint) if not p.exists()]
+        if missing and not cfg.tokenizer.src_model:
+            raise TrainingError(f"{missing[0]}: missing; {last} was trained with it (a new tokenizer would not "
+                                "match the weights)")
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     device = pick_device(tc.device)
@@ -200,14 +215,18 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
     if not cfg.data.train.is_set:
         raise ConfigError("data.train: no training corpus configured (set data.train.src and data.train.tgt)")
     raw_train = load_corpus(cfg.data.train, cfg.data.src_lang, cfg.data.tgt_lang, cfg.data.cache_dir)
-    src_tok, tgt_tok = prepare_tokenizers(cfg, run_dir, raw_train, log)
+    src_tok, tgt_tok = prepare_tokenizers(cfg, run, raw_train, log)
+    trained_with = (resume_state or {}).get("tokenizer")  # absent from checkpoints before fingerprints
+    if trained_with and trained_with != {"src": src_tok.fingerprint, "tgt": tgt_tok.fingerprint}:
+        raise TrainingError(f"{last}: trained with another tokenizer than "
+                            f"{run.tokenizer_paths(cfg.tokenizer.joint)[0]} (the fingerprints differ)")
     train_data = load_split(cfg, "train", src_tok, tgt_tok, raw=raw_train)
     log(f"train {cfg.data.train.describe()}: {train_data.report}")
     valid_data = None
     if cfg.data.valid.is_set:
         valid_data = load_split(cfg, "valid", src_tok, tgt_tok)
         log(f"valid {cfg.data.valid.describe()}: {valid_data.report}")
-    save_config(cfg, run_dir / "config.yaml")
+    run.save_config(cfg)
 
     # model and optimizer
     model = Transformer(cfg.model, src_tok.vocab_size, tgt_tok.vocab_size, joint=cfg.tokenizer.joint).to(device)
@@ -249,8 +268,8 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
     bf16_warning = slow_bf16_warning(device) if tc.precision == "bf16" else ""
     if bf16_warning:
         log(f"warning: {bf16_warning} (train.precision=fp32)")
-    check_disk_space(run_dir, model)
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    run.disk_check(model)
+    metrics = run.metrics()
     if resume_state is not None:
         metrics.truncate_after(step)
     saved_step = step if resume_state is not None else -1  # a resumed run's state is already saved
@@ -262,17 +281,14 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
             "format": "mt", "version": ckpt.FORMAT_VERSION,
             "model": model.state_dict(), "config": cfg.to_dict(),
             "vocab": {"src": src_tok.vocab_size, "tgt": tgt_tok.vocab_size},
+            "tokenizer": {"src": src_tok.fingerprint, "tgt": tgt_tok.fingerprint},
             "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(),
             "trainer": {"version": TRAINER_STATE_VERSION, "step": step, "best_metric": tc.best_metric,
                         "best": best, "bad_validations": bad_validations, "elapsed": elapsed(),
                         "window": [window_tokens, window_loss, window_nll]},
             "rng": ckpt.rng_state(), "valid": valid or {},
         }
-        path = ckpt.atomic_save(state, ckpt.step_path(ckpt_dir, step))
-        ckpt.atomic_copy(path, ckpt_dir / "last.pt")
-        if tag == "best":
-            ckpt.atomic_copy(path, ckpt_dir / "best.pt")
-        ckpt.prune(ckpt_dir, tc.keep_checkpoints)
+        run.save_checkpoint(state, step, best=tag == "best", keep=tc.keep_checkpoints)
 
     def batch_stream() -> Iterator[np.ndarray]:
         """Batches across epochs; ``sampler`` holds the position, so this resumes mid-epoch."""
@@ -288,7 +304,8 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
         result = validate(model, valid_data, max_tokens=tc.max_tokens, epsilon=tc.label_smoothing,
                           device=device, precision=tc.precision)
         if tc.valid_beam:
-            result["bleu"] = validation_bleu(model, valid_data, src_tok, tgt_tok, replace(cfg.decode, beam=tc.valid_beam))
+            result["bleu"] = validation_bleu(model, valid_data.ds["src"], valid_data.ds["tgt"], src_tok, tgt_tok,
+                                             replace(cfg.decode, beam=tc.valid_beam))
         value = result[tc.best_metric]
         improved = value > best if higher_is_better else value < best
         if improved:
@@ -321,6 +338,9 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
                 break
             if tc.max_steps and step >= tc.max_steps:
                 stopped = f"reached train.max_steps={tc.max_steps}"
+                break
+            if tc.patience and bad_validations >= tc.patience:  # here too: a resumed early-stopped run
+                stopped = f"early stopping: no improvement in {tc.patience} validations"
                 break
             group = [train_data.batch(i) for _, i in zip(range(tc.accum_steps), stream)]
             if not group:
@@ -369,8 +389,6 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
             if step % tc.valid_every == 0:
                 valid, improved = run_validation()
                 save("best" if improved or valid_data is None else "step", valid)
-                if tc.patience and bad_validations >= tc.patience:
-                    stopped = f"early stopping: no improvement in {tc.patience} validations"
             elif tc.save_every and step % tc.save_every == 0:
                 save("step", None)
     bar.close()
@@ -384,11 +402,9 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
     metrics.write(kind="end", step=step, epoch=sampler.epoch + 1, reason=stopped,
                   **{f"best_{tc.best_metric}": best})
     if step != initial_step:  # the model changed: an earlier choice no longer holds
-        (run_dir / tune.DEFAULTS_FILE).unlink(missing_ok=True)
-        (ckpt_dir / "average.pt").unlink(missing_ok=True)
+        run.drop_tuning()
     wants_tuning = tc.average_last >= 2 or cfg.decode.tune_beam or cfg.decode.tune_lenpen
-    if valid_data is not None and wants_tuning and not (run_dir / tune.DEFAULTS_FILE).exists() \
-            and not signals.received:
-        tune.choose_defaults(cfg, run_dir, valid_data, src_tok, tgt_tok, device, log)
-    return TrainResult(step=step, epoch=sampler.epoch + 1, best=best, stopped=stopped, run_dir=run_dir,
+    if valid_data is not None and wants_tuning and not run.has_defaults() and not signals.received:
+        tune.choose_defaults(cfg, run, valid_data.ds["src"], valid_data.ds["tgt"], str(device), log)
+    return TrainResult(step=step, epoch=sampler.epoch + 1, best=best, stopped=stopped, run_dir=run.path,
                        signal=signals.received)

@@ -13,43 +13,20 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
+from sacrebleu.metrics import BLEU
 
-from mt import checkpoint as ckpt
-from mt.config import Config, ConfigError, DecodeConfig, config_from_dict
-from mt.int8 import quantize_int8
+from mt.batch import pad
+from mt.config import ConfigError, DecodeConfig
 from mt.model import Transformer
+from mt.run import Run
 from mt.search import Hypothesis, beam_search, greedy_search
-from mt.data import pad
-from mt.device import pick_device, slow_bf16_warning
-from mt.tokenizer import EOS_ID, Tokenizer, tokenizer_files
-from mt.tune import read_defaults
+from mt.tokenizer import EOS_ID, Tokenizer
 
 CHUNK_LINES = 2000  # lines read, sorted and translated together
 
 
-def load_model(run_dir: str | Path, checkpoint: str | None = None, average: int = 0,
-               device: str = "auto") -> tuple[Transformer, Config, Tokenizer, Tokenizer]:
-    """Model (eval mode), its config and tokenizers from a run directory alone. ``checkpoint`` None:
-    the one chosen on validation after training (RUN/decode.yaml), else best."""
-    run_dir = Path(run_dir)
-    if average > 1:
-        found = ckpt.step_checkpoints(run_dir / "checkpoints")
-        if len(found) < average:
-            raise ckpt.CheckpointError(f"{run_dir / 'checkpoints'}: --average {average} needs {average} step "
-                                       f"checkpoints, found {len(found)}")
-        state = ckpt.average([p for _, p in found[-average:]])
-    else:
-        state = ckpt.load(ckpt.resolve(run_dir, checkpoint or read_defaults(run_dir).get("checkpoint", "best")))
-    cfg = config_from_dict(state["config"])
-    src_path, tgt_path = tokenizer_files(run_dir, cfg.tokenizer.joint)
-    src_tok, tgt_tok = Tokenizer(src_path), Tokenizer(tgt_path)
-    if (src_tok.vocab_size, tgt_tok.vocab_size) != (state["vocab"]["src"], state["vocab"]["tgt"]):
-        raise ckpt.CheckpointError(f"{src_path}: vocabulary size does not match the checkpoint's")
-    model = Transformer(cfg.model, src_tok.vocab_size, tgt_tok.vocab_size, joint=cfg.tokenizer.joint)
-    model.load_state_dict(state["model"])
-    model.to(pick_device(device)).eval()
-    return model, cfg, src_tok, tgt_tok
+def _warn(message: str) -> None:
+    print(f"mt: warning: {message}", file=sys.stderr)
 
 
 @dataclass
@@ -74,7 +51,7 @@ class Translator:
             raise ConfigError("--nbest needs beam search (not --greedy)")
         if nbest > self.decode.beam:
             raise ConfigError(f"--nbest {nbest} exceeds --beam {self.decode.beam}")
-        self.warn = warn or (lambda message: print(f"mt: warning: {message}", file=sys.stderr))
+        self.warn = warn or _warn
         self.device = next(model.parameters()).device
         self.max_src = model.cfg.max_positions
 
@@ -83,23 +60,14 @@ class Translator:
                  device: str = "auto", greedy: bool = False, nbest: int = 1, **decode_overrides) -> Translator:
         """Decoding options: ``decode_overrides`` (None: not given), else the run's tuned defaults
         (RUN/decode.yaml: beam, lenpen), else its config's ``decode`` section."""
-        model, cfg, src_tok, tgt_tok = load_model(run_dir, checkpoint, average, device)
-        tuned = {k: v for k, v in read_defaults(run_dir).items() if k in ("beam", "lenpen")}
-        decode = replace(cfg.decode, **tuned)
+        run = Run(run_dir)
+        tuned = {k: v for k, v in run.read_defaults().items() if k in ("beam", "lenpen")}
+        loaded = run.load_for_inference(checkpoint, decode_overrides.get("dtype"), device, average, warn=_warn)
+        decode = replace(loaded.config.decode, **tuned)
         decode = replace(decode, **{k: v for k, v in decode_overrides.items() if v is not None})
         if decode_overrides.get("beam") is None and nbest > decode.beam:  # --nbest N alone: a beam of N
             decode = replace(decode, beam=nbest)
-        if decode.dtype == "int8" and device == "auto":  # the int8 kernels are CPU kernels
-            model.to("cpu")
-        translator = cls(model, src_tok, tgt_tok, decode, greedy=greedy, nbest=nbest)
-        if decode.dtype == "bf16":
-            model.to(torch.bfloat16)
-            warning = slow_bf16_warning(translator.device)
-            if warning:
-                translator.warn(f"{warning} (--dtype fp32)")
-        elif decode.dtype == "int8":
-            quantize_int8(model)
-        return translator
+        return cls(loaded.model, loaded.src_tok, loaded.tgt_tok, decode, greedy=greedy, nbest=nbest)
 
     def _search(self, ids: list[list[int]]) -> list[list[Hypothesis]]:
         src = pad(ids).to(self.device)
@@ -156,3 +124,15 @@ class Translator:
     def translate_lines(self, lines: Iterable[str]) -> list[str]:
         """Convenience: the best translation of each line."""
         return [t.texts[0] for t in self.translate(lines)]
+
+
+def validation_bleu(model: Transformer, src: list[str], ref: list[str], src_tok: Tokenizer, tgt_tok: Tokenizer,
+                    decode: DecodeConfig) -> float:
+    """Corpus BLEU (sacreBLEU defaults) of translating ``src`` with greedy (beam 1) or beam search,
+    against ``ref``; the model keeps its dtype and its training mode afterwards."""
+    was_training = model.training
+    model.eval()
+    translator = Translator(model, src_tok, tgt_tok, decode, greedy=decode.beam == 1)
+    hypotheses = translator.translate_lines(src)
+    model.train(was_training)
+    return BLEU(force=True).corpus_score(hypotheses, [ref]).score  # force: no tokenized-input warning

@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mt.data import pad  # noqa: E402
+from mt.batch import pad  # noqa: E402
 from mt.evaluate import read_text, score  # noqa: E402
 from mt.int8 import unavailable as int8_unavailable  # noqa: E402
 from mt.tokenizer import EOS_ID, PAD_ID  # noqa: E402

@@ -30,18 +30,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mt.config import load_config  # noqa: E402
-from mt.data import Batch  # noqa: E402
+from mt.batch import Batch  # noqa: E402
 from mt.tokenizer import PAD_ID  # noqa: E402
 
 
 def prepare_batches(config: str, count: int, workdir: Path, max_tokens: int = 0) -> Path:
     """The first ``count`` training batches of epoch 1, saved for the workers."""
     from mt.data import load_corpus
+    from mt.run import Run
     from mt.train import load_split, prepare_tokenizers
 
     cfg = load_config(config)
     raw = load_corpus(cfg.data.train, cfg.data.src_lang, cfg.data.tgt_lang, cfg.data.cache_dir)
-    src_tok, tgt_tok = prepare_tokenizers(cfg, workdir, raw, log=print)
+    src_tok, tgt_tok = prepare_tokenizers(cfg, Run(workdir), raw, log=print)
     data = load_split(cfg, "train", src_tok, tgt_tok, raw=raw)
     sampler = data.sampler(max_tokens or cfg.train.max_tokens, shuffle=True, seed=cfg.train.seed)
     batches = [data.batch(i) for _, i in zip(range(count), sampler)]

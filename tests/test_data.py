@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from mt.config import CorpusConfig
-from mt.data import (CorpusError, ParallelData, TokenBatchSampler, clean, collate, load_corpus, read_lines,
+from mt.batch import collate
+from mt.data import (CorpusError, ParallelData, TokenBatchSampler, clean, load_corpus, read_lines,
                      tokenize)
 from mt.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 

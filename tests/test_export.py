@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from mt.config import config_from_dict
-from mt.data import pad
+from mt.batch import pad
 from mt.search import beam_search, greedy_search
 from mt.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from mt.train import train
-from mt.translate import load_model
+from mt.run import Run
 from tolerance import score_slack
 
 transformers = pytest.importorskip("transformers", reason="the optional extra mt[export] is not installed")
@@ -51,7 +51,7 @@ def run_dir(tmp_path_factory, multi30k_head) -> Path:
 def exported(run_dir, tmp_path_factory):
     out = to_hf(run_dir, tmp_path_factory.mktemp("hf") / "model")
     hf = transformers.AutoModelForSeq2SeqLM.from_pretrained(out).eval()
-    model, cfg, src_tok, tgt_tok = load_model(run_dir, device="cpu")
+    model, cfg, src_tok, tgt_tok = Run(run_dir).load_for_inference(device="cpu")
     return out, hf, model, src_tok, tgt_tok
 
 
@@ -156,7 +156,7 @@ def test_hf_beam_outputs_equal_mt_beam_with_the_same_length_penalty(exported, te
 
 def test_ctranslate2_float32_agrees_with_mt(run_dir, tmp_path, multi30k_head):
     out = to_ctranslate2(run_dir, tmp_path / "ct2")
-    model, _, src_tok, tgt_tok = load_model(run_dir, device="cpu")
+    model, _, src_tok, tgt_tok = Run(run_dir).load_for_inference(device="cpu")
     lines = multi30k_head("test_2016_flickr", "de", 200)
     ids = src_tok.encode(lines)
     limit = 40

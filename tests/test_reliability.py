@@ -209,19 +209,20 @@ def test_non_finite_updates_are_skipped_then_training_stops(tmp_path, multi30k_h
 def test_disk_space_and_unwritable_run_dir_fail_at_start(tmp_path, multi30k_head, spm_model, monkeypatch):
     import shutil
 
-    import mt.rundir
+    import mt.run
+    from mt.run import RunError
 
     config = config_file(tmp_path, multi30k_head, spm_model, max_steps=5, valid_every=5)
     cfg = load_config(config)
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     cfg.train.run_dir = str(blocker / "run")
-    with pytest.raises(TrainingError, match="a_file/run: run directory is not writable"):
+    with pytest.raises(RunError, match="a_file/run: run directory is not writable"):
         train(cfg, log=lambda _: None, progress=False)
 
     cfg.train.run_dir = str(tmp_path / "run")
-    monkeypatch.setattr(mt.rundir.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
-    with pytest.raises(TrainingError, match="MiB free on disk"):
+    monkeypatch.setattr(mt.run.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(RunError, match="MiB free on disk"):
         train(cfg, log=lambda _: None, progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
@@ -332,7 +333,7 @@ def test_translate_truncates_overlong_lines_with_a_warning(random_run):
 
 
 def test_metrics_rows_torn_by_a_kill_are_dropped_on_resume(tmp_path):
-    from mt.rundir import MetricsLog
+    from mt.run import MetricsLog
 
     log = MetricsLog(tmp_path / "metrics.jsonl")
     for step in (1, 2, 3):

@@ -8,7 +8,7 @@ import torch
 
 from mt.config import ModelConfig
 from mt.int8 import unavailable as int8_unavailable
-from mt.data import pad
+from mt.batch import pad
 from mt.model import Transformer
 from mt.search import BLOCK, _keep_in_place, _stay_in_rows, _top_candidates, beam_search, greedy_search
 from mt.tokenizer import BOS_ID, EOS_ID

@@ -13,11 +13,13 @@ import torch.nn.functional as F
 
 from mt import checkpoint as ckpt
 from mt.config import ModelConfig, TrainConfig, load_config
-from mt.data import collate
+from mt.batch import collate
 from mt.model import Transformer
 from mt.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 from mt.loss import label_smoothed_loss, linear_label_smoothed_loss
-from mt.train import TrainingError, check_run_dir, learning_rate, train
+from mt.run import Run, RunError
+from mt.train import TrainingError
+from mt.train import learning_rate, train
 
 
 def write(path: Path, lines: list[str]) -> Path:
@@ -275,7 +277,7 @@ def test_end_to_end_training_run(tmp_path, cache_dir, slice_files):
     ckpt_dir = run_dir / "checkpoints"
     for name in ("last.pt", "best.pt", "step_00000020.pt", "step_00000040.pt"):
         assert (ckpt_dir / name).is_file(), name
-    assert [s for s, _ in ckpt.step_checkpoints(ckpt_dir)] == [20, 40]
+    assert [s for s, _ in Run(ckpt_dir.parent).step_checkpoints()] == [20, 40]
 
     rows = read_metrics(run_dir)
     train_rows = [r for r in rows if r["kind"] == "train"]
@@ -329,11 +331,8 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, cache_dir,
     assert at_20["trainer"]["step"] == 20
 
     # a fresh run into a directory that holds one is refused, before anything is touched
-    with pytest.raises(TrainingError, match="already holds a trained run"):
-        check_run_dir(resumed_dir, resume=False)
-    with pytest.raises(TrainingError, match="already holds a trained run"):
+    with pytest.raises(RunError, match="already holds a trained run"):
         train(first, log=quiet, progress=False)
-    check_run_dir(resumed_dir, resume=True)
 
     second = load_config(None, slice_overrides(slice_files, "small", resumed_dir, cache_dir, **common))
     train(second, resume=True, log=quiet, progress=False)
@@ -406,7 +405,7 @@ def test_validation_pair_longer_than_max_tokens(tmp_path, cache_dir, slice_files
 def test_bf16_autocast_training_step_is_finite_and_learns():
     """bf16 autocast on CPU: losses stay finite and fall on a fixed batch; weights stay fp32."""
     from mt.config import ModelConfig
-    from mt.data import collate
+    from mt.batch import collate
     from mt.model import Transformer
     from mt.device import autocast
     from mt.train import batch_loss

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from mt.cli import app
 from mt.config import config_from_dict
+from mt.run import Run
 from mt.train import train
 from mt.checkpoint import average as average_checkpoints
 from mt.int8 import unavailable as int8_unavailable
@@ -140,7 +141,7 @@ def test_translator_streams_in_chunks(run_dir, monkeypatch):
 def test_average_and_checkpoint_choice(run_dir):
     from mt import checkpoint as ckpt
 
-    steps = ckpt.step_checkpoints(run_dir / "checkpoints")
+    steps = Run(run_dir).step_checkpoints()
     assert [s for s, _ in steps] == [10, 20, 30]
     avg = average_checkpoints([p for _, p in steps[-2:]])
     a, b = (ckpt.load(p)["model"] for _, p in steps[-2:])

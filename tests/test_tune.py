@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from mt import checkpoint as ckpt
 from mt.cli import app
 from mt.config import config_from_dict
+from mt.run import Run
 from mt.train import train
 
 runner = CliRunner()
@@ -44,7 +45,7 @@ def tuned_run(tmp_path_factory, multi30k_head) -> Path:
 
 
 def test_average_of_the_last_checkpoints_is_their_mean(tuned_run):
-    steps = ckpt.step_checkpoints(tuned_run / "checkpoints")
+    steps = Run(tuned_run).step_checkpoints()
     assert [s for s, _ in steps] == [15, 20, 25, 30]  # save_every 5, keep 4
     average = ckpt.load(tuned_run / "checkpoints" / "average.pt")
     assert average["averaged"] == [p.name for _, p in steps[-3:]]
@@ -93,7 +94,7 @@ def test_mt_average_last_and_best(tuned_run, tmp_path):
     out = tmp_path / "last2.pt"
     result = runner.invoke(app, ["average", str(tuned_run), "--last", "2", "-o", str(out)])
     assert result.exit_code == 0, result.output
-    steps = ckpt.step_checkpoints(tuned_run / "checkpoints")
+    steps = Run(tuned_run).step_checkpoints()
     assert ckpt.load(out)["averaged"] == [p.name for _, p in steps[-2:]]
     # only steps 15 and 30 were validated: they are the two best there are
     out = tmp_path / "best2.pt"
