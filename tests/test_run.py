@@ -1,0 +1,154 @@
+"""The run directory (mt/run.py): mt never replaces or deletes a file it did not write, one training
+process at a time holds a run, and resume refuses what would silently change the run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from mt import checkpoint as ckpt
+from mt.cli import app
+from mt.config import load_config
+from mt.run import Run, RunError, RunLock
+from mt.tokenizer import train_sentencepiece
+from mt.train import TrainingError, train
+from test_reliability import config_file, mt_cli, train_losses, wait_for
+
+runner = CliRunner()
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+def test_a_tokenizer_written_into_the_run_directory_is_used_in_place(tmp_path, multi30k_head, spm_model):
+    run = tmp_path / "runs" / "x"
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(multi30k_head("train", "de", 1000) + multi30k_head("train", "en", 1000)) + "\n")
+    made = runner.invoke(app, ["tokenizer", "train", str(text), "-o", str(run / "spm.model"), "--vocab-size", "300"])
+    assert made.exit_code == 0, made.output
+    before = (run / "spm.model").read_bytes()
+    config = config_file(tmp_path, multi30k_head, spm_model, max_steps=2, valid_every=2)
+    result = runner.invoke(app, ["train", str(config), "-o", str(run), "-q", f"tokenizer.src_model={run / 'spm.model'}"])
+    assert result.exit_code == 0, result.output
+    assert (run / "spm.model").read_bytes() == before  # used where it is, not replaced
+    assert "spm.model" not in Run(run).owned()  # and never mt's to delete
+    assert ckpt.load(run / "checkpoints" / "last.pt")["trainer"]["step"] == 2
+
+
+def test_files_mt_did_not_write_are_never_replaced_or_deleted(tmp_path, multi30k_head, spm_model):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("my own notes\n")
+    (run / "notes.txt").write_text("keep me\n")
+    cfg = load_config(config_file(tmp_path, multi30k_head, spm_model, max_steps=2, valid_every=2))
+    cfg.train.run_dir = str(run)
+    with pytest.raises(RunError, match=r"run/metrics.jsonl: not written by mt train here"):
+        train(cfg, log=quiet, progress=False)
+    assert (run / "metrics.jsonl").read_text() == "my own notes\n"
+    assert not (run / "config.yaml").exists() and not (run / ".mt-lock").exists()
+
+    # a start that fails after writing files of its own: the next start removes those, and only those
+    (run / "metrics.jsonl").unlink()
+    cfg.data.valid.src = str(tmp_path / "missing.de")
+    cfg.data.valid.tgt = str(tmp_path / "missing.en")
+    with pytest.raises(Exception, match="missing.de"):
+        train(cfg, log=quiet, progress=False)
+    assert (run / "spm.model").exists() and "spm.model" in Run(run).owned()  # copied in before the failure
+    cfg = load_config(config_file(tmp_path, multi30k_head, spm_model, max_steps=2, valid_every=2))
+    cfg.train.run_dir = str(run)
+    train(cfg, log=quiet, progress=False)
+    assert (run / "notes.txt").read_text() == "keep me\n"
+    assert {"config.yaml", "spm.model", "metrics.jsonl", "checkpoints/last.pt"} <= Run(run).owned()
+
+
+def test_the_run_lock(tmp_path):
+    path = tmp_path / ".mt-lock"
+    mine = RunLock(path, "RUN")
+    mine.acquire()
+    with pytest.raises(RunError, match=rf"^RUN is in use by pid {os.getpid()} on {socket.gethostname()}$"):
+        RunLock(path, "RUN").acquire()
+    mine.release()
+    assert not path.exists()
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a process that held the lock and was killed: its pid is free
+    path.write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname(), "start": "1", "token": "t"}))
+    taker = RunLock(path, "RUN")
+    taker.acquire()  # stale: taken over
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+    taker.release()
+
+    # the same pid, but a process started at another time (pid reuse): stale too
+    path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "start": "-1", "token": "t"}))
+    RunLock(path, "RUN").acquire()
+
+    path.write_text(json.dumps({"pid": 1, "host": "elsewhere", "token": "t"}))
+    with pytest.raises(RunError, match=r"RUN is in use by pid 1 on elsewhere \(if that run is gone, delete"):
+        RunLock(path, "RUN").acquire()
+    assert json.loads(path.read_text())["host"] == "elsewhere"  # another host's lock is never taken
+
+
+@pytest.mark.slow
+def test_a_second_training_process_is_refused_and_the_first_goes_on_intact(tmp_path, multi30k_head, spm_model):
+    config = config_file(tmp_path, multi30k_head, spm_model, max_steps=100000, valid_every=10)
+    run = tmp_path / "run"
+    first = mt_cli("train", str(config), "-o", str(run), "-q")
+    wait_for(run / "checkpoints" / "step_00000010.pt", first)
+    second = mt_cli("train", "-o", str(run), "--resume", "-q")
+    assert second.wait(timeout=120) == 1
+    assert second.stderr.read().strip().splitlines()[-1] == \
+        f"mt: error: {run} is in use by pid {first.pid} on {socket.gethostname()}"
+    assert first.poll() is None  # still training, undisturbed
+    first.send_signal(signal.SIGINT)  # stop it the way a user would: it saves and exits
+    assert first.wait(timeout=60) == 128 + signal.SIGINT, first.stderr.read()
+    steps = sorted(train_losses(run))
+    assert steps == list(range(1, steps[-1] + 1)) and steps[-1] > 10  # one trajectory, each step once
+    assert ckpt.load(run / "checkpoints" / "last.pt")["trainer"]["step"] == steps[-1]
+    assert Run(run).step_checkpoints()[-1][0] == steps[-1]
+    assert not (run / ".mt-lock").exists()
+
+
+def test_an_early_stopped_run_resumes_to_no_new_step(tmp_path, multi30k_head, spm_model):
+    # lr 1e-12 leaves the fp32 weights exactly as they are: the second validation cannot improve
+    config = config_file(tmp_path, multi30k_head, spm_model, max_steps=1000, valid_every=2, patience=1, lr=1e-12,
+                         schedule="constant", warmup_steps=0)
+    cfg = load_config(config, ["decode.tune_beam=[1]", f"train.run_dir={tmp_path / 'run'}"])
+    messages = []
+    first = train(cfg, log=messages.append, progress=False)
+    assert first.step == 4 and first.stopped.startswith("early stopping")
+    run = Run(tmp_path / "run")
+    tuned = run.defaults_path.read_bytes(), run.defaults_path.stat().st_mtime_ns
+    again = train(cfg, resume=True, log=messages.append, progress=False)
+    assert again.step == 4 and again.stopped.startswith("early stopping")
+    assert (run.defaults_path.read_bytes(), run.defaults_path.stat().st_mtime_ns) == tuned  # not tuned again
+    assert [s for s, _ in run.step_checkpoints()] == [2, 4]
+
+
+def test_resume_refuses_a_replaced_or_missing_tokenizer(tmp_path, multi30k_head, spm_model):
+    cfg = load_config(config_file(tmp_path, multi30k_head, spm_model, max_steps=2, valid_every=2),
+                      [f"train.run_dir={tmp_path / 'run'}"])
+    train(cfg, log=quiet, progress=False)
+    run = Run(tmp_path / "run")
+    spm = run.tokenizer_paths(joint=True)[0]
+    original = spm.read_bytes()
+    other = train_sentencepiece(multi30k_head("train", "en", 2000), tmp_path / "other.model", vocab_size=300,
+                                num_threads=1)  # the same size, another vocabulary
+    shutil.copyfile(other, spm)
+    resumed = load_config(run.config_path, ["train.max_steps=4"])
+    with pytest.raises(TrainingError, match=r"trained with another tokenizer than .*spm.model"):
+        train(resumed, resume=True, log=quiet, progress=False)
+    spm.unlink()
+    no_model = load_config(run.config_path, ["train.max_steps=4", "tokenizer.src_model="])
+    with pytest.raises(TrainingError, match=r"spm.model: missing; .*last.pt was trained with it"):
+        train(no_model, resume=True, log=quiet, progress=False)
+    spm.write_bytes(original)
+    assert train(resumed, resume=True, log=quiet, progress=False).step == 4
