@@ -152,18 +152,26 @@ def data_multi30k(
     _log(f"Multi30k ready in {dest}")
 
 
-# Decoding options shared by translate and eval; None means "the run's decode section".
-Beam = Annotated[Optional[int], typer.Option("--beam", "-b", help="Beam size (default: the run's, chosen on validation or from decode.beam).")]
-Lenpen = Annotated[Optional[float], typer.Option("--lenpen", help="Length penalty α: rank by log p / len**α (default: the run's).")]
-MaxLenA = Annotated[Optional[float], typer.Option("--max-len-a", help="Output length limit a·src_len + b: a.")]
-MaxLenB = Annotated[Optional[int], typer.Option("--max-len-b", help="Output length limit a·src_len + b: b.")]
-MinLen = Annotated[Optional[int], typer.Option("--min-len", help="Minimum output tokens before </s>.")]
-BatchTokens = Annotated[Optional[int], typer.Option("--batch-tokens", help="Source tokens per batch.")]
+# Decoding options shared by translate and eval; None means "the run's". Their help is the config's
+# own documentation (mt/config.py, DecodeConfig).
+def _decode_help(key: str) -> str:
+    from mt.config import DecodeConfig, field_docs
+
+    tuned = "chosen on validation (RUN/decode.yaml), else " if key in ("beam", "lenpen") else ""
+    return f"{field_docs(DecodeConfig)[key]} Default: the run's: {tuned}decode.{key} of its config."
+
+
+Beam = Annotated[Optional[int], typer.Option("--beam", "-b", help=_decode_help("beam"))]
+Lenpen = Annotated[Optional[float], typer.Option("--lenpen", help=_decode_help("lenpen"))]
+MaxLenA = Annotated[Optional[float], typer.Option("--max-len-a", help=_decode_help("max_len_a"))]
+MaxLenB = Annotated[Optional[int], typer.Option("--max-len-b", help=_decode_help("max_len_b"))]
+MinLen = Annotated[Optional[int], typer.Option("--min-len", help=_decode_help("min_len"))]
+BatchTokens = Annotated[Optional[int], typer.Option("--batch-tokens", help=_decode_help("batch_tokens"))]
 Greedy = Annotated[bool, typer.Option("--greedy", help="Greedy search instead of beam search.")]
 Checkpoint = Annotated[Optional[str], typer.Option("--checkpoint", "-c", help="best, last, average, a step number or a file (default: the one chosen on validation, else best).")]
 Average = Annotated[int, typer.Option("--average", help="Average the weights of the last N (>= 2) step checkpoints instead of --checkpoint.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
-Dtype = Annotated[Optional[str], typer.Option("--dtype", help="fp32, bf16 (faster on CPUs with bf16 instructions) or int8 (CPU: quantized linear layers, fastest).")]
+Dtype = Annotated[Optional[str], typer.Option("--dtype", help=_decode_help("dtype"))]
 RunDir = Annotated[Path, typer.Option("--model", "-m", help="Run directory written by mt train.")]
 
 

@@ -1,21 +1,25 @@
 """Typed configuration: dataclasses with defaults, YAML loading, ``key=value`` overrides, validation.
 
 A config file is YAML with the sections ``data``, ``tokenizer``, ``model``, ``train`` and ``decode``.
-Every key has a default here, so a file only names what it changes. Values are validated where the
-dataclass is built (``__post_init__``) and errors name the key and the valid choices. The resolved
+Every key has a default and a docstring here, so a file only names what it changes. Values are
+validated where the dataclass is built (``__post_init__``), before any data is read: every number
+finite, every ``Literal`` one of its choices, ranges checked; errors name the key and the valid values. The resolved
 config (every key, defaults included) is written to ``RUN_DIR/config.yaml`` and is all that
 ``mt translate`` needs besides the tokenizer and the checkpoint.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
 import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -35,6 +39,19 @@ def _choice(key: str, value: Any, choices: tuple) -> None:
 def _positive(key: str, value: float, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def _check_fields(obj: Any, section: str) -> None:
+    """Every float field (and float in a tuple or list) finite, every ``Literal`` field one of its
+    choices: checked for each dataclass as it is built, from YAML or from Python."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        key, value, hint = f"{section}.{f.name}", getattr(obj, f.name), hints[f.name]
+        if typing.get_origin(hint) is Literal:
+            _choice(key, value, typing.get_args(hint))
+        for number in (value if isinstance(value, (list, tuple)) else [value]):
+            if isinstance(number, float) and not math.isfinite(number):
+                raise ConfigError(f"{key}: must be a finite number, got {number!r}")
 
 
 def parse_duration(text: str, key: str = "duration") -> float:
@@ -99,7 +116,9 @@ class DataConfig:
     tgt_lang: str = "en"
     """Target language code."""
     train: CorpusConfig = field(default_factory=CorpusConfig)
+    """The training pairs."""
     valid: CorpusConfig = field(default_factory=CorpusConfig)
+    """Validation pairs: loss and BLEU during training, early stopping, decoding defaults."""
     test: CorpusConfig = field(default_factory=CorpusConfig)
     """Optional held-out test split (used by recipes and ``mt eval``, never for training decisions)."""
     max_len: int = 128
@@ -112,6 +131,7 @@ class DataConfig:
     """Where tokenized datasets are cached; empty: the Hugging Face datasets default."""
 
     def __post_init__(self) -> None:
+        _check_fields(self, "data")
         _positive("data.max_len", self.max_len)
         _positive("data.max_ratio", self.max_ratio, allow_zero=True)
         _positive("data.num_proc", self.num_proc)
@@ -127,7 +147,7 @@ class TokenizerConfig:
     """An existing SentencePiece model for the source side (or both sides when joint)."""
     tgt_model: str = ""
     """An existing SentencePiece model for the target side (separate vocabularies only)."""
-    type: str = "unigram"
+    type: Literal["unigram", "bpe"] = "unigram"
     """SentencePiece algorithm: unigram or bpe."""
     vocab_size: int = 8000
     """Vocabulary size, special tokens included."""
@@ -139,7 +159,7 @@ class TokenizerConfig:
     """Sentences sampled (shuffled) from big corpora for training the model; 0 uses all."""
 
     def __post_init__(self) -> None:
-        _choice("tokenizer.type", self.type, ("unigram", "bpe"))
+        _check_fields(self, "tokenizer")
         if self.vocab_size < 8:
             raise ConfigError(f"tokenizer.vocab_size: must be >= 8, got {self.vocab_size}")
         if not 0 < self.character_coverage <= 1:
@@ -153,19 +173,24 @@ class ModelConfig:
     """Transformer shape. Defaults map one-to-one onto HF ``M2M100ForConditionalGeneration``."""
 
     d_model: int = 512
+    """Width of every layer (embeddings, attention, residual stream)."""
     n_heads: int = 8
+    """Attention heads per layer; must divide d_model."""
     ffn_dim: int = 2048
+    """Inner width of each feed-forward block."""
     encoder_layers: int = 6
+    """Encoder layers (bidirectional self-attention + feed-forward)."""
     decoder_layers: int = 6
+    """Decoder layers (causal self-attention, cross-attention, feed-forward)."""
     dropout: float = 0.1
     """Dropout on embeddings and on each sub-layer's output."""
     attention_dropout: float = 0.0
     """Dropout on attention probabilities."""
     activation_dropout: float = 0.0
     """Dropout after the feed-forward activation."""
-    activation: str = "relu"
+    activation: Literal["relu", "gelu"] = "relu"
     """Feed-forward activation: relu or gelu."""
-    norm: str = "pre"
+    norm: Literal["pre", "post"] = "pre"
     """pre: LayerNorm before each sub-layer plus a final one (M2M100); post: after (the 2017 paper)."""
     scale_embedding: bool = True
     """Multiply token embeddings by sqrt(d_model)."""
@@ -175,6 +200,7 @@ class ModelConfig:
     """Longest sequence the sinusoidal position table covers."""
 
     def __post_init__(self) -> None:
+        _check_fields(self, "model")
         for key in ("d_model", "n_heads", "ffn_dim", "encoder_layers", "decoder_layers", "max_positions"):
             _positive(f"model.{key}", getattr(self, key))
         if self.d_model % self.n_heads:
@@ -182,8 +208,6 @@ class ModelConfig:
         for key in ("dropout", "attention_dropout", "activation_dropout"):
             if not 0 <= getattr(self, key) < 1:
                 raise ConfigError(f"model.{key}: must be in [0, 1)")
-        _choice("model.activation", self.activation, ("relu", "gelu"))
-        _choice("model.norm", self.norm, ("pre", "post"))
 
 
 @dataclass
@@ -193,6 +217,7 @@ class TrainConfig:
     run_dir: str = "runs/default"
     """Where config, tokenizer, checkpoints and metrics go (``mt train -o`` overrides it)."""
     seed: int = 1
+    """Seeds the weights, dropout and the order of batches (each epoch's shuffle is seed + epoch)."""
     max_tokens: int = 4096
     """Token budget of a batch: sentences x longest side, padding included."""
     accum_steps: int = 1
@@ -203,23 +228,28 @@ class TrainConfig:
     """Stop after this many passes over the training data; 0: no limit."""
     max_time: str = ""
     """Stop after this much training time, e.g. 45s, 30m, 2h (empty: no limit); a final checkpoint follows."""
-    optimizer: str = "adamw"
-    """adam or adamw."""
+    optimizer: Literal["adam", "adamw"] = "adamw"
+    """adam or adamw (decoupled weight decay)."""
     lr: float = 7e-4
     """Peak learning rate, reached at the end of warmup."""
     min_lr: float = 0.0
     """Where the cosine and linear schedules end."""
-    schedule: str = "inverse_sqrt"
+    schedule: Literal["inverse_sqrt", "cosine", "linear", "constant"] = "inverse_sqrt"
     """After linear warmup: inverse_sqrt (lr * sqrt(warmup/step)), cosine or linear (down to min_lr at the
     end of the budget: max_steps or max_time, whichever comes first) or constant."""
     warmup_steps: int = 4000
+    """Updates over which the learning rate rises linearly from 0 to lr."""
     betas: tuple[float, float] = (0.9, 0.98)
+    """Adam's decay rates of the first and second moment estimates, each in [0, 1)."""
     adam_eps: float = 1e-8
+    """Adam's epsilon (> 0), added to the root of the second moment."""
     weight_decay: float = 0.0
+    """Weight decay (>= 0): decoupled with adamw, an L2 term with adam."""
     clip_norm: float = 1.0
     """Clip the gradient's global L2 norm to this; 0 disables clipping."""
     label_smoothing: float = 0.1
-    precision: str = "fp32"
+    """Share of the target probability spread uniformly over the vocabulary, in [0, 1)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
     """fp32 or bf16 (autocast on CPU and CUDA; weights and optimizer stay fp32)."""
     device: str = "auto"
     """auto (CUDA when available), cpu, cuda or cuda:N."""
@@ -240,11 +270,16 @@ class TrainConfig:
     """Stop after this many validations without a better best_metric; 0 disables early stopping."""
     valid_beam: int = 0
     """Also translate the validation source and report BLEU: 0 off, 1 greedy, k beam search of size k."""
-    best_metric: str = "nll"
+    best_metric: Literal["nll", "bleu"] = "nll"
     """What picks best.pt and drives early stopping: nll (validation NLL) or bleu (needs valid_beam)."""
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # YAML gives a list
+        _check_fields(self, "train")
+        _positive("train.seed", self.seed, allow_zero=True)
+        _positive("train.adam_eps", self.adam_eps)
+        _positive("train.weight_decay", self.weight_decay, allow_zero=True)
+        _positive("train.min_lr", self.min_lr, allow_zero=True)
         _positive("train.max_tokens", self.max_tokens)
         _positive("train.accum_steps", self.accum_steps)
         _positive("train.max_steps", self.max_steps, allow_zero=True)
@@ -262,10 +297,6 @@ class TrainConfig:
                               f"({self.keep_checkpoints}): the checkpoints to average would be pruned")
         _positive("train.patience", self.patience, allow_zero=True)
         _positive("train.clip_norm", self.clip_norm, allow_zero=True)
-        _choice("train.optimizer", self.optimizer, ("adam", "adamw"))
-        _choice("train.schedule", self.schedule, ("inverse_sqrt", "cosine", "linear", "constant"))
-        _choice("train.precision", self.precision, ("fp32", "bf16"))
-        _choice("train.best_metric", self.best_metric, ("nll", "bleu"))
         _positive("train.valid_beam", self.valid_beam, allow_zero=True)
         if self.best_metric == "bleu" and not self.valid_beam:
             raise ConfigError("train.best_metric: bleu needs train.valid_beam >= 1")
@@ -273,8 +304,8 @@ class TrainConfig:
             raise ConfigError(f"train.device: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError("train.label_smoothing: must be in [0, 1)")
-        if len(self.betas) != 2:
-            raise ConfigError("train.betas: must be two numbers")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"train.betas: must be two numbers in [0, 1), got {list(self.betas)}")
         if self.schedule in ("cosine", "linear") and not (self.max_steps or self.max_time):
             raise ConfigError(f"train.schedule: {self.schedule} decays over the run's budget; "
                               "set train.max_steps or train.max_time")
@@ -285,15 +316,18 @@ class DecodeConfig:
     """Defaults for ``mt translate`` and validation BLEU; command-line options override them."""
 
     beam: int = 5
+    """Beam size (1: greedy search)."""
     lenpen: float = 1.0
-    """Length penalty exponent alpha; hypotheses are ranked by score / len**alpha."""
+    """Length penalty alpha: hypotheses are ranked by log p / len**alpha (0: by log p)."""
     max_len_a: float = 1.2
+    """Output length limit a * source_length + b tokens: a."""
     max_len_b: int = 10
-    """Output length limit: a * source_length + b tokens."""
+    """Output length limit a * source_length + b tokens: b."""
     min_len: int = 1
+    """Minimum output tokens before </s>."""
     batch_tokens: int = 2048
-    """Source-token budget of a translation batch (small batches stay in the CPU caches)."""
-    dtype: str = "fp32"
+    """Source tokens per translation batch (small batches stay in the CPU caches)."""
+    dtype: Literal["fp32", "bf16", "int8"] = "fp32"
     """Weights and activations when translating: fp32; bf16 (about 1.5x faster on CPUs with bf16
     instructions; scores are still computed in fp32); or int8 (CPU: linear layers in int8, one
     scale per weight row and per token, see mt/int8.py)."""
@@ -304,10 +338,10 @@ class DecodeConfig:
     """Likewise for the length penalty; empty: keep ``lenpen``."""
 
     def __post_init__(self) -> None:
+        _check_fields(self, "decode")
         _positive("decode.beam", self.beam)
         for beam in self.tune_beam:
             _positive("decode.tune_beam", beam)
-        _choice("decode.dtype", self.dtype, ("fp32", "bf16", "int8"))
         _positive("decode.batch_tokens", self.batch_tokens)
         _positive("decode.min_len", self.min_len, allow_zero=True)
         _positive("decode.max_len_a", self.max_len_a, allow_zero=True)
@@ -316,11 +350,18 @@ class DecodeConfig:
 
 @dataclass
 class Config:
+    """A whole configuration: one dataclass per section."""
+
     data: DataConfig = field(default_factory=DataConfig)
+    """Corpora and cleaning."""
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    """SentencePiece."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The Transformer's shape."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation and checkpoints."""
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+    """Translation defaults."""
 
     def __post_init__(self) -> None:
         if self.data.max_len > self.train.max_tokens:
@@ -366,6 +407,9 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return _build(hint, value if value is not None else {}, name)
     origin = typing.get_origin(hint)
+    if origin is Literal:
+        _choice(name, value, typing.get_args(hint))
+        return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(hint)):
             raise ConfigError(f"{name}: expected a list of {len(typing.get_args(hint))}, got {value!r}")
@@ -386,6 +430,8 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name}: expected a number, got {value!r}")
+        if not math.isfinite(float(value)):
+            raise ConfigError(f"{name}: must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if value is None:
@@ -450,6 +496,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         return _build(Config, tree, "")
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of dataclass ``cls`` (the string literal that follows it), one
+    line each: the config's documentation, also used for command-line help."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant) and isinstance(following.value.value, str)):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
 
 
 def config_from_dict(tree: dict) -> Config:

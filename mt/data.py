@@ -146,6 +146,65 @@ def _stamp(paths: list[str]) -> str:
     return "|".join(parts)
 
 
+SAMPLE_BLOCK = 1 << 16  # bytes hashed at each sampled place of a big file
+SAMPLE_BLOCKS = 64
+WHOLE_FILE = 16 << 20  # files up to this size are hashed whole
+
+
+def _sampled_digest(path: str, size: int) -> str:
+    """SHA-256 of a file, whole when small, else of 64 evenly spaced 64 KiB blocks and the last one:
+    milliseconds for any size, and any edit that moves text (an inserted or deleted line) changes it."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= WHOLE_FILE:
+            h.update(f.read())
+        else:
+            for i in range(SAMPLE_BLOCKS + 1):
+                f.seek(min(i * (size // SAMPLE_BLOCKS), size - SAMPLE_BLOCK))
+                h.update(f.read(SAMPLE_BLOCK))
+    return h.hexdigest()[:32]
+
+
+def _corpus_files(corpus: CorpusConfig) -> list[str]:
+    return [p for p in (corpus.src, corpus.tgt, corpus.path) if p]
+
+
+def content_key(corpus: CorpusConfig) -> dict:
+    """What a corpus holds, cheaply: size, mtime and a sampled hash of each file (a hub corpus: its
+    name). Stored in checkpoints, so resume can tell an edited corpus from a copy (``same_content``)."""
+    if corpus.hub:
+        return {"hub": corpus.describe()}
+    keys = []
+    for path in _corpus_files(corpus):
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise CorpusError(f"{path}: cannot open ({e.strerror})") from None
+        keys.append({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sample": _sampled_digest(path, st.st_size)})
+    return {"files": keys}
+
+
+def same_content(saved: dict, corpus: CorpusConfig) -> bool:
+    """Whether ``corpus`` still holds what ``content_key`` saw: same sizes, and an unchanged mtime
+    (the fast path) or else the same sampled hash, so a byte-identical copy (``cp``, ``rsync``) is the
+    same corpus and a file edited in place is not."""
+    if "hub" in saved or corpus.hub:
+        return saved.get("hub") == (corpus.describe() if corpus.hub else None)
+    paths = _corpus_files(corpus)
+    if len(paths) != len(saved.get("files", [])):
+        return False
+    for key, path in zip(saved["files"], paths):
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise CorpusError(f"{path}: cannot open ({e.strerror})") from None
+        if st.st_size != key["size"]:
+            return False
+        if st.st_mtime_ns != key["mtime_ns"] and _sampled_digest(path, st.st_size) != key["sample"]:
+            return False
+    return True
+
+
 def _digest(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 

@@ -38,7 +38,7 @@ import torch
 import yaml
 
 from mt import checkpoint as ckpt
-from mt.config import Config, config_from_dict, save_config
+from mt.config import Config, ConfigError, config_from_dict, save_config
 from mt.device import pick_device, slow_bf16_warning
 from mt.errors import MtError
 from mt.files import atomic_copy, atomic_write
@@ -81,6 +81,36 @@ def _alive(pid: int, start: str) -> bool:
     except PermissionError:  # another user's process
         return True
     return not start or _process_start(pid) in ("", start)
+
+
+def checkpoint_config(path: Path, state: dict) -> Config:
+    """The config a checkpoint was trained with; an invalid one is an error naming the file."""
+    try:
+        return config_from_dict(state.get("config") or {})
+    except ConfigError as e:
+        raise ckpt.CheckpointError(f"{path}: its config is invalid: {e}") from None
+
+
+def check_weights(path: Path, state: dict, cfg: Config) -> None:
+    """The checkpoint's tensors have exactly the names and shapes its config implies. Checked on the
+    meta device (nothing is allocated) before any model is built, so a tiny crafted file cannot make
+    mt allocate a huge model, and a mismatch is one line naming the file, not a traceback."""
+    try:
+        src_vocab, tgt_vocab = int(state["vocab"]["src"]), int(state["vocab"]["tgt"])
+    except (KeyError, TypeError, ValueError):
+        raise ckpt.CheckpointError(f"{path}: no vocabulary sizes; not a checkpoint written by mt train") from None
+    with torch.device("meta"):
+        expected = Transformer(cfg.model, src_vocab, tgt_vocab, joint=cfg.tokenizer.joint).state_dict()
+    weights = state["model"]
+    if not isinstance(weights, dict) or set(weights) != set(expected):
+        names = set(weights) if isinstance(weights, dict) else set()
+        raise ckpt.CheckpointError(f"{path}: its weights are not the model its config describes (missing "
+                                   f"{sorted(set(expected) - names)[:3]}, unexpected {sorted(names - set(expected))[:3]})")
+    for name, tensor in expected.items():
+        got = weights[name]
+        if not torch.is_tensor(got) or got.shape != tensor.shape:
+            raise ckpt.CheckpointError(f"{path}: {name} has shape {tuple(getattr(got, 'shape', ()))}, its config "
+                                       f"says {tuple(tensor.shape)}")
 
 
 class RunLock:
@@ -485,16 +515,18 @@ class Run:
             if len(found) < average:
                 raise ckpt.CheckpointError(f"{self.checkpoint_dir}: --average {average} needs {average} step "
                                            f"checkpoints, found {len(found)}")
+            path = found[-1][1]
             state = ckpt.average([p for _, p in found[-average:]])
         else:
             path = self.resolve(checkpoint or self.read_defaults().get("checkpoint", "best"))
             state = ckpt.load(path)
-        cfg = config_from_dict(state["config"])
+        cfg = checkpoint_config(path, state)
         dtype = replace(cfg.decode, dtype=dtype or cfg.decode.dtype).dtype  # validated: names the choices
         src_tok, tgt_tok = self.tokenizers(cfg)
         if (src_tok.vocab_size, tgt_tok.vocab_size) != (state["vocab"]["src"], state["vocab"]["tgt"]):
             raise ckpt.CheckpointError(f"{self.tokenizer_paths(cfg.tokenizer.joint)[0]}: vocabulary size does "
                                        "not match the checkpoint's")
+        check_weights(path, state, cfg)
         model = Transformer(cfg.model, src_tok.vocab_size, tgt_tok.vocab_size, joint=cfg.tokenizer.joint)
         model.load_state_dict(state["model"])
         target = pick_device("cpu" if dtype == "int8" and device == "auto" else device)

@@ -26,13 +26,13 @@ from tqdm import tqdm
 from mt import checkpoint as ckpt
 from mt import tune
 from mt.batch import Batch
-from mt.config import Config, ConfigError, config_from_dict, parse_duration
-from mt.data import ParallelData, clean, load_corpus, tokenize
+from mt.config import Config, ConfigError, parse_duration
+from mt.data import ParallelData, clean, content_key, load_corpus, same_content, tokenize
 from mt.device import autocast, pick_device, slow_bf16_warning
 from mt.errors import MtError
 from mt.loss import linear_label_smoothed_loss
 from mt.model import Transformer
-from mt.run import Run
+from mt.run import Run, check_weights, checkpoint_config
 from mt.signals import StopSignals
 from mt.tokenizer import PAD_ID, Tokenizer, train_sentencepiece
 from mt.translate import validation_bleu
@@ -143,6 +143,18 @@ def load_split(cfg: Config, which: str, src_tok: Tokenizer, tgt_tok: Tokenizer, 
     return ParallelData(ds, report)
 
 
+def _changed_keys(before: dict, after: dict, prefix: str = "") -> list[str]:
+    """``key old -> new`` for every setting that differs (the run directory aside)."""
+    changed = []
+    for key in sorted(set(before) | set(after)):
+        a, b, name = before.get(key), after.get(key), f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _changed_keys(a, b, f"{name}.")
+        elif a != b and name != "train.run_dir":
+            changed.append(f"{name} {a!r} -> {b!r}")
+    return changed
+
+
 # --------------------------------------------------------------------------------------------------
 # The loop
 
@@ -194,10 +206,18 @@ def _train(cfg: Config, run: Run, resume: bool, log: Callable[[str], None], prog
     resume_state = None
     if resume:
         last, resume_state = run.resume_state(log)
-        saved = config_from_dict(resume_state["config"])
+        saved = checkpoint_config(last, resume_state)
         if saved.model != cfg.model or saved.tokenizer.joint != cfg.tokenizer.joint:
             raise TrainingError(f"{last}: the model or tokenizer settings differ from the checkpoint's; "
                                 "resume with the run's own config.yaml")
+        check_weights(last, resume_state, saved)
+        corpus = resume_state.get("corpus", {}).get("train")  # absent from checkpoints before content keys
+        if corpus and cfg.data.train.is_set and not same_content(corpus, cfg.data.train):
+            raise TrainingError(f"data.train: {cfg.data.train.describe()} is not the corpus {last} was trained on "
+                                "(its content changed); resume needs that corpus, or start a new run")
+        changed = _changed_keys(saved.to_dict(), cfg.to_dict())
+        if changed:
+            log("resuming with changed settings: " + ", ".join(changed))
         missing = [p for p in run.tokenizer_paths(cfg.tokenizer.joint) if not p.exists()]
         if missing and not cfg.tokenizer.src_model:
             raise TrainingError(f"{missing[0]}: missing; {last} was trained with it (a new tokenizer would not "
@@ -214,6 +234,7 @@ def _train(cfg: Config, run: Run, resume: bool, log: Callable[[str], None], prog
                           "or train.patience (with data.valid)")
     if not cfg.data.train.is_set:
         raise ConfigError("data.train: no training corpus configured (set data.train.src and data.train.tgt)")
+    corpus_key = content_key(cfg.data.train)
     raw_train = load_corpus(cfg.data.train, cfg.data.src_lang, cfg.data.tgt_lang, cfg.data.cache_dir)
     src_tok, tgt_tok = prepare_tokenizers(cfg, run, raw_train, log)
     trained_with = (resume_state or {}).get("tokenizer")  # absent from checkpoints before fingerprints
@@ -281,7 +302,7 @@ def _train(cfg: Config, run: Run, resume: bool, log: Callable[[str], None], prog
             "format": "mt", "version": ckpt.FORMAT_VERSION,
             "model": model.state_dict(), "config": cfg.to_dict(),
             "vocab": {"src": src_tok.vocab_size, "tgt": tgt_tok.vocab_size},
-            "tokenizer": {"src": src_tok.fingerprint, "tgt": tgt_tok.fingerprint},
+            "tokenizer": {"src": src_tok.fingerprint, "tgt": tgt_tok.fingerprint}, "corpus": {"train": corpus_key},
             "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(),
             "trainer": {"version": TRAINER_STATE_VERSION, "step": step, "best_metric": tc.best_metric,
                         "best": best, "bad_validations": bad_validations, "elapsed": elapsed(),
