@@ -423,6 +423,7 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
             raise ConfigError(f"{name}: expected an integer, got {value!r}")
         return value
     if hint is float:
+        given = value
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
             try:
                 value = float(value)
@@ -431,7 +432,7 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name}: expected a number, got {value!r}")
         if not math.isfinite(float(value)):
-            raise ConfigError(f"{name}: must be a finite number, got {value!r}")
+            raise ConfigError(f"{name}: must be a finite number, got {given!r}")
         return float(value)
     if hint is str:
         if value is None:

@@ -220,3 +220,51 @@ def test_override_into_an_empty_yaml_section(tmp_path):
     path.write_text("model:\ntrain:\n  max_steps: 5\n")
     cfg = load_config(path, ["model.d_model=64", "model.n_heads=4"])
     assert cfg.model.d_model == 64 and cfg.train.max_steps == 5
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=1e309", "train.lr: must be a finite number, got '1e309'"),
+    ("data.max_ratio=.nan", "data.max_ratio: must be a finite number, got nan"),
+    ("decode.max_len_a=1e309", "decode.max_len_a: must be a finite number"),
+    ("decode.lenpen=-.inf", "decode.lenpen: must be a finite number"),
+    ("train.adam_eps=-1", "train.adam_eps: must be > 0, got -1.0"),
+    ("train.seed=-1", "train.seed: must be >= 0, got -1"),
+    ("train.betas=[0.9, 1.0]", r"train.betas: must be two numbers in \[0, 1\), got \[0.9, 1.0\]"),
+    ("train.optimizer=sgd", "train.optimizer: 'sgd' is not one of adam, adamw"),
+    ("decode.dtype=int4", "decode.dtype: 'int4' is not one of fp32, bf16, int8"),
+])
+def test_bad_values_give_one_error_line_before_any_data_is_read(tmp_path, override, message):
+    import re
+
+    from typer.testing import CliRunner
+
+    from mt.cli import app
+
+    config = tmp_path / "c.yaml"  # its corpus does not exist: reading data would fail differently
+    config.write_text("data:\n  train: {src: nowhere.de, tgt: nowhere.en}\ntrain:\n  max_steps: 5\n")
+    result = CliRunner().invoke(app, ["train", str(config), "-o", str(tmp_path / "run"), override])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mt: error: ") and re.search(message, lines[0]), lines
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError):  # the same check when the dataclasses are built from Python
+        load_config(None, [override])
+
+
+def test_every_config_field_has_a_docstring_and_decoding_help_uses_them():
+    from typer.testing import CliRunner
+
+    from mt import config
+    from mt.cli import app
+
+    for cls in (config.CorpusConfig, config.DataConfig, config.TokenizerConfig, config.ModelConfig,
+                config.TrainConfig, config.DecodeConfig, config.Config):
+        docs = config.field_docs(cls)
+        assert [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)] == [], cls.__name__
+    with pytest.raises(ConfigError, match="model.n_heads: must be > 0"):
+        ModelConfig(n_heads=0)
+    with pytest.raises(ConfigError, match="model.dropout: must be a finite number"):
+        ModelConfig(dropout=float("nan"))
+    text = " ".join(CliRunner().invoke(app, ["translate", "--help"], env={"COLUMNS": "400"}).output.split())
+    assert config.field_docs(config.DecodeConfig)["beam"] in text
+    assert config.field_docs(config.DecodeConfig)["min_len"] in text

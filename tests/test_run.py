@@ -152,3 +152,50 @@ def test_resume_refuses_a_replaced_or_missing_tokenizer(tmp_path, multi30k_head,
         train(no_model, resume=True, log=quiet, progress=False)
     spm.write_bytes(original)
     assert train(resumed, resume=True, log=quiet, progress=False).step == 4
+
+
+def test_resume_refuses_an_edited_corpus_and_accepts_a_copy(tmp_path, multi30k_head, spm_model):
+    cfg = load_config(config_file(tmp_path, multi30k_head, spm_model, max_steps=2, valid_every=2),
+                      [f"train.run_dir={tmp_path / 'run'}"])
+    train(cfg, log=quiet, progress=False)
+    run = Run(tmp_path / "run")
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    for side in ("src", "tgt"):  # a byte-identical copy elsewhere (new path, new mtime): the same corpus
+        shutil.copy(getattr(cfg.data.train, side), copies / f"train.{side}")
+    moved = load_config(run.config_path, ["train.max_steps=4", f"data.train.src={copies / 'train.src'}",
+                                          f"data.train.tgt={copies / 'train.tgt'}"])
+    messages = []
+    assert train(moved, resume=True, log=messages.append, progress=False).step == 4
+    assert any("resuming with changed settings: data.train.src" in m for m in messages)
+
+    src = copies / "train.src"  # edited in place: same size, same line count, one word changed
+    text = src.read_text()
+    first = text.split()[0]
+    src.write_text(text.replace(first, first[::-1], 1))
+    assert src.stat().st_size == len(text.encode())
+    more = load_config(run.config_path, ["train.max_steps=6"])
+    with pytest.raises(TrainingError, match=r"data.train: .*train.src .* is not the corpus .*last.pt was trained on"):
+        train(more, resume=True, log=quiet, progress=False)
+    assert ckpt.load(run.checkpoint_path("last"))["trainer"]["step"] == 4
+
+
+def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_refused_before_building(tmp_path, multi30k_head,
+                                                                                       spm_model):
+    cfg = load_config(config_file(tmp_path, multi30k_head, spm_model, max_steps=2, valid_every=2),
+                      [f"train.run_dir={tmp_path / 'run'}"])
+    train(cfg, log=quiet, progress=False)
+    run = Run(tmp_path / "run")
+    state = ckpt.load(run.checkpoint_path("best"))
+    # a small file claiming a model of ~100 GB: refused from the shapes, nothing allocated
+    state["config"]["model"].update(d_model=65536, n_heads=8, ffn_dim=262144, max_positions=128)
+    ckpt.atomic_save(state, tmp_path / "huge.pt")
+    with pytest.raises(ckpt.CheckpointError, match=r"huge.pt: tgt_embed.weight has shape \(300, 32\), its config "
+                                                   r"says \(300, 65536\)"):
+        run.load_for_inference(str(tmp_path / "huge.pt"), device="cpu")
+    state["model"].pop("decoder_norm.weight")
+    state["config"]["model"].update(d_model=32, n_heads=2, ffn_dim=64)
+    ckpt.atomic_save(state, tmp_path / "cut.pt")
+    with pytest.raises(ckpt.CheckpointError, match=r"cut.pt: its weights are not the model its config describes "
+                                                   r"\(missing \['decoder_norm.weight'\]"):
+        run.load_for_inference(str(tmp_path / "cut.pt"), device="cpu")
