@@ -152,8 +152,10 @@ WHOLE_FILE = 16 << 20  # files up to this size are hashed whole
 
 
 def _sampled_digest(path: str, size: int) -> str:
-    """SHA-256 of a file, whole when small, else of 64 evenly spaced 64 KiB blocks and the last one:
-    milliseconds for any size, and any edit that moves text (an inserted or deleted line) changes it."""
+    """SHA-256 of a file, whole when small (<= 16 MiB), else of 64 evenly spaced 64 KiB blocks and
+    the last one: milliseconds for any size. With the size, it catches any edit of a small file and
+    any edit that changes a big file's size; a same-size edit of a big file outside the sampled
+    blocks (two equal-length lines swapped) goes unseen."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         if size <= WHOLE_FILE:
@@ -187,7 +189,7 @@ def content_key(corpus: CorpusConfig) -> dict:
 def same_content(saved: dict, corpus: CorpusConfig) -> bool:
     """Whether ``corpus`` still holds what ``content_key`` saw: same sizes, and an unchanged mtime
     (the fast path) or else the same sampled hash, so a byte-identical copy (``cp``, ``rsync``) is the
-    same corpus and a file edited in place is not."""
+    same corpus and a file edited in place is not (within ``_sampled_digest``'s reach)."""
     if "hub" in saved or corpus.hub:
         return saved.get("hub") == (corpus.describe() if corpus.hub else None)
     paths = _corpus_files(corpus)

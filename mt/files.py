@@ -9,16 +9,13 @@ appends whole lines, is the one exception.
 
 from __future__ import annotations
 
-import itertools
 import os
 import shutil
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
-
-_serial = itertools.count()
-
 
 def fsync_dir(directory: Path) -> None:
     """Make a rename or an unlink in ``directory`` durable (no-op where directories cannot be opened)."""
@@ -43,7 +40,7 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO]:
         raise ValueError(f"atomic_write: mode must be 'w' or 'wb', not {mode!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.{next(_serial)}")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.{uuid.uuid4().hex[:12]}")  # unique even if a pid is reused
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
     try:
         with (os.fdopen(fd, "wb") if mode == "wb" else os.fdopen(fd, "w", encoding="utf-8", newline="\n")) as f:

@@ -73,6 +73,15 @@ def _process_start(pid: int) -> str:
     return stat.rsplit(")", 1)[-1].split()[19]  # field 22 of proc(5); the name in () may hold spaces
 
 
+def _pid_namespace() -> str:
+    """This process's pid namespace ('' where unknown): two containers may share a host name, and a
+    pid means something only within one namespace."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
 def _alive(pid: int, start: str) -> bool:
     try:
         os.kill(pid, 0)
@@ -117,15 +126,18 @@ class RunLock:
     """An exclusive lock file, ``RUN/.mt-lock``, that works on shared file systems: the lock is
     published by a hard link (atomic on NFS too) of a complete temporary file, so it is never seen
     half-written; it records pid, host and process start time. A lock whose holder is gone (same
-    host, no such process) is taken over by renaming it away, which only one contender can do."""
+    host and pid namespace, no such process) is taken over by renaming it away, which only one
+    contender can do; one whose holder cannot be checked from here (another host or container) is never
+    taken."""
 
     def __init__(self, path: Path, name: str):
         self.path, self.name = path, name
         self.token = ""
 
     def acquire(self) -> None:
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid()),
-              "since": time.strftime("%Y-%m-%d %H:%M:%S"), "token": uuid.uuid4().hex}
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "pidns": _pid_namespace(),
+              "start": _process_start(os.getpid()), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "token": uuid.uuid4().hex}
         tmp = self.path.with_name(f"{self.path.name}.{me['token']}")
         tmp.write_text(json.dumps(me) + "\n", encoding="utf-8")
         try:
@@ -149,33 +161,55 @@ class RunLock:
             tmp.unlink(missing_ok=True)
         raise RunError(f"{self.name}: could not take the lock {self.path}")
 
-    def _holder(self) -> dict | None:
+    @staticmethod
+    def _read(path: Path) -> dict | None:
+        """The holder recorded in ``path``; {} when there is no such file; None when it is not a lock
+        mt wrote."""
         try:
-            holder = json.loads(self.path.read_text(encoding="utf-8"))
-            return holder if isinstance(holder, dict) and "pid" in holder else None
+            holder = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return {}
         except (OSError, ValueError):
             return None
+        ok = isinstance(holder, dict) and isinstance(holder.get("pid"), int) and isinstance(holder.get("token"), str)
+        return holder if ok else None
+
+    def _holder(self) -> dict | None:
+        return self._read(self.path)
 
     def _take_over_if_stale(self) -> None:
         holder = self._holder()
         if holder == {}:  # released meanwhile
             return
         if holder is None:
+            try:
+                fresh = time.time() - self.path.stat().st_mtime < 10
+            except FileNotFoundError:
+                return
+            if fresh:  # an exclusive create whose content is still being written
+                raise RunError(f"{self.name} is in use (its lock {self.path} is being taken)")
             raise RunError(f"{self.name}: {self.path} is not a lock written by mt; if no mt trains here, "
                            "delete it")
-        host, pid = holder.get("host", "?"), holder.get("pid", "?")
-        if host != socket.gethostname():
+        host, pid = holder.get("host", "?"), holder["pid"]
+        here = host == socket.gethostname() and holder.get("pidns", "") == _pid_namespace()
+        if not here:
             raise RunError(f"{self.name} is in use by pid {pid} on {host} (if that run is gone, delete "
                            f"{self.path})")
-        if _alive(int(pid), str(holder.get("start", ""))):
+        if _alive(pid, str(holder.get("start", ""))):
             raise RunError(f"{self.name} is in use by pid {pid} on {host}")
-        stale = self.path.with_name(f"{self.path.name}.stale{os.getpid()}")
+        stale = self.path.with_name(f"{self.path.name}.stale{os.getpid()}.{uuid.uuid4().hex[:8]}")
         try:
             os.rename(self.path, stale)  # only one contender wins; the others find no lock to move
         except FileNotFoundError:
             return
+        moved = self._read(stale)
+        if (moved or {}).get("token") != holder["token"]:  # not the dead holder's: a live lock taken meanwhile
+            try:
+                os.link(stale, self.path)  # put it back
+            except OSError:
+                pass
+            stale.unlink(missing_ok=True)
+            raise RunError(f"{self.name} is in use by pid {(moved or {}).get('pid', '?')} on {host}")
         stale.unlink(missing_ok=True)
 
     def release(self) -> None:
@@ -319,7 +353,7 @@ class Run:
             raise RunError(f"{self.path}: run directory is not writable ({e.strerror})") from None
         self.lock.acquire()
         try:
-            self._check_files(resume, {p.absolute() for p in in_place})
+            self._check_files(resume, {p.resolve() for p in in_place})
         except BaseException:
             self.lock.release()
             raise
@@ -327,19 +361,20 @@ class Run:
     def _check_files(self, resume: bool, in_place: set[Path]) -> None:
         last = self.checkpoint_path("last")
         if resume:
-            if not (self.path / self.MANIFEST).exists() and last.exists():  # a run from before manifests
+            if last.exists() and self._relative(last) not in self.owned():  # a run from before manifests
                 self.own(*[p for p in self._written_names() if p.exists()], *[p for _, p in self.step_checkpoints()])
             return
-        if last.exists():
+        if last.exists() or self.step_checkpoints() or self.checkpoint_path("best").exists():
             raise RunError(f"{self.path}: already holds a trained run; pass --resume to continue it "
                            "or choose another run directory with -o")
         owned = self.owned()
         for name in owned:  # a start that died before its first checkpoint
-            (self.path / name).unlink(missing_ok=True)
+            if (self.path / name).resolve() not in in_place:
+                (self.path / name).unlink(missing_ok=True)
         if owned:
             self._set_owned(set())
         foreign = [p for p in self._written_names() + [p for _, p in self.step_checkpoints()]
-                   if p.exists() and p.absolute() not in in_place]
+                   if p.exists() and p.resolve() not in in_place]
         if foreign:
             raise RunError(f"{foreign[0]}: not written by mt train here, and training would overwrite it; move "
                            f"it away or choose another run directory with -o")
@@ -522,11 +557,14 @@ class Run:
             state = ckpt.load(path)
         cfg = checkpoint_config(path, state)
         dtype = replace(cfg.decode, dtype=dtype or cfg.decode.dtype).dtype  # validated: names the choices
-        src_tok, tgt_tok = self.tokenizers(cfg)
-        if (src_tok.vocab_size, tgt_tok.vocab_size) != (state["vocab"]["src"], state["vocab"]["tgt"]):
-            raise ckpt.CheckpointError(f"{self.tokenizer_paths(cfg.tokenizer.joint)[0]}: vocabulary size does "
-                                       "not match the checkpoint's")
         check_weights(path, state, cfg)
+        src_tok, tgt_tok = self.tokenizers(cfg)
+        trained_with = state.get("tokenizer") or {}  # absent from checkpoints before fingerprints
+        if (src_tok.vocab_size, tgt_tok.vocab_size) != (state["vocab"]["src"], state["vocab"]["tgt"]) or \
+                trained_with.get("src", src_tok.fingerprint) != src_tok.fingerprint or \
+                trained_with.get("tgt", tgt_tok.fingerprint) != tgt_tok.fingerprint:
+            raise ckpt.CheckpointError(f"{self.tokenizer_paths(cfg.tokenizer.joint)[0]}: not the tokenizer {path.name} "
+                                       "was trained with")
         model = Transformer(cfg.model, src_tok.vocab_size, tgt_tok.vocab_size, joint=cfg.tokenizer.joint)
         model.load_state_dict(state["model"])
         target = pick_device("cpu" if dtype == "int8" and device == "auto" else device)

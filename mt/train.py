@@ -90,9 +90,9 @@ def _text_stream(ds, column: str) -> Iterator[str]:
 def tokenizers_in_place(cfg: Config, run: Run) -> tuple[Path, ...]:
     """The configured tokenizer files that already are the run's own files (``mt tokenizer train -o
     RUN/spm.model``): used where they are, never replaced."""
-    ours = {p.absolute() for p in run.tokenizer_paths(cfg.tokenizer.joint)}
+    ours = {p.resolve() for p in run.tokenizer_paths(cfg.tokenizer.joint)}
     named = [Path(m) for m in (cfg.tokenizer.src_model, cfg.tokenizer.tgt_model) if m]
-    return tuple(p for p in named if p.absolute() in ours)
+    return tuple(p for p in named if p.resolve() in ours)
 
 
 def prepare_tokenizers(cfg: Config, run: Run, train_ds, log: Callable[[str], None]) -> tuple[Tokenizer, Tokenizer]:
@@ -219,8 +219,11 @@ def _train(cfg: Config, run: Run, resume: bool, log: Callable[[str], None], prog
         if changed:
             log("resuming with changed settings: " + ", ".join(changed))
         missing = [p for p in run.tokenizer_paths(cfg.tokenizer.joint) if not p.exists()]
-        if missing and not cfg.tokenizer.src_model:
-            raise TrainingError(f"{missing[0]}: missing; {last} was trained with it (a new tokenizer would not "
+        given = {"src": cfg.tokenizer.src_model, "tgt": cfg.tokenizer.tgt_model or cfg.tokenizer.src_model}
+        trained_with = resume_state.get("tokenizer")  # absent from checkpoints before fingerprints
+        if missing and not (cfg.tokenizer.src_model and trained_with and all(
+                Tokenizer(given[side]).fingerprint == trained_with[side] for side in ("src", "tgt"))):
+            raise TrainingError(f"{missing[0]}: missing; {last} was trained with it (another tokenizer would not "
                                 "match the weights)")
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)

@@ -69,6 +69,12 @@ def test_files_mt_did_not_write_are_never_replaced_or_deleted(tmp_path, multi30k
     assert (run / "notes.txt").read_text() == "keep me\n"
     assert {"config.yaml", "spm.model", "metrics.jsonl", "checkpoints/last.pt"} <= Run(run).owned()
 
+    # a trained run that lost its last.pt is still a trained run: a fresh start deletes none of it
+    (run / "checkpoints" / "last.pt").unlink()
+    with pytest.raises(RunError, match="already holds a trained run"):
+        train(cfg, log=quiet, progress=False)
+    assert (run / "checkpoints" / "best.pt").exists() and Run(run).step_checkpoints()
+
 
 def test_the_run_lock(tmp_path):
     path = tmp_path / ".mt-lock"
@@ -81,15 +87,21 @@ def test_the_run_lock(tmp_path):
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # a process that held the lock and was killed: its pid is free
-    path.write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname(), "start": "1", "token": "t"}))
+    here = {"host": socket.gethostname(), "pidns": os.readlink("/proc/self/ns/pid"), "token": "t"}
+    path.write_text(json.dumps({"pid": gone.pid, "start": "1", **here}))
     taker = RunLock(path, "RUN")
     taker.acquire()  # stale: taken over
     assert json.loads(path.read_text())["pid"] == os.getpid()
     taker.release()
 
     # the same pid, but a process started at another time (pid reuse): stale too
-    path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "start": "-1", "token": "t"}))
+    path.write_text(json.dumps({"pid": os.getpid(), "start": "-1", **here}))
     RunLock(path, "RUN").acquire()
+
+    # the same host name, but another container (pid namespace): its pids cannot be checked from here
+    path.write_text(json.dumps({"pid": gone.pid, "start": "1", **here, "pidns": "pid:[1]"}))
+    with pytest.raises(RunError, match=rf"RUN is in use by pid {gone.pid} on {socket.gethostname()} \(if"):
+        RunLock(path, "RUN").acquire()
 
     path.write_text(json.dumps({"pid": 1, "host": "elsewhere", "token": "t"}))
     with pytest.raises(RunError, match=r"RUN is in use by pid 1 on elsewhere \(if that run is gone, delete"):
