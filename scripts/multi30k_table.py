@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mt.run import Run  # noqa: E402
 
 out, runs, time_override, data = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
 rows, commands, signatures = [], [], set()
@@ -22,9 +24,10 @@ for pair in ("de-en", "en-de"):
     recipe["seconds"] = int(recipe["seconds"])
     scores = {split: {s["name"]: s for s in json.loads((run / f"{split}.scores.json").read_text())}
               for split in ("val", "test_2016_flickr")}
-    end = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"end"' in line][-1]
-    chosen = yaml.safe_load((run / "decode.yaml").read_text()) if (run / "decode.yaml").exists() else {}
-    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")
+    layout = Run(run)
+    end = [json.loads(line) for line in layout.metrics_path.read_text().splitlines() if '"end"' in line][-1]
+    chosen = layout.read_defaults()
+    state = torch.load(layout.checkpoint_path("last"), weights_only=True, map_location="cpu")
     params = sum(v.numel() for v in {v.data_ptr(): v for v in state["model"].values()}.values())  # tied: once
     rows.append(f"| {src}→{tgt} | {scores['test_2016_flickr']['BLEU']['score']:.2f} | "
                 f"{scores['test_2016_flickr']['chrF2']['score']:.2f} | {scores['val']['BLEU']['score']:.2f} | "
