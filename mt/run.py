@@ -324,10 +324,6 @@ class Run:
         self.own(path)
         return atomic_write(path, mode)
 
-    def copy_in(self, src: Path, dst: Path) -> None:
-        self.own(dst)
-        atomic_copy(src, dst)
-
     def remove(self, *paths: Path) -> None:
         """Delete files of this run, only those mt wrote."""
         files = self.owned()

@@ -203,7 +203,7 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
 
 def _train(cfg: Config, run: Run, resume: bool, log: Callable[[str], None], progress: bool | None) -> TrainResult:
     tc = cfg.train
-    resume_state = None
+    resume_state, trained_with = None, None
     if resume:
         last, resume_state = run.resume_state(log)
         saved = checkpoint_config(last, resume_state)
@@ -240,7 +240,6 @@ def _train(cfg: Config, run: Run, resume: bool, log: Callable[[str], None], prog
     corpus_key = content_key(cfg.data.train)
     raw_train = load_corpus(cfg.data.train, cfg.data.src_lang, cfg.data.tgt_lang, cfg.data.cache_dir)
     src_tok, tgt_tok = prepare_tokenizers(cfg, run, raw_train, log)
-    trained_with = (resume_state or {}).get("tokenizer")  # absent from checkpoints before fingerprints
     if trained_with and trained_with != {"src": src_tok.fingerprint, "tgt": tgt_tok.fingerprint}:
         raise TrainingError(f"{last}: trained with another tokenizer than "
                             f"{run.tokenizer_paths(cfg.tokenizer.joint)[0]} (the fingerprints differ)")
