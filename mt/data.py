@@ -4,8 +4,8 @@ Corpora are read into Arrow datasets (memory-mapped, cached on disk) from two pl
 (``.gz`` allowed), a TSV or JSONL file, or a hub dataset. Text files are split on ``\\n`` only —
 ``str.splitlines`` would also split on U+2028, ``\\x85`` or ``\\x0c`` and shift the pairs. Pairs are
 filtered jointly (never one side alone) and every dropped pair is counted. Training batches come from a
-token-budget sampler (fairseq-style length buckets, reshuffled every epoch from a seed) whose position
-inside the epoch is part of its state, so training resumes mid-epoch on the same batches.
+token-budget sampler (fairseq-style length buckets, reshuffled every epoch from a seed): an epoch's
+batches depend on (seed, epoch) only, so training resumes mid-epoch on the same batches.
 """
 
 from __future__ import annotations
@@ -328,11 +328,12 @@ class TokenBatchSampler:
 
     Each epoch, examples are shuffled (seed + epoch), stably sorted by length so batches hold similar
     lengths with little padding, packed greedily, and the batch order is shuffled. Without shuffling
-    (validation) batches follow length order. ``position`` counts the batches already handed out in
-    the current epoch; with ``epoch`` and ``seed`` it is the whole state.
+    (validation) batches follow length order. An epoch's batches are a function of (seed, epoch)
+    alone, so a position in training is just (epoch, batches done), kept by the trainer; the state
+    saved here identifies the batching (seed, budget, examples) and is checked on load.
     """
 
-    STATE_VERSION = 1
+    STATE_VERSION = 2
 
     def __init__(self, src_len: np.ndarray, tgt_len: np.ndarray, max_tokens: int, *,
                  shuffle: bool = True, seed: int = 1):
@@ -343,14 +344,12 @@ class TokenBatchSampler:
         self.max_tokens = max_tokens
         self.shuffle = shuffle
         self.seed = seed
-        self.epoch = 0
-        self.position = 0
-        self._cache: tuple[int, list[np.ndarray]] | None = None
+        self._cache: tuple[int, int, list[np.ndarray]] | None = None  # (seed, epoch, batches)
 
     def batches(self, epoch: int) -> list[np.ndarray]:
-        """All batches of ``epoch``, deterministic given (seed, epoch)."""
-        if self._cache is not None and self._cache[0] == epoch:
-            return self._cache[1]
+        """All batches of ``epoch``, deterministic given (seed, epoch); the latest epoch is cached."""
+        if self._cache is not None and self._cache[:2] == (self.seed, epoch):
+            return self._cache[2]
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(self.lengths)) if self.shuffle else np.arange(len(self.lengths))
         order = order[np.argsort(self.lengths[order], kind="stable")]
@@ -364,35 +363,22 @@ class TokenBatchSampler:
             result.append(order[start:])
         if self.shuffle:
             result = [result[i] for i in rng.permutation(len(result))]
-        self._cache = (epoch, result)
+        self._cache = (self.seed, epoch, result)
         return result
 
-    def __len__(self) -> int:
-        return len(self.batches(self.epoch))
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        """The rest of the current epoch; ``position`` advances as batches are handed out."""
-        batches = self.batches(self.epoch)
-        while self.position < len(batches):
-            self.position += 1
-            yield batches[self.position - 1]
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.position = epoch, 0
-
     def state_dict(self) -> dict:
-        return {"version": self.STATE_VERSION, "epoch": self.epoch, "position": self.position,
-                "seed": self.seed, "max_tokens": self.max_tokens, "num_examples": len(self.lengths)}
+        return {"version": self.STATE_VERSION, "seed": self.seed, "max_tokens": self.max_tokens,
+                "num_examples": len(self.lengths)}
 
     def load_state_dict(self, state: dict) -> None:
+        """Adopt the saved seed (a resumed run keeps its batches); refuse other data or another budget."""
         if state.get("version") != self.STATE_VERSION:
             raise ValueError(f"sampler state version {state.get('version')} != {self.STATE_VERSION}")
         for key, mine in (("num_examples", len(self.lengths)), ("max_tokens", self.max_tokens)):
             if state[key] != mine:
                 raise ValueError(f"sampler state has {key}={state[key]} but this run has {mine}: "
                                  "the data or train.max_tokens changed since the checkpoint")
-        self.seed, self.epoch, self.position = state["seed"], state["epoch"], state["position"]
-        self._cache = None
+        self.seed = state["seed"]
 
 
 class ParallelData:

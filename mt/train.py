@@ -1,11 +1,12 @@
-"""Training: data and tokenizer preparation, the optimisation loop, validation, checkpoints.
+"""Training: the trainer and its state, the optimisation loop, validation, checkpoints, resume.
 
 Teacher forcing (Vaswani et al., 2017): the decoder reads ``<s> y1 .. y(n-1)`` and is trained to
 predict ``y1 .. yn </s>`` with label-smoothed cross-entropy (Szegedy et al., 2016) over non-pad
 tokens. Adam(W) with linear warmup and an inverse-square-root (or cosine) decay, gradient clipping,
 gradient accumulation, optional bf16 autocast. Everything that decides what happens next — model,
-optimizer, step, epoch, sampler position, best score, RNG states — is saved in each checkpoint, so
-``resume`` continues the same run.
+optimizer, sampler, ``TrainState`` (step, position in the data, best score, patience, time, logging
+window), RNG states — is saved in each checkpoint by one ``Trainer.state_dict``, so ``resume``
+continues the same run. The tokenizer and data come from ``mt.prepare``.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import ClassVar, get_type_hints
 
 import numpy as np
 import torch
@@ -27,17 +29,17 @@ from mt import checkpoint as ckpt
 from mt import tune
 from mt.batch import Batch
 from mt.config import Config, ConfigError, parse_duration
-from mt.data import ParallelData, clean, content_key, load_corpus, same_content, tokenize
+from mt.data import ParallelData, same_content
 from mt.device import autocast, pick_device, slow_bf16_warning
 from mt.errors import MtError
 from mt.loss import linear_label_smoothed_loss
 from mt.model import Transformer
+from mt.prepare import Prepared, prepare, tokenizers_in_place
 from mt.run import Run, check_weights, checkpoint_config
 from mt.signals import StopSignals
-from mt.tokenizer import PAD_ID, Tokenizer, train_sentencepiece
+from mt.tokenizer import PAD_ID, Tokenizer
 from mt.translate import validation_bleu
 
-TRAINER_STATE_VERSION = 1
 MAX_BAD_UPDATES = 5  # consecutive non-finite updates before training gives up
 
 
@@ -79,68 +81,7 @@ def learning_rate(step: int, cfg, budget_used: float | None = None) -> float:
 
 
 # --------------------------------------------------------------------------------------------------
-# Run directory, tokenizer, data
-
-
-def _text_stream(ds, column: str) -> Iterator[str]:
-    for batch in ds.iter(batch_size=10_000):
-        yield from batch[column]
-
-
-def tokenizers_in_place(cfg: Config, run: Run) -> tuple[Path, ...]:
-    """The configured tokenizer files that already are the run's own files (``mt tokenizer train -o
-    RUN/spm.model``): used where they are, never replaced."""
-    ours = {p.resolve() for p in run.tokenizer_paths(cfg.tokenizer.joint)}
-    named = [Path(m) for m in (cfg.tokenizer.src_model, cfg.tokenizer.tgt_model) if m]
-    return tuple(p for p in named if p.resolve() in ours)
-
-
-def prepare_tokenizers(cfg: Config, run: Run, train_ds, log: Callable[[str], None]) -> tuple[Tokenizer, Tokenizer]:
-    """Reuse the run's tokenizer, copy the configured one in, or train SentencePiece on ``train_ds``."""
-    tok = cfg.tokenizer
-    src_path, tgt_path = run.tokenizer_paths(tok.joint)
-    if src_path.exists() and tgt_path.exists():
-        return Tokenizer(src_path), Tokenizer(tgt_path)
-    if tok.src_model:
-        if not tok.joint and not tok.tgt_model:
-            raise ConfigError("tokenizer.tgt_model: needed with tokenizer.src_model when joint is false")
-        for given, path in ((tok.src_model, src_path), (tok.tgt_model, tgt_path)):
-            if given and not path.exists():
-                run.own(path)
-                Tokenizer(given).save(path)
-        return Tokenizer(src_path), Tokenizer(tgt_path)
-    options = dict(vocab_size=tok.vocab_size, model_type=tok.type, character_coverage=tok.character_coverage,
-                   input_sentence_size=tok.input_sentence_size)
-    t0 = time.time()
-    if tok.joint:
-        def both() -> Iterator[str]:
-            yield from _text_stream(train_ds, "src")
-            yield from _text_stream(train_ds, "tgt")
-        run.own(src_path)
-        train_sentencepiece(both(), src_path, **options)
-    else:
-        run.own(src_path, tgt_path)
-        train_sentencepiece(_text_stream(train_ds, "src"), src_path, **options)
-        train_sentencepiece(_text_stream(train_ds, "tgt"), tgt_path, **options)
-    log(f"trained SentencePiece {tok.type} ({'joint' if tok.joint else 'separate'}, {tok.vocab_size} pieces) "
-        f"in {time.time() - t0:.1f}s -> {src_path.name}" + ("" if tok.joint else f", {tgt_path.name}"))
-    return Tokenizer(src_path), Tokenizer(tgt_path)
-
-
-def load_split(cfg: Config, which: str, src_tok: Tokenizer, tgt_tok: Tokenizer, raw=None) -> ParallelData:
-    """Read, tokenize and clean one split. Training pairs get the full cleaning; validation pairs only
-    lose empty sides and what the model cannot hold."""
-    data = cfg.data
-    corpus = getattr(data, which)
-    raw = raw if raw is not None else load_corpus(corpus, data.src_lang, data.tgt_lang, data.cache_dir)
-    ds = tokenize(raw, src_tok, tgt_tok, data.num_proc)
-    if which == "train":
-        ds, report = clean(ds, data.max_len, data.max_ratio)
-    else:
-        ds, report = clean(ds, cfg.model.max_positions)
-    if report.kept == 0:
-        raise TrainingError(f"{corpus.describe()}: no pairs left after cleaning ({report})")
-    return ParallelData(ds, report)
+# Resuming
 
 
 def _changed_keys(before: dict, after: dict, prefix: str = "") -> list[str]:
@@ -155,8 +96,292 @@ def _changed_keys(before: dict, after: dict, prefix: str = "") -> list[str]:
     return changed
 
 
+@dataclass
+class Resumed:
+    """The checkpoint a run resumes from, checked against the config (see ``resumable``)."""
+
+    path: Path
+    state: dict
+
+    def check_tokenizers(self, run: Run, cfg: Config) -> Callable[[Tokenizer, Tokenizer], None]:
+        """A check that the run's tokenizers are the ones this checkpoint was trained with."""
+        trained_with = self.state.get("tokenizer")  # absent from checkpoints before fingerprints
+
+        def check(src_tok: Tokenizer, tgt_tok: Tokenizer) -> None:
+            if trained_with and trained_with != {"src": src_tok.fingerprint, "tgt": tgt_tok.fingerprint}:
+                raise TrainingError(f"{self.path}: trained with another tokenizer than "
+                                    f"{run.tokenizer_paths(cfg.tokenizer.joint)[0]} (the fingerprints differ)")
+        return check
+
+
+def resumable(cfg: Config, run: Run, log: Callable[[str], None]) -> Resumed:
+    """The run's newest checkpoint, once it is clear that resuming it with ``cfg`` continues the same
+    run: same model shape and tokenizer layout, weights that fit them, the same training corpus
+    content, the run's tokenizer present (or given again, identical). Other changed settings are
+    logged; ``max_steps`` or ``max_time`` may be raised on purpose."""
+    path, state = run.resume_state(log)
+    saved = checkpoint_config(path, state)
+    if saved.model != cfg.model or saved.tokenizer.joint != cfg.tokenizer.joint:
+        raise TrainingError(f"{path}: the model or tokenizer settings differ from the checkpoint's; "
+                            "resume with the run's own config.yaml")
+    check_weights(path, state, saved)
+    corpus = state.get("corpus", {}).get("train")  # absent from checkpoints before content keys
+    if corpus and cfg.data.train.is_set and not same_content(corpus, cfg.data.train):
+        raise TrainingError(f"data.train: {cfg.data.train.describe()} is not the corpus {path} was trained on "
+                            "(its content changed); resume needs that corpus, or start a new run")
+    changed = _changed_keys(saved.to_dict(), cfg.to_dict())
+    if changed:
+        log("resuming with changed settings: " + ", ".join(changed))
+    missing = [p for p in run.tokenizer_paths(cfg.tokenizer.joint) if not p.exists()]
+    given = {"src": cfg.tokenizer.src_model, "tgt": cfg.tokenizer.tgt_model or cfg.tokenizer.src_model}
+    trained_with = state.get("tokenizer")
+    if missing and not (cfg.tokenizer.src_model and trained_with and all(
+            Tokenizer(given[side]).fingerprint == trained_with[side] for side in ("src", "tgt"))):
+        raise TrainingError(f"{missing[0]}: missing; {path} was trained with it (another tokenizer would not "
+                            "match the weights)")
+    return Resumed(path, state)
+
+
 # --------------------------------------------------------------------------------------------------
-# The loop
+# The trainer
+
+
+@dataclass
+class TrainState:
+    """The training loop's own state, saved in every checkpoint next to the model, optimizer,
+    sampler and RNG states. Where training is in the data is (``epoch``, ``batch``): the sampler
+    derives an epoch's batches from (seed, epoch), so resuming jumps there."""
+
+    VERSION: ClassVar[int] = 2
+
+    step: int = 0  # optimizer updates done (skipped non-finite ones included)
+    epoch: int = 0  # 0-based epoch the next batch comes from
+    batch: int = 0  # batches of that epoch already used
+    best_metric: str = "loss"  # what ``best`` measures (train.best_metric); fixed for a run
+    best: float = math.inf  # best validation value so far
+    bad_validations: int = 0  # validations since the best one (the patience count)
+    elapsed: float = 0.0  # training seconds so far, across resumes (data preparation excluded)
+    window_tokens: int = 0  # the logging window: what the next train row of metrics.jsonl averages
+    window_loss: float = 0.0
+    window_nll: float = 0.0
+
+    def state_dict(self) -> dict:
+        return {"version": self.VERSION, **asdict(self)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load a saved state, checking its version and the type of every field."""
+        if state.get("version") != self.VERSION:
+            raise ValueError(f"version {state.get('version')} is not {self.VERSION} (written by another mt; "
+                             "its weights still translate, but resuming needs a new run)")
+        for name, kind in get_type_hints(TrainState).items():
+            if name == "VERSION":
+                continue
+            value = state.get(name)
+            allowed = (int, float) if kind is float else kind
+            if not isinstance(value, allowed) or isinstance(value, bool):
+                raise ValueError(f"{name}={value!r} is not a {kind.__name__}")
+            setattr(self, name, kind(value))
+
+
+class _GlobalRng:
+    """The Python, numpy and torch generators (dropout) as one stateful part."""
+
+    state_dict = staticmethod(ckpt.rng_state)
+    load_state_dict = staticmethod(ckpt.set_rng_state)
+
+
+class Trainer:
+    """One run's model, optimizer, sampler and ``TrainState``, and the loop that updates them.
+
+    ``parts()`` lists every stateful piece; ``state_dict`` and ``load_state_dict`` both walk that list,
+    so a checkpoint holds exactly what resuming restores."""
+
+    def __init__(self, cfg: Config, run: Run, model: Transformer, data: Prepared, device: torch.device,
+                 log: Callable[[str], None], progress: bool | None = None):
+        tc = self.tc = cfg.train
+        self.cfg, self.run, self.model, self.data, self.device, self.log = cfg, run, model, data, device, log
+        self.progress = progress
+        optimizer_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
+        self.optimizer = optimizer_cls(model.parameters(), lr=tc.lr, betas=tc.betas, eps=tc.adam_eps,
+                                       weight_decay=tc.weight_decay)
+        self.sampler = data.train.sampler(tc.max_tokens, shuffle=True, seed=tc.seed)
+        self.higher_is_better = tc.best_metric == "bleu"
+        self.state = TrainState(best_metric=tc.best_metric, best=-math.inf if self.higher_is_better else math.inf)
+        self.budget = parse_duration(tc.max_time, "train.max_time")
+        self.metrics = run.metrics()
+        self.saved_step = -1  # the step whose state is in last.pt
+        self.signal = 0  # the signal that stopped training, or 0
+        self._tick = self._window_start = time.time()
+
+    # state ----------------------------------------------------------------------------------------
+
+    def parts(self) -> dict[str, object]:
+        """The stateful parts, by checkpoint key, in the order they are saved and restored."""
+        return {"trainer": self.state, "model": self.model, "optimizer": self.optimizer, "sampler": self.sampler,
+                "rng": _GlobalRng}
+
+    def state_dict(self) -> dict:
+        return {name: part.state_dict() for name, part in self.parts().items()}
+
+    def load_state_dict(self, state: dict, source: Path) -> None:
+        for name, part in self.parts().items():
+            try:
+                part.load_state_dict(state[name])
+            except (KeyError, ValueError, TypeError, RuntimeError) as e:
+                raise TrainingError(f"{source}: cannot resume its {name} state: {e}") from None
+        if self.state.best_metric != self.tc.best_metric:
+            raise TrainingError(f"{source}: the run picked best.pt by {self.state.best_metric}, "
+                                f"not train.best_metric={self.tc.best_metric}")
+        self.saved_step = self.state.step
+
+    def save(self, valid: dict | None, best: bool) -> None:
+        """Checkpoint the current state (with what it was trained on, for inference and resume)."""
+        self._clock()
+        src_tok, tgt_tok = self.data.src_tok, self.data.tgt_tok
+        checkpoint = {
+            "format": "mt", "version": ckpt.FORMAT_VERSION, "config": self.cfg.to_dict(),
+            "vocab": {"src": src_tok.vocab_size, "tgt": tgt_tok.vocab_size},
+            "tokenizer": {"src": src_tok.fingerprint, "tgt": tgt_tok.fingerprint},
+            "corpus": {"train": self.data.corpus_key}, "valid": valid or {}, **self.state_dict(),
+        }
+        self.run.save_checkpoint(checkpoint, self.state.step, best=best, keep=self.tc.keep_checkpoints)
+        self.saved_step = self.state.step
+
+    # pieces of the loop -----------------------------------------------------------------------------
+
+    def _clock(self) -> float:
+        """Add the seconds since the last call to ``state.elapsed``; return it."""
+        now = time.time()
+        self.state.elapsed += now - self._tick
+        self._tick = now
+        return self.state.elapsed
+
+    def batches(self) -> Iterator[np.ndarray]:
+        """Example indices batch by batch from the current position, across epochs."""
+        s, max_epochs = self.state, self.tc.max_epochs
+        while not max_epochs or s.epoch < max_epochs:
+            epoch = self.sampler.batches(s.epoch)
+            while s.batch < len(epoch):
+                s.batch += 1
+                yield epoch[s.batch - 1]
+            s.epoch, s.batch = s.epoch + 1, 0
+
+    def stop_reason(self, signals: StopSignals) -> str:
+        """Why training must stop before the next update, or ""."""
+        tc, s = self.tc, self.state
+        if signals.received:
+            return f"interrupted by {signal.Signals(signals.received).name}"
+        if self._clock() >= self.budget > 0:
+            return f"reached train.max_time={tc.max_time}"
+        if tc.max_steps and s.step >= tc.max_steps:
+            return f"reached train.max_steps={tc.max_steps}"
+        if tc.patience and s.bad_validations >= tc.patience:  # checked first thing: a resumed early-stopped run
+            return f"early stopping: no improvement in {tc.patience} validations"
+        return ""
+
+    def learning_rate(self) -> float:
+        """This update's LR; the budget used is the larger share of max_steps and max_time."""
+        tc, s = self.tc, self.state
+        used = max(s.step / tc.max_steps if tc.max_steps else 0.0, s.elapsed / self.budget if self.budget else 0.0)
+        return learning_rate(s.step, tc, budget_used=used)
+
+    def log_row(self, *, lr: float, grad_norm: float, bar: tqdm) -> None:
+        """A train row of metrics.jsonl: the window's per-token loss, throughput, LR, gradient norm."""
+        s = self.state
+        seconds = max(time.time() - self._window_start, 1e-9)
+        row = {"loss": s.window_loss / s.window_tokens, "nll": s.window_nll / s.window_tokens, "lr": lr,
+               "tokens_per_s": s.window_tokens / seconds, "grad_norm": grad_norm}
+        self.metrics.write(kind="train", step=s.step, epoch=s.epoch + 1, **row)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+        s.window_tokens, s.window_loss, s.window_nll = 0, 0.0, 0.0
+        self._window_start = time.time()
+
+    def validate_and_save(self) -> None:
+        """Validate (loss, and BLEU with ``valid_beam``), log, track the best and patience, save."""
+        tc, s, valid_data = self.tc, self.state, self.data.valid
+        if valid_data is None:
+            return self.save(None, best=True)  # without validation the newest model is the best
+        result = validate(self.model, valid_data, max_tokens=tc.max_tokens, epsilon=tc.label_smoothing,
+                          device=self.device, precision=tc.precision)
+        if tc.valid_beam:
+            result["bleu"] = validation_bleu(self.model, valid_data.ds["src"], valid_data.ds["tgt"],
+                                             self.data.src_tok, self.data.tgt_tok,
+                                             replace(self.cfg.decode, beam=tc.valid_beam))
+        value = result[tc.best_metric]
+        improved = value > s.best if self.higher_is_better else value < s.best
+        s.best, s.bad_validations = (value, 0) if improved else (s.best, s.bad_validations + 1)
+        self.metrics.write(kind="valid", step=s.step, epoch=s.epoch + 1, **result, best=improved)
+        self.log(f"step {s.step}: valid loss {result['loss']:.4f} nll {result['nll']:.4f} ppl {result['ppl']:.2f}"
+                 + (f" bleu {result['bleu']:.2f}" if "bleu" in result else "")
+                 + (" (best)" if improved else f" (no improvement for {s.bad_validations})"))
+        self.save(result, best=improved)
+
+    # the loop ---------------------------------------------------------------------------------------
+
+    def fit(self) -> str:
+        """Train until a stop condition holds; return it. The final state is validated and saved
+        (after a signal: saved at once, validating could take long)."""
+        tc, s, model, optimizer = self.tc, self.state, self.model, self.optimizer
+        stream = self.batches()
+        bar = tqdm(total=tc.max_steps or None, initial=s.step, file=sys.stderr, dynamic_ncols=True, unit="step",
+                   disable=self.progress is False if self.progress is not None else None)
+        model.train()
+        self._tick = self._window_start = time.time()  # the time budget counts training, not preparation
+        bad_updates = 0
+        with StopSignals() as signals:
+            while not (stopped := self.stop_reason(signals)):
+                group = [self.data.train.batch(i) for _, i in zip(range(tc.accum_steps), stream)]
+                if not group:
+                    stopped = f"reached train.max_epochs={tc.max_epochs}"
+                    break
+                s.step += 1
+                lr = self.learning_rate()
+                for param_group in optimizer.param_groups:
+                    param_group["lr"] = lr
+                # forward/backward over the accumulated batches, each loss normalised by the update's
+                # token count, so accumulation equals one big batch
+                tokens = sum(b.num_tgt_tokens for b in group)
+                loss_total = nll_total = 0.0
+                for batch in group:
+                    batch = batch.to(self.device)
+                    with autocast(self.device, tc.precision):
+                        loss, nll = batch_loss(model, batch, tc.label_smoothing)
+                    (loss / tokens).backward()
+                    loss_total, nll_total = loss_total + loss.item(), nll_total + nll.item()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm or float("inf"))
+                if not (math.isfinite(loss_total) and torch.isfinite(grad_norm)):
+                    # skip the update rather than poison the weights; give up if it keeps happening
+                    optimizer.zero_grad(set_to_none=True)
+                    bad_updates += 1
+                    self.log(f"step {s.step}: non-finite loss or gradient, update skipped ({bad_updates} in a row)")
+                    if bad_updates >= MAX_BAD_UPDATES:
+                        raise TrainingError(f"{bad_updates} non-finite updates in a row at step {s.step}; lower "
+                                            "train.lr, raise train.warmup_steps or use train.precision=fp32")
+                    continue
+                bad_updates = 0
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+                s.window_tokens, s.window_loss, s.window_nll = (s.window_tokens + tokens, s.window_loss + loss_total,
+                                                                s.window_nll + nll_total)
+                bar.update(1)
+                if s.step % tc.log_every == 0 or s.step == 1:
+                    self.log_row(lr=lr, grad_norm=float(grad_norm), bar=bar)
+                if s.step % tc.valid_every == 0:
+                    self.validate_and_save()
+                elif tc.save_every and s.step % tc.save_every == 0:
+                    self.save(None, best=False)
+        bar.close()
+        self.signal = signals.received
+        if self.saved_step != s.step and self.signal:
+            self.save(None, best=False)
+        elif self.saved_step != s.step:
+            self.validate_and_save()
+        return stopped
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point
 
 
 @dataclass
@@ -178,7 +403,7 @@ def validate(model: Transformer, data: ParallelData, *, max_tokens: int, epsilon
     loss_sum = nll_sum = 0.0
     tokens = 0
     budget = max(max_tokens, int(data.src_len.max()), int(data.tgt_len.max()))  # long pairs: a batch alone
-    for indices in data.sampler(budget, shuffle=False):
+    for indices in data.sampler(budget, shuffle=False).batches(0):
         batch = data.batch(indices).to(device)
         with autocast(device, precision):
             loss, nll = batch_loss(model, batch, epsilon)
@@ -193,7 +418,11 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
     """Train the model described by ``cfg`` into ``cfg.train.run_dir``; return where it stopped. The
     run directory is locked for the whole of it."""
     log = log or (lambda message: print(message, file=sys.stderr))
-    run = Run(cfg.train.run_dir)
+    tc = cfg.train
+    if not (tc.max_steps or tc.max_epochs or tc.max_time or (tc.patience and cfg.data.valid.is_set)):
+        raise ConfigError("training would never stop: set train.max_steps, train.max_epochs, train.max_time "
+                          "or train.patience (with data.valid)")
+    run = Run(tc.run_dir)
     run.open_for_training(resume, in_place=tokenizers_in_place(cfg, run))
     try:
         return _train(cfg, run, resume, log, progress)
@@ -203,88 +432,24 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
 
 def _train(cfg: Config, run: Run, resume: bool, log: Callable[[str], None], progress: bool | None) -> TrainResult:
     tc = cfg.train
-    resume_state, trained_with = None, None
-    if resume:
-        last, resume_state = run.resume_state(log)
-        saved = checkpoint_config(last, resume_state)
-        if saved.model != cfg.model or saved.tokenizer.joint != cfg.tokenizer.joint:
-            raise TrainingError(f"{last}: the model or tokenizer settings differ from the checkpoint's; "
-                                "resume with the run's own config.yaml")
-        check_weights(last, resume_state, saved)
-        corpus = resume_state.get("corpus", {}).get("train")  # absent from checkpoints before content keys
-        if corpus and cfg.data.train.is_set and not same_content(corpus, cfg.data.train):
-            raise TrainingError(f"data.train: {cfg.data.train.describe()} is not the corpus {last} was trained on "
-                                "(its content changed); resume needs that corpus, or start a new run")
-        changed = _changed_keys(saved.to_dict(), cfg.to_dict())
-        if changed:
-            log("resuming with changed settings: " + ", ".join(changed))
-        missing = [p for p in run.tokenizer_paths(cfg.tokenizer.joint) if not p.exists()]
-        given = {"src": cfg.tokenizer.src_model, "tgt": cfg.tokenizer.tgt_model or cfg.tokenizer.src_model}
-        trained_with = resume_state.get("tokenizer")  # absent from checkpoints before fingerprints
-        if missing and not (cfg.tokenizer.src_model and trained_with and all(
-                Tokenizer(given[side]).fingerprint == trained_with[side] for side in ("src", "tgt"))):
-            raise TrainingError(f"{missing[0]}: missing; {last} was trained with it (another tokenizer would not "
-                                "match the weights)")
+    resumed = resumable(cfg, run, log) if resume else None
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     device = pick_device(tc.device)
     random.seed(tc.seed)
     torch.manual_seed(tc.seed)
-
-    # data and tokenizer
-    if not (tc.max_steps or tc.max_epochs or tc.max_time or (tc.patience and cfg.data.valid.is_set)):
-        raise ConfigError("training would never stop: set train.max_steps, train.max_epochs, train.max_time "
-                          "or train.patience (with data.valid)")
-    if not cfg.data.train.is_set:
-        raise ConfigError("data.train: no training corpus configured (set data.train.src and data.train.tgt)")
-    corpus_key = content_key(cfg.data.train)
-    raw_train = load_corpus(cfg.data.train, cfg.data.src_lang, cfg.data.tgt_lang, cfg.data.cache_dir)
-    src_tok, tgt_tok = prepare_tokenizers(cfg, run, raw_train, log)
-    if trained_with and trained_with != {"src": src_tok.fingerprint, "tgt": tgt_tok.fingerprint}:
-        raise TrainingError(f"{last}: trained with another tokenizer than "
-                            f"{run.tokenizer_paths(cfg.tokenizer.joint)[0]} (the fingerprints differ)")
-    train_data = load_split(cfg, "train", src_tok, tgt_tok, raw=raw_train)
-    log(f"train {cfg.data.train.describe()}: {train_data.report}")
-    valid_data = None
-    if cfg.data.valid.is_set:
-        valid_data = load_split(cfg, "valid", src_tok, tgt_tok)
-        log(f"valid {cfg.data.valid.describe()}: {valid_data.report}")
+    data = prepare(cfg, run, log, check=resumed.check_tokenizers(run, cfg) if resumed else None)
     run.save_config(cfg)
 
-    # model and optimizer
-    model = Transformer(cfg.model, src_tok.vocab_size, tgt_tok.vocab_size, joint=cfg.tokenizer.joint).to(device)
-    optimizer_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
-    optimizer = optimizer_cls(model.parameters(), lr=tc.lr, betas=tc.betas, eps=tc.adam_eps,
-                              weight_decay=tc.weight_decay)
-    sampler = train_data.sampler(tc.max_tokens, shuffle=True, seed=tc.seed)
-    higher_is_better = tc.best_metric == "bleu"
-    budget = parse_duration(tc.max_time, "train.max_time")
-    elapsed_before, loop_start = 0.0, time.time()
-
-    def elapsed() -> float:
-        """Training seconds so far, across resumes (data preparation excluded)."""
-        return elapsed_before + time.time() - loop_start
-
-    step, best, bad_validations = 0, (-math.inf if higher_is_better else math.inf), 0
-    if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        try:
-            sampler.load_state_dict(resume_state["sampler"])
-        except ValueError as e:
-            raise TrainingError(f"{last}: {e}") from None
-        trainer = resume_state["trainer"]
-        if trainer.get("version") != TRAINER_STATE_VERSION:
-            raise TrainingError(f"{last}: trainer state version {trainer.get('version')} "
-                                f"is not {TRAINER_STATE_VERSION}")
-        if trainer["best_metric"] != tc.best_metric:
-            raise TrainingError(f"{last}: the run picked best.pt by {trainer['best_metric']}, "
-                                f"not train.best_metric={tc.best_metric}")
-        step, best, bad_validations = trainer["step"], trainer["best"], trainer["bad_validations"]
-        elapsed_before = trainer["elapsed"]
-        ckpt.set_rng_state(resume_state["rng"])
-        log(f"resumed from {last} at step {step} (epoch {sampler.epoch + 1}, "
-            f"batch {sampler.position}/{len(sampler)})")
+    model = Transformer(cfg.model, data.src_tok.vocab_size, data.tgt_tok.vocab_size,
+                        joint=cfg.tokenizer.joint).to(device)
+    trainer = Trainer(cfg, run, model, data, device, log, progress)
+    s = trainer.state
+    if resumed is not None:
+        trainer.load_state_dict(resumed.state, resumed.path)
+        trainer.metrics.truncate_after(s.step)  # rows a killed run logged after its last checkpoint
+        epoch_size = len(trainer.sampler.batches(s.epoch))
+        log(f"resumed from {resumed.path} at step {s.step} (epoch {s.epoch + 1}, batch {s.batch}/{epoch_size})")
     else:
         log(f"model: {model.num_parameters():,} parameters, {cfg.model.encoder_layers}+{cfg.model.decoder_layers} "
             f"layers, d_model {cfg.model.d_model}; device {device}, {tc.precision}")
@@ -292,142 +457,15 @@ def _train(cfg: Config, run: Run, resume: bool, log: Callable[[str], None], prog
     if bf16_warning:
         log(f"warning: {bf16_warning} (train.precision=fp32)")
     run.disk_check(model)
-    metrics = run.metrics()
-    if resume_state is not None:
-        metrics.truncate_after(step)
-    saved_step = step if resume_state is not None else -1  # a resumed run's state is already saved
 
-    def save(tag: str, valid: dict | None) -> None:
-        nonlocal saved_step
-        saved_step = step
-        state = {
-            "format": "mt", "version": ckpt.FORMAT_VERSION,
-            "model": model.state_dict(), "config": cfg.to_dict(),
-            "vocab": {"src": src_tok.vocab_size, "tgt": tgt_tok.vocab_size},
-            "tokenizer": {"src": src_tok.fingerprint, "tgt": tgt_tok.fingerprint}, "corpus": {"train": corpus_key},
-            "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(),
-            "trainer": {"version": TRAINER_STATE_VERSION, "step": step, "best_metric": tc.best_metric,
-                        "best": best, "bad_validations": bad_validations, "elapsed": elapsed(),
-                        "window": [window_tokens, window_loss, window_nll]},
-            "rng": ckpt.rng_state(), "valid": valid or {},
-        }
-        run.save_checkpoint(state, step, best=tag == "best", keep=tc.keep_checkpoints)
-
-    def batch_stream() -> Iterator[np.ndarray]:
-        """Batches across epochs; ``sampler`` holds the position, so this resumes mid-epoch."""
-        while not tc.max_epochs or sampler.epoch < tc.max_epochs:
-            yield from sampler
-            sampler.set_epoch(sampler.epoch + 1)
-
-    def run_validation() -> tuple[dict | None, bool]:
-        """Validate, log, and say whether this is the best model so far."""
-        nonlocal best, bad_validations
-        if valid_data is None:
-            return None, False
-        result = validate(model, valid_data, max_tokens=tc.max_tokens, epsilon=tc.label_smoothing,
-                          device=device, precision=tc.precision)
-        if tc.valid_beam:
-            result["bleu"] = validation_bleu(model, valid_data.ds["src"], valid_data.ds["tgt"], src_tok, tgt_tok,
-                                             replace(cfg.decode, beam=tc.valid_beam))
-        value = result[tc.best_metric]
-        improved = value > best if higher_is_better else value < best
-        if improved:
-            best, bad_validations = value, 0
-        else:
-            bad_validations += 1
-        metrics.write(kind="valid", step=step, epoch=sampler.epoch + 1, **result, best=improved)
-        log(f"step {step}: valid loss {result['loss']:.4f} nll {result['nll']:.4f} ppl {result['ppl']:.2f}"
-            + (f" bleu {result['bleu']:.2f}" if "bleu" in result else "")
-            + (" (best)" if improved else f" (no improvement for {bad_validations})"))
-        return result, improved
-
-    model.train()
-    initial_step = step
-    loop_start = time.time()  # the time budget counts training, not data preparation
-    stream = batch_stream()
-    bar = tqdm(total=tc.max_steps or None, initial=step, disable=progress is False if progress is not None else None,
-               file=sys.stderr, dynamic_ncols=True, unit="step")
-    # the logging window (rows average log_every updates) is part of the state, so resumed rows match
-    window_tokens, window_loss, window_nll = resume_state["trainer"]["window"] if resume_state else (0, 0.0, 0.0)
-    window_start = time.time()
-    bad_updates, stopped = 0, ""
-    with StopSignals() as signals:
-        while not stopped:
-            if signals.received:
-                stopped = f"interrupted by {signal.Signals(signals.received).name}"
-                break
-            if budget and elapsed() >= budget:
-                stopped = f"reached train.max_time={tc.max_time}"
-                break
-            if tc.max_steps and step >= tc.max_steps:
-                stopped = f"reached train.max_steps={tc.max_steps}"
-                break
-            if tc.patience and bad_validations >= tc.patience:  # here too: a resumed early-stopped run
-                stopped = f"early stopping: no improvement in {tc.patience} validations"
-                break
-            group = [train_data.batch(i) for _, i in zip(range(tc.accum_steps), stream)]
-            if not group:
-                stopped = f"reached train.max_epochs={tc.max_epochs}"
-                break
-            step += 1
-            # lr for this update, then forward/backward over the accumulated batches
-            lr = learning_rate(step, tc, budget_used=max(step / tc.max_steps if tc.max_steps else 0.0,
-                                                         elapsed() / budget if budget else 0.0))
-            for group_ in optimizer.param_groups:
-                group_["lr"] = lr
-            tokens = sum(b.num_tgt_tokens for b in group)
-            loss_total = nll_total = 0.0
-            for batch in group:
-                batch = batch.to(device)
-                with autocast(device, tc.precision):
-                    loss, nll = batch_loss(model, batch, tc.label_smoothing)
-                # normalise by the update's token count so accumulation equals one big batch
-                (loss / tokens).backward()
-                loss_total, nll_total = loss_total + loss.item(), nll_total + nll.item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm or float("inf"))
-            if not (math.isfinite(loss_total) and torch.isfinite(grad_norm)):
-                # skip the update rather than poison the weights; give up if it keeps happening
-                optimizer.zero_grad(set_to_none=True)
-                bad_updates += 1
-                log(f"step {step}: non-finite loss or gradient, update skipped ({bad_updates} in a row)")
-                if bad_updates >= MAX_BAD_UPDATES:
-                    raise TrainingError(f"{bad_updates} non-finite updates in a row at step {step}; lower "
-                                        "train.lr, raise train.warmup_steps or use train.precision=fp32")
-                continue
-            bad_updates = 0
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-            window_tokens += tokens
-            window_loss += loss_total
-            window_nll += nll_total
-            bar.update(1)
-            if step % tc.log_every == 0 or step == 1:
-                window_seconds = max(time.time() - window_start, 1e-9)
-                row = {"loss": window_loss / window_tokens, "nll": window_nll / window_tokens, "lr": lr,
-                       "tokens_per_s": window_tokens / window_seconds, "grad_norm": float(grad_norm)}
-                metrics.write(kind="train", step=step, epoch=sampler.epoch + 1, **row)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
-                window_tokens, window_start, window_loss, window_nll = 0, time.time(), 0.0, 0.0
-            if step % tc.valid_every == 0:
-                valid, improved = run_validation()
-                save("best" if improved or valid_data is None else "step", valid)
-            elif tc.save_every and step % tc.save_every == 0:
-                save("step", None)
-    bar.close()
-    if signals.received:  # save at once; validating could take long
-        if saved_step != step:
-            save("step", None)
-    elif saved_step != step:  # the final state, validated and saved
-        valid, improved = run_validation()
-        save("best" if improved or valid_data is None else "step", valid)
-    log(f"stopped at step {step}: {stopped}" + ("; checkpoint saved, continue with --resume" if signals.received else ""))
-    metrics.write(kind="end", step=step, epoch=sampler.epoch + 1, reason=stopped,
-                  **{f"best_{tc.best_metric}": best})
-    if step != initial_step:  # the model changed: an earlier choice no longer holds
+    initial_step = s.step
+    stopped = trainer.fit()
+    log(f"stopped at step {s.step}: {stopped}" + ("; checkpoint saved, continue with --resume" if trainer.signal else ""))
+    trainer.metrics.write(kind="end", step=s.step, epoch=s.epoch + 1, reason=stopped, **{f"best_{tc.best_metric}": s.best})
+    if s.step != initial_step:  # the model changed: an earlier choice no longer holds
         run.drop_tuning()
     wants_tuning = tc.average_last >= 2 or cfg.decode.tune_beam or cfg.decode.tune_lenpen
-    if valid_data is not None and wants_tuning and not run.has_defaults() and not signals.received:
-        tune.choose_defaults(cfg, run, valid_data.ds["src"], valid_data.ds["tgt"], str(device), log)
-    return TrainResult(step=step, epoch=sampler.epoch + 1, best=best, stopped=stopped, run_dir=run.path,
-                       signal=signals.received)
+    if data.valid is not None and wants_tuning and not run.has_defaults() and not trainer.signal:
+        tune.choose_defaults(cfg, run, data.valid.ds["src"], data.valid.ds["tgt"], str(device), log)
+    return TrainResult(step=s.step, epoch=s.epoch + 1, best=s.best, stopped=stopped, run_dir=run.path,
+                       signal=trainer.signal)

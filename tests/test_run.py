@@ -19,7 +19,7 @@ from mt.cli import app
 from mt.config import load_config
 from mt.run import Run, RunError, RunLock
 from mt.tokenizer import train_sentencepiece
-from mt.train import TrainingError, train
+from mt.train import TrainingError, TrainState, train
 from test_reliability import config_file, mt_cli, train_losses, wait_for
 
 runner = CliRunner()
@@ -211,3 +211,46 @@ def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_refused_before_buil
     with pytest.raises(ckpt.CheckpointError, match=r"cut.pt: its weights are not the model its config describes "
                                                    r"\(missing \['decoder_norm.weight'\]"):
         run.load_for_inference(str(tmp_path / "cut.pt"), device="cpu")
+
+
+def test_train_state_round_trips_and_refuses_other_versions_and_types():
+    state = TrainState(step=7, epoch=2, batch=5, best_metric="bleu", best=31.5, bad_validations=1, elapsed=12.5,
+                       window_tokens=900, window_loss=2100.0, window_nll=1800.0)
+    saved = state.state_dict()
+    assert saved["version"] == TrainState.VERSION == 2
+    loaded = TrainState()
+    loaded.load_state_dict(saved)
+    assert loaded == state
+    for bad, message in (({**saved, "version": 1}, "version 1 is not 2"),
+                         ({**saved, "step": "7"}, "step='7' is not a int"),
+                         ({**saved, "batch": True}, "batch=True is not a int"),
+                         ({**saved, "best": None}, "best=None is not a float"),
+                         ({k: v for k, v in saved.items() if k != "elapsed"}, "elapsed=None is not a float")):
+        with pytest.raises(ValueError, match=message):
+            TrainState().load_state_dict(bad)
+    whole = TrainState()
+    whole.load_state_dict({**saved, "best": 3})  # an int where a float is kept is fine
+    assert whole.best == 3.0 and isinstance(whole.best, float)
+
+
+def test_a_checkpoint_holds_the_trainer_parts_and_resume_checks_each(tmp_path, multi30k_head, spm_model):
+    cfg = load_config(config_file(tmp_path, multi30k_head, spm_model, max_steps=2, valid_every=2),
+                      [f"train.run_dir={tmp_path / 'run'}"])
+    train(cfg, log=quiet, progress=False)
+    run = Run(tmp_path / "run")
+    last = run.checkpoint_path("last")
+    state = ckpt.load(last)
+    parts = {"trainer", "model", "optimizer", "sampler", "rng"}
+    assert set(state) == parts | {"format", "version", "config", "vocab", "tokenizer", "corpus", "valid"}
+    assert state["trainer"]["step"] == 2 and state["sampler"]["num_examples"] > 0
+    more = load_config(run.config_path, ["train.max_steps=4"])
+    for name, broken, message in (
+            ("trainer", {**state["trainer"], "version": 1}, "trainer state: version 1 is not 2"),
+            ("sampler", {**state["sampler"], "num_examples": 3}, "sampler state: sampler state has num_examples=3"),
+            ("optimizer", {"state": {}, "param_groups": []}, "optimizer state: "),
+            ("rng", None, "rng state: ")):
+        ckpt.atomic_save({**state, name: broken}, last)
+        with pytest.raises(TrainingError, match=f"last.pt: cannot resume its {message}"):
+            train(more, resume=True, log=quiet, progress=False)
+    ckpt.atomic_save(state, last)
+    assert train(more, resume=True, log=quiet, progress=False).step == 4
