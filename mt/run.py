@@ -38,6 +38,7 @@ import torch
 import yaml
 
 from mt import checkpoint as ckpt
+from mt import config as configs
 from mt.config import Config, ConfigError, config_from_dict, save_config
 from mt.device import pick_device, slow_bf16_warning
 from mt.errors import MtError
@@ -386,9 +387,7 @@ class Run:
         save_config(cfg, self.config_path)
 
     def load_config(self) -> Config:
-        from mt.config import load_config
-
-        return load_config(self.config_path)
+        return configs.load_config(self.config_path)
 
     def disk_check(self, model: torch.nn.Module) -> None:
         """Refuse to start when the disk cannot hold two checkpoints (weights + Adam moments each)."""
