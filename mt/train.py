@@ -179,7 +179,7 @@ class TrainState:
             value = state.get(name)
             allowed = (int, float) if kind is float else kind
             if not isinstance(value, allowed) or isinstance(value, bool):
-                raise ValueError(f"{name}={value!r} is not a {kind.__name__}")
+                raise ValueError(f"{name}={value!r} is not of type {kind.__name__}")
             setattr(self, name, kind(value))
 
 

@@ -222,10 +222,10 @@ def test_train_state_round_trips_and_refuses_other_versions_and_types():
     loaded.load_state_dict(saved)
     assert loaded == state
     for bad, message in (({**saved, "version": 1}, "version 1 is not 2"),
-                         ({**saved, "step": "7"}, "step='7' is not a int"),
-                         ({**saved, "batch": True}, "batch=True is not a int"),
-                         ({**saved, "best": None}, "best=None is not a float"),
-                         ({k: v for k, v in saved.items() if k != "elapsed"}, "elapsed=None is not a float")):
+                         ({**saved, "step": "7"}, "step='7' is not of type int"),
+                         ({**saved, "batch": True}, "batch=True is not of type int"),
+                         ({**saved, "best": None}, "best=None is not of type float"),
+                         ({k: v for k, v in saved.items() if k != "elapsed"}, "elapsed=None is not of type float")):
         with pytest.raises(ValueError, match=message):
             TrainState().load_state_dict(bad)
     whole = TrainState()
