@@ -372,13 +372,18 @@ class TokenBatchSampler:
 
     def load_state_dict(self, state: dict) -> None:
         """Adopt the saved seed (a resumed run keeps its batches); refuse other data or another budget."""
+        if not isinstance(state, dict):
+            raise ValueError(f"expected a dict, found {type(state).__name__}")
         if state.get("version") != self.STATE_VERSION:
-            raise ValueError(f"sampler state version {state.get('version')} != {self.STATE_VERSION}")
+            raise ValueError(f"version {state.get('version')} is not {self.STATE_VERSION}")
         for key, mine in (("num_examples", len(self.lengths)), ("max_tokens", self.max_tokens)):
-            if state[key] != mine:
-                raise ValueError(f"sampler state has {key}={state[key]} but this run has {mine}: "
+            if state.get(key) != mine:
+                raise ValueError(f"{key}={state.get(key)} but this run has {mine}: "
                                  "the data or train.max_tokens changed since the checkpoint")
-        self.seed = state["seed"]
+        seed = state.get("seed")
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"seed={seed!r} is not a seed")
+        self.seed = seed
 
 
 class ParallelData:

@@ -29,7 +29,7 @@ from mt import checkpoint as ckpt
 from mt import tune
 from mt.batch import Batch
 from mt.config import Config, ConfigError, parse_duration
-from mt.data import ParallelData, same_content
+from mt.data import ParallelData, TokenBatchSampler, same_content
 from mt.device import autocast, pick_device, slow_bf16_warning
 from mt.errors import MtError
 from mt.loss import linear_label_smoothed_loss
@@ -102,13 +102,12 @@ class Resumed:
 
     path: Path
     state: dict
+    trained_with: dict | None  # the tokenizers' fingerprints (absent from checkpoints before them)
 
     def check_tokenizers(self, run: Run, cfg: Config) -> Callable[[Tokenizer, Tokenizer], None]:
         """A check that the run's tokenizers are the ones this checkpoint was trained with."""
-        trained_with = self.state.get("tokenizer")  # absent from checkpoints before fingerprints
-
         def check(src_tok: Tokenizer, tgt_tok: Tokenizer) -> None:
-            if trained_with and trained_with != {"src": src_tok.fingerprint, "tgt": tgt_tok.fingerprint}:
+            if self.trained_with and self.trained_with != {"src": src_tok.fingerprint, "tgt": tgt_tok.fingerprint}:
                 raise TrainingError(f"{self.path}: trained with another tokenizer than "
                                     f"{run.tokenizer_paths(cfg.tokenizer.joint)[0]} (the fingerprints differ)")
         return check
@@ -139,7 +138,7 @@ def resumable(cfg: Config, run: Run, log: Callable[[str], None]) -> Resumed:
             Tokenizer(given[side]).fingerprint == trained_with[side] for side in ("src", "tgt"))):
         raise TrainingError(f"{missing[0]}: missing; {path} was trained with it (another tokenizer would not "
                             "match the weights)")
-    return Resumed(path, state)
+    return Resumed(path, state, trained_with)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -155,7 +154,7 @@ class TrainState:
     VERSION: ClassVar[int] = 2
 
     step: int = 0  # optimizer updates done (skipped non-finite ones included)
-    epoch: int = 0  # 0-based epoch the next batch comes from
+    epoch: int = 0  # 0-based epoch of the batches being used (advanced when its next batch is taken)
     batch: int = 0  # batches of that epoch already used
     best_metric: str = "loss"  # what ``best`` measures (train.best_metric); fixed for a run
     best: float = math.inf  # best validation value so far
@@ -169,18 +168,40 @@ class TrainState:
         return {"version": self.VERSION, **asdict(self)}
 
     def load_state_dict(self, state: dict) -> None:
-        """Load a saved state, checking its version and the type of every field."""
+        """Load a saved state, checking its version, the type of every field and its range."""
+        if not isinstance(state, dict):
+            raise ValueError(f"expected a dict, found {type(state).__name__}")
         if state.get("version") != self.VERSION:
             raise ValueError(f"version {state.get('version')} is not {self.VERSION} (written by another mt; "
                              "its weights still translate, but resuming needs a new run)")
+        values = {}
         for name, kind in get_type_hints(TrainState).items():
             if name == "VERSION":
                 continue
-            value = state.get(name)
+            if name not in state:
+                raise ValueError(f"{name}: missing")
+            value = state[name]
             allowed = (int, float) if kind is float else kind
             if not isinstance(value, allowed) or isinstance(value, bool):
                 raise ValueError(f"{name}={value!r} is not of type {kind.__name__}")
-            setattr(self, name, kind(value))
+            values[name] = kind(value)
+        negative = [n for n, v in values.items() if isinstance(v, (int, float)) and n != "best" and not v >= 0]
+        if negative or math.isnan(values["best"]) or not math.isfinite(values["elapsed"]):
+            bad = negative[0] if negative else ("best" if math.isnan(values["best"]) else "elapsed")
+            raise ValueError(f"{bad}={values[bad]!r} is out of range")
+        for name, value in values.items():
+            setattr(self, name, value)
+
+
+def batch_stream(sampler: TokenBatchSampler, state: TrainState, max_epochs: int = 0) -> Iterator[np.ndarray]:
+    """Example indices batch by batch from ``state``'s position (epoch, batches done), across epochs,
+    advancing it as batches are taken; ends after ``max_epochs`` epochs (0: never)."""
+    while not max_epochs or state.epoch < max_epochs:
+        epoch = sampler.batches(state.epoch)
+        while state.batch < len(epoch):
+            state.batch += 1
+            yield epoch[state.batch - 1]
+        state.epoch, state.batch = state.epoch + 1, 0
 
 
 class _GlobalRng:
@@ -211,7 +232,7 @@ class Trainer:
         self.metrics = run.metrics()
         self.saved_step = -1  # the step whose state is in last.pt
         self.signal = 0  # the signal that stopped training, or 0
-        self._tick = self._window_start = time.time()
+        self._tick = self._window_start = 0.0  # clocks, started by fit
 
     # state ----------------------------------------------------------------------------------------
 
@@ -225,12 +246,18 @@ class Trainer:
 
     def load_state_dict(self, state: dict, source: Path) -> None:
         for name, part in self.parts().items():
+            if name not in state:
+                raise TrainingError(f"{source}: has no {name} state to resume from")
             try:
                 part.load_state_dict(state[name])
-            except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            except (KeyError, ValueError, TypeError, AttributeError, RuntimeError) as e:
                 raise TrainingError(f"{source}: cannot resume its {name} state: {e}") from None
-        if self.state.best_metric != self.tc.best_metric:
-            raise TrainingError(f"{source}: the run picked best.pt by {self.state.best_metric}, "
+        s = self.state
+        if s.batch > len(self.sampler.batches(s.epoch)):
+            raise TrainingError(f"{source}: cannot resume its trainer state: batch {s.batch} of epoch {s.epoch + 1}, "
+                                f"which has {len(self.sampler.batches(s.epoch))}")
+        if s.best_metric != self.tc.best_metric:
+            raise TrainingError(f"{source}: the run picked best.pt by {s.best_metric}, "
                                 f"not train.best_metric={self.tc.best_metric}")
         self.saved_step = self.state.step
 
@@ -255,16 +282,6 @@ class Trainer:
         self.state.elapsed += now - self._tick
         self._tick = now
         return self.state.elapsed
-
-    def batches(self) -> Iterator[np.ndarray]:
-        """Example indices batch by batch from the current position, across epochs."""
-        s, max_epochs = self.state, self.tc.max_epochs
-        while not max_epochs or s.epoch < max_epochs:
-            epoch = self.sampler.batches(s.epoch)
-            while s.batch < len(epoch):
-                s.batch += 1
-                yield epoch[s.batch - 1]
-            s.epoch, s.batch = s.epoch + 1, 0
 
     def stop_reason(self, signals: StopSignals) -> str:
         """Why training must stop before the next update, or ""."""
@@ -322,7 +339,7 @@ class Trainer:
         """Train until a stop condition holds; return it. The final state is validated and saved
         (after a signal: saved at once, validating could take long)."""
         tc, s, model, optimizer = self.tc, self.state, self.model, self.optimizer
-        stream = self.batches()
+        stream = batch_stream(self.sampler, s, tc.max_epochs)
         bar = tqdm(total=tc.max_steps or None, initial=s.step, file=sys.stderr, dynamic_ncols=True, unit="step",
                    disable=self.progress is False if self.progress is not None else None)
         model.train()

@@ -284,7 +284,7 @@ def test_sampler_state_seed_wins_even_after_use(lengths):
 def test_sampler_load_state_dict_rejects_other_data(lengths):
     src_len, tgt_len = lengths
     state = TokenBatchSampler(src_len, tgt_len, max_tokens=256).state_dict()
-    with pytest.raises(ValueError, match="num_examples=500 but this run has 499"):
+    with pytest.raises(ValueError, match="^num_examples=500 but this run has 499"):
         TokenBatchSampler(src_len[:499], tgt_len[:499], max_tokens=256).load_state_dict(state)
     with pytest.raises(ValueError, match="max_tokens=256 but this run has 512"):
         TokenBatchSampler(src_len, tgt_len, max_tokens=512).load_state_dict(state)

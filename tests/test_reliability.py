@@ -87,7 +87,7 @@ def test_sigkill_then_resume_gives_the_same_losses_step_by_step(tmp_path, multi3
     assert full.wait(timeout=300) == 0, full.stderr.read()
 
     killed = mt_cli("train", str(config), "-o", str(tmp_path / "killed"), "-q")
-    wait_for(tmp_path / "killed" / "checkpoints" / "step_00000010.pt", killed)
+    wait_for(tmp_path / "killed" / "checkpoints" / "last.pt", killed)  # written after step_00000010.pt
     killed.send_signal(signal.SIGKILL)
     killed.wait(timeout=30)
     assert killed.returncode == -signal.SIGKILL

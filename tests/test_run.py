@@ -4,6 +4,7 @@ process at a time holds a run, and resume refuses what would silently change the
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -225,9 +226,16 @@ def test_train_state_round_trips_and_refuses_other_versions_and_types():
                          ({**saved, "step": "7"}, "step='7' is not of type int"),
                          ({**saved, "batch": True}, "batch=True is not of type int"),
                          ({**saved, "best": None}, "best=None is not of type float"),
-                         ({k: v for k, v in saved.items() if k != "elapsed"}, "elapsed=None is not of type float")):
+                         ({k: v for k, v in saved.items() if k != "elapsed"}, "elapsed: missing"),
+                         ({**saved, "batch": -3}, "batch=-3 is out of range"),
+                         ({**saved, "elapsed": float("nan")}, "elapsed=nan is out of range"),
+                         ({**saved, "best": float("nan")}, "best=nan is out of range"),
+                         (None, "expected a dict")):
         with pytest.raises(ValueError, match=message):
             TrainState().load_state_dict(bad)
+    unbounded = TrainState()
+    unbounded.load_state_dict({**saved, "best": -math.inf})  # no validation yet, bleu: best is -inf
+    assert unbounded.best == -math.inf
     whole = TrainState()
     whole.load_state_dict({**saved, "best": 3})  # an int where a float is kept is fine
     assert whole.best == 3.0 and isinstance(whole.best, float)
@@ -246,7 +254,9 @@ def test_a_checkpoint_holds_the_trainer_parts_and_resume_checks_each(tmp_path, m
     more = load_config(run.config_path, ["train.max_steps=4"])
     for name, broken, message in (
             ("trainer", {**state["trainer"], "version": 1}, "trainer state: version 1 is not 2"),
-            ("sampler", {**state["sampler"], "num_examples": 3}, "sampler state: sampler state has num_examples=3"),
+            ("sampler", {**state["sampler"], "num_examples": 3}, "sampler state: num_examples=3 but this run has"),
+            ("trainer", {**state["trainer"], "batch": 10_000}, "trainer state: batch 10000 of epoch"),
+            ("sampler", None, "sampler state: expected a dict, found NoneType"),
             ("optimizer", {"state": {}, "param_groups": []}, "optimizer state: "),
             ("rng", None, "rng state: ")):
         ckpt.atomic_save({**state, name: broken}, last)

@@ -18,8 +18,9 @@ from mt.model import Transformer
 from mt.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 from mt.loss import label_smoothed_loss, linear_label_smoothed_loss
 from mt.run import Run, RunError
+from mt.data import TokenBatchSampler
 from mt.train import TrainingError
-from mt.train import learning_rate, train
+from mt.train import TrainState, batch_stream, learning_rate, train
 
 
 def write(path: Path, lines: list[str]) -> Path:
@@ -453,3 +454,30 @@ def test_a_run_that_would_never_stop_is_refused(tmp_path, cache_dir, slice_files
                                             **{"train.max_steps": 0}))
     with pytest.raises(ConfigError, match="training would never stop"):
         train(cfg, log=lambda _: None, progress=False)
+
+
+def test_batch_stream_resumes_from_any_position_and_ends_after_max_epochs():
+    lengths = np.random.default_rng(7).integers(2, 60, size=300)
+    sampler = TokenBatchSampler(lengths, lengths, max_tokens=256, seed=5)
+    everything = [b for epoch in range(3) for b in sampler.batches(epoch)]
+    first = len(sampler.batches(0))
+
+    def same(a, b):
+        return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+    state = TrainState()
+    assert same(list(batch_stream(sampler, state, max_epochs=3)), everything)
+    assert (state.epoch, state.batch) == (3, 0)
+    for k in (1, first - 1, first, first + 2):  # first: at an epoch's end, batch == its length
+        state = TrainState()
+        stream = batch_stream(sampler, state, max_epochs=3)
+        taken = [next(stream) for _ in range(k)]
+        assert (state.epoch, state.batch) == ((0, k) if k <= first else (1, k - first))
+        saved = TrainState()
+        saved.load_state_dict(state.state_dict())  # as a checkpoint would carry it
+        assert same(taken + list(batch_stream(sampler, saved, max_epochs=3)), everything)
+    # accumulation takes groups of 4 from the stream; the last group of the last epoch may be short
+    stream = batch_stream(sampler, TrainState(), max_epochs=3)
+    groups = iter(lambda: [b for _, b in zip(range(4), stream)], [])
+    sizes = [len(g) for g in groups]
+    assert sum(sizes) == len(everything) and all(n == 4 for n in sizes[:-1]) and 1 <= sizes[-1] <= 4
