@@ -6,6 +6,7 @@ never imports ``datasets``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,16 +33,19 @@ class Batch:
                      self.tgt_out.to(device, non_blocking=True), self.indices)
 
 
-def pad(sequences: list[list[int]], pad_id: int = PAD_ID) -> torch.Tensor:
-    """Right-pad lists of ids to a (B, max_len) long tensor."""
+def pad(sequences: Sequence[Sequence[int]], pad_id: int = PAD_ID) -> torch.Tensor:
+    """Right-pad sequences of ids (lists or arrays) to a (B, max_len) long tensor."""
     out = np.full((len(sequences), max(map(len, sequences))), pad_id, dtype=np.int64)
     for row, seq in zip(out, sequences):
         row[: len(seq)] = seq
     return torch.from_numpy(out)
 
 
-def collate(src_ids: list[list[int]], tgt_ids: list[list[int]], indices: np.ndarray) -> Batch:
+def collate(src_ids: Sequence[Sequence[int]], tgt_ids: Sequence[Sequence[int]], indices: np.ndarray) -> Batch:
     """Teacher forcing: the decoder reads the target shifted right by one, starting with ``<s>``."""
-    tgt_out = pad(tgt_ids)
-    tgt_in = pad([[BOS_ID] + t[:-1] for t in tgt_ids])
+    tgt_out = pad(tgt_ids)  # (B, T)
+    lengths = torch.tensor([len(t) for t in tgt_ids])  # (B,)
+    shifted = torch.cat([torch.full_like(tgt_out[:, :1], BOS_ID), tgt_out[:, :-1]], dim=1)  # (B, T)
+    inside = torch.arange(tgt_out.shape[1]) < lengths[:, None]  # (B, T)
+    tgt_in = torch.where(inside, shifted, PAD_ID)
     return Batch(src=pad(src_ids), tgt_in=tgt_in, tgt_out=tgt_out, indices=indices)

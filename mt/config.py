@@ -125,16 +125,18 @@ class DataConfig:
     """Training pairs with more tokens than this on either side (``</s>`` included) are dropped."""
     max_ratio: float = 3.0
     """Training pairs whose token-length ratio exceeds this are dropped; 0 disables the filter."""
-    num_proc: int = 1
-    """Processes for tokenizing with ``Dataset.map``."""
+    num_proc: int = 0
+    """Processes that tokenize a corpus into the cache; 0: one per core."""
     cache_dir: str = ""
-    """Where tokenized datasets are cached; empty: the Hugging Face datasets default."""
+    """Where tokenized corpora are cached (and hub datasets downloaded); empty: ``$XDG_CACHE_HOME/mt``."""
+    dedup: bool = False
+    """Drop training pairs identical (both sides) to an earlier pair; counted as duplicates."""
 
     def __post_init__(self) -> None:
         _check_fields(self, "data")
         _positive("data.max_len", self.max_len)
         _positive("data.max_ratio", self.max_ratio, allow_zero=True)
-        _positive("data.num_proc", self.num_proc)
+        _positive("data.num_proc", self.num_proc, allow_zero=True)
         if self.src_lang == self.tgt_lang:
             raise ConfigError(f"data.src_lang and data.tgt_lang are both {self.src_lang!r}")
 

@@ -1,11 +1,13 @@
-"""Parallel corpora with Hugging Face ``datasets``: reading, cleaning, tokenizing, batching.
+"""Parallel corpora: reading, the tokenized cache, cleaning, token-budget batching.
 
-Corpora are read into Arrow datasets (memory-mapped, cached on disk) from two plain-text files
-(``.gz`` allowed), a TSV or JSONL file, or a hub dataset. Text files are split on ``\\n`` only —
-``str.splitlines`` would also split on U+2028, ``\\x85`` or ``\\x0c`` and shift the pairs. Pairs are
-filtered jointly (never one side alone) and every dropped pair is counted. Training batches come from a
-token-budget sampler (fairseq-style length buckets, reshuffled every epoch from a seed): an epoch's
-batches depend on (seed, epoch) only, so training resumes mid-epoch on the same batches.
+Corpora are read from two plain-text files (``.gz`` allowed), a TSV or JSONL file, or a Hugging Face
+hub dataset, in chunks. Text files are split on ``\\n`` only — ``str.splitlines`` would also split on
+U+2028, ``\\x85`` or ``\\x0c`` and shift the pairs. Tokenized pairs live in ``mt.cache`` (compact ids
+on disk, built once per corpus and tokenizer, read without mapping). Pairs are filtered jointly
+(never one side alone), with whole length columns, and every dropped pair is counted. Training
+batches come from a token-budget sampler (fairseq-style length buckets, reshuffled every epoch
+from a seed), computed with numpy: an epoch's batches depend on (seed, epoch) only, so training
+resumes mid-epoch on the same batches.
 """
 
 from __future__ import annotations
@@ -13,26 +15,24 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import itertools
 import os
-import re
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import datasets
 import numpy as np
+from tqdm import tqdm
 
+from mt import cache
 from mt.batch import Batch, collate
 from mt.config import CorpusConfig
 from mt.errors import MtError
 from mt.tokenizer import Tokenizer
 
-CACHE_VERSION = "2"  # bump when the reading or tokenizing code changes what it produces
-datasets.logging.set_verbosity_error()
-datasets.disable_progress_bars()
-
-
-CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 (but tab and newline), DEL, C1
+CACHE_KEY_VERSION = "3"  # bump when reading or tokenizing changes what a cache holds
+CHUNK = 20_000  # pairs read (and sent to a tokenizing process) at a time
 
 
 class CorpusError(MtError):
@@ -74,7 +74,7 @@ def _count_rest(lines: Iterator[str], seen: int) -> int:
     return seen + sum(1 for _ in lines)
 
 
-def _read_text_pair(src: str, tgt: str) -> Iterator[dict]:
+def _read_text_pair(src: str, tgt: str) -> Iterator[tuple[str, str]]:
     src_lines, tgt_lines = read_lines(src), read_lines(tgt)
     n = 0
     for s in src_lines:
@@ -83,18 +83,18 @@ def _read_text_pair(src: str, tgt: str) -> Iterator[dict]:
             raise CorpusError(f"line counts differ: {src} has {_count_rest(src_lines, n + 1)} lines, "
                               f"{tgt} has {n}")
         n += 1
-        yield {"src": s, "tgt": t}
+        yield s, t
     rest = _count_rest(tgt_lines, n)
     if rest != n:
         raise CorpusError(f"line counts differ: {src} has {n} lines, {tgt} has {rest}")
 
 
-def _read_tsv(path: str) -> Iterator[dict]:
+def _read_tsv(path: str) -> Iterator[tuple[str, str]]:
     for lineno, line in enumerate(read_lines(path, strip=False), start=1):
         fields = line.split("\t")
         if len(fields) != 2:
             raise CorpusError(f"{path}:{lineno}: expected 2 tab-separated fields, found {len(fields)}")
-        yield {"src": fields[0].strip(), "tgt": fields[1].strip()}
+        yield fields[0].strip(), fields[1].strip()
 
 
 def _pair_from_record(record: object, src_lang: str, tgt_lang: str) -> tuple[str, str] | None:
@@ -109,7 +109,7 @@ def _pair_from_record(record: object, src_lang: str, tgt_lang: str) -> tuple[str
     return None
 
 
-def _read_jsonl(path: str, src_lang: str, tgt_lang: str) -> Iterator[dict]:
+def _read_jsonl(path: str, src_lang: str, tgt_lang: str) -> Iterator[tuple[str, str]]:
     for lineno, line in enumerate(read_lines(path), start=1):
         if not line:
             continue
@@ -121,17 +121,41 @@ def _read_jsonl(path: str, src_lang: str, tgt_lang: str) -> Iterator[dict]:
         if pair is None:
             raise CorpusError(f"{path}:{lineno}: expected {{\"src\": .., \"tgt\": ..}} or "
                               f"{{\"translation\": {{\"{src_lang}\": .., \"{tgt_lang}\": ..}}}}")
-        yield {"src": pair[0].strip(), "tgt": pair[1].strip()}
+        yield pair[0].strip(), pair[1].strip()
 
 
-def _generate(kind: str, a: str, b: str, src_lang: str, tgt_lang: str, stamp: str) -> Iterator[dict]:
-    """The generator behind ``Dataset.from_generator`` (``stamp`` only keys the cache)."""
-    if kind == "text":
-        yield from _read_text_pair(a, b)
-    elif kind == "tsv":
-        yield from _read_tsv(a)
+def _pairs(corpus: CorpusConfig, src_lang: str, tgt_lang: str, cache_dir: str) -> Iterator[tuple[str, str]]:
+    if corpus.hub:
+        yield from _hub_pairs(corpus, src_lang, tgt_lang, cache_dir)
+    elif corpus.src:
+        yield from _read_text_pair(corpus.src, corpus.tgt)
+    elif corpus.path.endswith((".tsv", ".tsv.gz")):
+        yield from _read_tsv(corpus.path)
+    elif corpus.path.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")):
+        yield from _read_jsonl(corpus.path, src_lang, tgt_lang)
     else:
-        yield from _read_jsonl(a, src_lang, tgt_lang)
+        raise CorpusError(f"{corpus.path}: unknown corpus format; use .tsv or .jsonl (optionally .gz), "
+                          "or give src and tgt text files")
+
+
+def read_pairs(corpus: CorpusConfig, src_lang: str, tgt_lang: str, cache_dir: str = "",
+               chunk_size: int = CHUNK) -> Iterator[tuple[list[str], list[str]]]:
+    """The corpus's (sources, targets) in order, ``chunk_size`` pairs at a time."""
+    pairs = _pairs(corpus, src_lang, tgt_lang, cache_dir)
+    while True:
+        chunk = list(itertools.islice(pairs, chunk_size))
+        if not chunk:
+            return
+        yield [s for s, _ in chunk], [t for _, t in chunk]
+
+
+def read_all(corpus: CorpusConfig, src_lang: str, tgt_lang: str, cache_dir: str = "") -> tuple[list[str], list[str]]:
+    """The whole corpus as two lists (for small splits: validation, tests)."""
+    src, tgt = [], []
+    for s, t in read_pairs(corpus, src_lang, tgt_lang, cache_dir):
+        src += s
+        tgt += t
+    return src, tgt
 
 
 def _stamp(paths: list[str]) -> str:
@@ -211,82 +235,75 @@ def _digest(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
-def load_corpus(corpus: CorpusConfig, src_lang: str, tgt_lang: str, cache_dir: str = "") -> datasets.Dataset:
-    """Read a parallel corpus into an Arrow dataset with string columns ``src`` and ``tgt``."""
-    cache = cache_dir or None
-    if corpus.hub:
-        return _load_hub(corpus, src_lang, tgt_lang, cache)
-    if corpus.src:
-        kind, paths = "text", [corpus.src, corpus.tgt]
-    elif corpus.path.endswith((".tsv", ".tsv.gz")):
-        kind, paths = "tsv", [corpus.path, ""]
-    elif corpus.path.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")):
-        kind, paths = "jsonl", [corpus.path, ""]
-    else:
-        raise CorpusError(f"{corpus.path}: unknown corpus format; use .tsv or .jsonl (optionally .gz), "
-                          "or give src and tgt text files")
-    stamp = _stamp([p for p in paths if p])
-    features = datasets.Features({"src": datasets.Value("string"), "tgt": datasets.Value("string")})
-    try:
-        return datasets.Dataset.from_generator(
-            _generate, features=features, cache_dir=cache,
-            gen_kwargs={"kind": kind, "a": paths[0], "b": paths[1], "src_lang": src_lang,
-                        "tgt_lang": tgt_lang, "stamp": stamp},
-            fingerprint=_digest(CACHE_VERSION, kind, stamp, src_lang, tgt_lang))
-    except datasets.exceptions.DatasetGenerationError as e:
-        cause = e.__cause__
-        while cause is not None and not isinstance(cause, CorpusError):
-            cause = cause.__cause__
-        if cause is not None:
-            raise cause from None
-        raise
+def _hub_pairs(corpus: CorpusConfig, src_lang: str, tgt_lang: str, cache_dir: str) -> Iterator[tuple[str, str]]:
+    # imported here: reading local files (every test, most users) never pays for importing datasets
+    import datasets
 
-
-def _load_hub(corpus: CorpusConfig, src_lang: str, tgt_lang: str, cache: str | None) -> datasets.Dataset:
+    datasets.logging.set_verbosity_error()
     try:
-        ds = datasets.load_dataset(corpus.hub, corpus.hub_config or None, split=corpus.split, cache_dir=cache)
+        ds = datasets.load_dataset(corpus.hub, corpus.hub_config or None, split=corpus.split,
+                                   cache_dir=cache_dir or None)
     except Exception as e:  # network, unknown name, unknown split: all user-facing
         raise CorpusError(f"hub:{corpus.hub}: cannot load ({type(e).__name__}: {e})") from None
     columns = set(ds.column_names)
     if "translation" in columns:
-        def to_pair(batch: dict) -> dict:
-            return {"src": [t[src_lang].strip() for t in batch["translation"]],
-                    "tgt": [t[tgt_lang].strip() for t in batch["translation"]]}
+        for batch in ds.iter(batch_size=CHUNK):
+            for t in batch["translation"]:
+                yield t[src_lang].strip(), t[tgt_lang].strip()
     elif {src_lang, tgt_lang} <= columns or {"src", "tgt"} <= columns:
         s_key, t_key = ("src", "tgt") if {"src", "tgt"} <= columns else (src_lang, tgt_lang)
-
-        def to_pair(batch: dict) -> dict:
-            return {"src": [s.strip() for s in batch[s_key]], "tgt": [t.strip() for t in batch[t_key]]}
+        for batch in ds.iter(batch_size=CHUNK):
+            for s, t in zip(batch[s_key], batch[t_key]):
+                yield s.strip(), t.strip()
     else:
         raise CorpusError(f"hub:{corpus.hub}: no 'translation', '{src_lang}'/'{tgt_lang}' or 'src'/'tgt' "
                           f"columns (has {', '.join(sorted(columns))})")
-    return ds.map(to_pair, batched=True, remove_columns=ds.column_names)
+
+
+def cache_root(cache_dir: str = "") -> Path:
+    """Where tokenized corpora are cached: ``data.cache_dir``, else ``$XDG_CACHE_HOME/mt`` (~/.cache/mt)."""
+    if cache_dir:
+        return Path(cache_dir)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mt"
+
+
+def cache_path(corpus: CorpusConfig, src_lang: str, tgt_lang: str, src_tok: Tokenizer, tgt_tok: Tokenizer,
+               cache_dir: str = "", dedup: bool = False) -> Path:
+    """The cache of ``corpus`` tokenized by these tokenizers, keyed by what the files are (path, size,
+    mtime; a hub corpus: its name), the languages, the tokenizers' fingerprints and ``dedup``."""
+    if corpus.hub:
+        stamp = f"hub:{corpus.hub}:{corpus.hub_config}:{corpus.split}"
+    else:
+        stamp = _stamp(_corpus_files(corpus))
+    key = _digest(CACHE_KEY_VERSION, stamp, src_lang, tgt_lang, src_tok.fingerprint, tgt_tok.fingerprint,
+                  "dedup" if dedup else "")
+    return cache_root(cache_dir) / "tokenized" / key
+
+
+def tokenized(corpus: CorpusConfig, src_lang: str, tgt_lang: str, src_tok: Tokenizer, tgt_tok: Tokenizer, *,
+              cache_dir: str = "", num_proc: int = 1, dedup: bool = False,
+              log=None, progress: bool | None = None) -> cache.TokenizedCorpus:
+    """The tokenized cache of ``corpus``: opened when complete, else built first (``num_proc``
+    processes; a cache left by a killed build is never used)."""
+    path = cache_path(corpus, src_lang, tgt_lang, src_tok, tgt_tok, cache_dir, dedup)
+    if not (path / "meta.json").exists():
+        with tqdm(desc=f"tokenizing {corpus.describe()}", unit=" pairs", unit_scale=True, file=sys.stderr,
+                  disable=progress is False if progress is not None else None, dynamic_ncols=True) as bar:
+            cache.build(read_pairs(corpus, src_lang, tgt_lang, cache_dir), path, src_tok, tgt_tok,
+                        num_proc=num_proc, dedup=dedup, source=corpus.describe(), progress=bar.update)
+        if log is not None:
+            log(f"tokenized {corpus.describe()} into {path}")
+    return cache.TokenizedCorpus(path)
 
 
 # --------------------------------------------------------------------------------------------------
-# Tokenizing and cleaning
-
-
-def tokenize(ds: datasets.Dataset, src_tok: Tokenizer, tgt_tok: Tokenizer, num_proc: int = 1) -> datasets.Dataset:
-    """Add ``src_ids``/``tgt_ids`` (pieces + ``</s>``), their lengths and a ``control`` flag (a side
-    holds control characters); cached by the dataset's and the tokenizers' digests."""
-
-    def encode(batch: dict) -> dict:
-        src_ids, tgt_ids = src_tok.encode(batch["src"]), tgt_tok.encode(batch["tgt"])
-        return {"src_ids": src_ids, "tgt_ids": tgt_ids,
-                "src_len": [len(x) for x in src_ids], "tgt_len": [len(x) for x in tgt_ids],
-                "control": [bool(CONTROL_CHARS.search(s) or CONTROL_CHARS.search(t))
-                            for s, t in zip(batch["src"], batch["tgt"])]}
-
-    fingerprint = _digest(CACHE_VERSION, ds._fingerprint, src_tok.fingerprint, tgt_tok.fingerprint)
-    return ds.map(encode, batched=True, batch_size=2000, num_proc=num_proc if len(ds) > 10_000 else None,
-                  new_fingerprint=fingerprint, desc="tokenizing")
+# Cleaning
 
 
 @dataclass
 class CleaningReport:
-    total: int
-    kept: int
+    total: int = 0
+    kept: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
 
     def __str__(self) -> str:
@@ -294,33 +311,102 @@ class CleaningReport:
         return f"{self.kept}/{self.total} pairs kept" + (f" (dropped: {details})" if details else "")
 
 
-def clean(ds: datasets.Dataset, max_len: int, max_ratio: float = 0.0) -> tuple[datasets.Dataset, CleaningReport]:
-    """Drop pairs (jointly) with an empty side, control characters (when ``ds`` has the ``control``
-    column of ``tokenize``), a side longer than ``max_len`` tokens, or a length ratio above
-    ``max_ratio`` (0: no ratio filter). Reasons are counted in that order."""
-    src_len = np.asarray(ds["src_len"], dtype=np.int64)
-    tgt_len = np.asarray(ds["tgt_len"], dtype=np.int64)
-    control = np.asarray(ds["control"], dtype=bool) if "control" in ds.column_names else np.zeros(len(ds), bool)
-    keep = np.ones(len(ds), dtype=bool)
-    dropped = {}
-    for why, bad in (
+def drop_reasons(src_len: np.ndarray, tgt_len: np.ndarray, flags: np.ndarray, max_len: int,
+                 max_ratio: float = 0.0) -> list[tuple[str, np.ndarray]]:
+    """Why each pair would be dropped, in the order reasons are counted: an empty side, control
+    characters, a duplicate (of an earlier pair), a side longer than ``max_len`` tokens, a length
+    ratio above ``max_ratio`` (0: no ratio filter). Lengths count ``</s>``."""
+    src_len, tgt_len = src_len.astype(np.int64), tgt_len.astype(np.int64)
+    ratio = ((np.maximum(src_len, tgt_len) > max_ratio * np.minimum(src_len, tgt_len)) if max_ratio
+             else np.zeros(len(src_len), dtype=bool))
+    return [
         ("empty", (src_len <= 1) | (tgt_len <= 1)),  # only </s>
-        ("with control characters", control),
+        ("with control characters", (flags & cache.CONTROL) != 0),
+        ("duplicates", (flags & cache.DUPLICATE) != 0),
         (f"longer than {max_len} tokens", (src_len > max_len) | (tgt_len > max_len)),
-        (f"length ratio above {max_ratio:g}",
-         (np.maximum(src_len, tgt_len) > max_ratio * np.minimum(src_len, tgt_len)) if max_ratio
-         else np.zeros(len(ds), dtype=bool)),
-    ):
-        dropped[why] = int((keep & bad).sum())
-        keep &= ~bad
-    report = CleaningReport(total=len(ds), kept=int(keep.sum()), dropped=dropped)
-    if report.kept < len(ds):
-        ds = ds.select(np.flatnonzero(keep))
-    return ds, report
+        (f"length ratio above {max_ratio:g}", ratio),
+    ]
+
+
+def clean(corpus: cache.TokenizedCorpus, max_len: int, max_ratio: float = 0.0) -> tuple[np.ndarray | None, np.ndarray, CleaningReport]:
+    """Filter a tokenized corpus jointly (see ``drop_reasons``), a chunk of whole columns at a time.
+    Returns the kept pairs' rows (None: all kept), their lengths (the longer side, the sampler's
+    key) and the counts; each dropped pair is counted once, under its first reason."""
+    n = len(corpus)
+    rows = np.empty(n, dtype=np.int64 if n > np.iinfo(np.int32).max else np.int32)
+    lengths = np.empty(n, dtype=np.uint16 if max_len < 1 << 16 else np.int32)
+    report, kept = CleaningReport(total=n), 0
+    for start, src_len, tgt_len, flags in corpus.chunks():
+        keep = np.ones(len(src_len), dtype=bool)
+        for why, bad in drop_reasons(src_len, tgt_len, flags, max_len, max_ratio):
+            report.dropped[why] = report.dropped.get(why, 0) + int((keep & bad).sum())
+            keep &= ~bad
+        chosen = np.flatnonzero(keep)
+        rows[kept: kept + len(chosen)] = start + chosen
+        lengths[kept: kept + len(chosen)] = np.maximum(src_len, tgt_len)[chosen]
+        kept += len(chosen)
+    report.kept = kept
+    rows.resize(kept, refcheck=False)
+    lengths.resize(kept, refcheck=False)
+    return (None if kept == n else rows), lengths, report
 
 
 # --------------------------------------------------------------------------------------------------
 # Batching
+
+
+def _sort_by_length(order: np.ndarray, lengths: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
+    """``order`` stably sorted by ``lengths[order]`` (a counting sort, ``chunk`` at a time: its
+    scratch memory stays at a chunk, and the result has ``order``'s type, not int64)."""
+    counts = np.bincount(lengths, minlength=1).astype(np.int64)
+    starts = np.cumsum(counts) - counts  # where each length's run begins in the result
+    out = np.empty_like(order)
+    for c in range(0, len(order), chunk):
+        part = order[c: c + chunk]
+        keys = lengths[part]
+        within = np.argsort(keys, kind="stable")
+        keys = keys[within]
+        here = np.bincount(keys, minlength=len(counts))
+        first = np.cumsum(here) - here  # where each length begins within this chunk
+        out[starts[keys] + np.arange(len(keys)) - first[keys]] = part[within]
+        starts += here
+    return out
+
+
+def _boundaries(counts: np.ndarray, max_tokens: int) -> np.ndarray:
+    """Greedy packing of examples sorted by length, from the count of each length: where each
+    batch starts. A batch takes the next example while (size + 1) x its length <= ``max_tokens``;
+    within a run of one length that means full batches of ``max_tokens // length``, so the loop is
+    over distinct lengths, not examples."""
+    cuts, start, pos = [np.zeros(1, dtype=np.int64)], 0, 0
+    for length in np.flatnonzero(counts):
+        n, fits = int(counts[length]), max_tokens // int(length)
+        if pos - start >= fits:  # the open batch cannot take one more of this length
+            start = pos
+            cuts.append(np.array([pos]))
+        inside = np.arange(start + fits, pos + n, fits, dtype=np.int64)
+        if len(inside):
+            cuts.append(inside)
+            start = int(inside[-1])
+        pos += n
+    return np.concatenate(cuts) if pos else np.zeros(0, dtype=np.int64)
+
+
+class EpochBatches(Sequence):
+    """One epoch's batches as views into one sorted index array (no list of arrays)."""
+
+    def __init__(self, order: np.ndarray, starts: np.ndarray, permutation: np.ndarray | None):
+        self.order, self.ends = order, np.append(starts[1:], len(order))
+        self.starts, self.permutation = starts, permutation
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, j: int) -> np.ndarray:
+        if not -len(self) <= j < len(self):
+            raise IndexError(j)
+        k = int(self.permutation[j]) if self.permutation is not None else int(j) % len(self)
+        return self.order[self.starts[k]: self.ends[k]]
 
 
 class TokenBatchSampler:
@@ -328,41 +414,39 @@ class TokenBatchSampler:
 
     Each epoch, examples are shuffled (seed + epoch), stably sorted by length so batches hold similar
     lengths with little padding, packed greedily, and the batch order is shuffled. Without shuffling
-    (validation) batches follow length order. An epoch's batches are a function of (seed, epoch)
-    alone, so a position in training is just (epoch, batches done), kept by the trainer; the state
-    saved here identifies the batching (seed, budget, examples) and is checked on load.
+    (validation) batches follow length order. All of it is numpy over whole arrays (the indices in
+    int32 below 2^31 examples): 10M examples take about a second and 60 MB. An epoch's batches are
+    a function of (seed, epoch) alone, so a position in training is just (epoch, batches done), kept
+    by the trainer; the state saved here identifies the batching (seed, budget, examples) and is
+    checked on load.
     """
 
     STATE_VERSION = 2
 
-    def __init__(self, src_len: np.ndarray, tgt_len: np.ndarray, max_tokens: int, *,
-                 shuffle: bool = True, seed: int = 1):
-        self.lengths = np.maximum(np.asarray(src_len), np.asarray(tgt_len)).astype(np.int64)
+    def __init__(self, lengths: np.ndarray, max_tokens: int, *, shuffle: bool = True, seed: int = 1):
+        """``lengths``: each example's longer side in tokens."""
+        self.lengths = np.asarray(lengths)
         if len(self.lengths) and self.lengths.max() > max_tokens:
             i = int(self.lengths.argmax())
             raise ValueError(f"example {i} has {self.lengths[i]} tokens, more than max_tokens={max_tokens}")
         self.max_tokens = max_tokens
         self.shuffle = shuffle
         self.seed = seed
-        self._cache: tuple[int, int, list[np.ndarray]] | None = None  # (seed, epoch, batches)
+        self._cache: tuple[int, int, EpochBatches] | None = None  # (seed, epoch, batches)
 
-    def batches(self, epoch: int) -> list[np.ndarray]:
+    def batches(self, epoch: int) -> EpochBatches:
         """All batches of ``epoch``, deterministic given (seed, epoch); the latest epoch is cached."""
         if self._cache is not None and self._cache[:2] == (self.seed, epoch):
             return self._cache[2]
+        n = len(self.lengths)
         rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(len(self.lengths)) if self.shuffle else np.arange(len(self.lengths))
-        order = order[np.argsort(self.lengths[order], kind="stable")]
-        result, start, longest = [], 0, 0
-        for i, n in enumerate(self.lengths[order]):
-            longest = max(longest, n)
-            if (i + 1 - start) * longest > self.max_tokens:
-                result.append(order[start:i])
-                start, longest = i, n
-        if start < len(order):
-            result.append(order[start:])
+        order = np.arange(n, dtype=np.int32 if n < 1 << 31 else np.int64)
         if self.shuffle:
-            result = [result[i] for i in rng.permutation(len(result))]
+            rng.shuffle(order)  # the same draws as rng.permutation(n), in a narrower array
+        order = _sort_by_length(order, self.lengths)
+        starts = _boundaries(np.bincount(self.lengths, minlength=1), self.max_tokens)
+        permutation = rng.permutation(len(starts)) if self.shuffle else None
+        result = EpochBatches(order, starts, permutation)
         self._cache = (self.seed, epoch, result)
         return result
 
@@ -387,21 +471,22 @@ class TokenBatchSampler:
 
 
 class ParallelData:
-    """A tokenized, cleaned split with its lengths, giving padded batches by example index."""
+    """A cleaned split of a tokenized corpus: padded batches by example index (0 .. len - 1), the
+    lengths the sampler packs by, and, for validation, the text of the kept pairs."""
 
-    def __init__(self, ds: datasets.Dataset, report: CleaningReport | None = None):
-        self.ds = ds
-        self.report = report
-        self.src_len = np.asarray(ds["src_len"], dtype=np.int64)
-        self.tgt_len = np.asarray(ds["tgt_len"], dtype=np.int64)
-        self._ids = ds.select_columns(["src_ids", "tgt_ids"])
+    def __init__(self, corpus: cache.TokenizedCorpus, rows: np.ndarray | None, lengths: np.ndarray,
+                 report: CleaningReport | None = None, text: tuple[list[str], list[str]] | None = None):
+        self.corpus, self.rows, self.lengths, self.report = corpus, rows, lengths, report
+        if text is not None and rows is not None:
+            text = ([text[0][i] for i in rows], [text[1][i] for i in rows])
+        self.src_text, self.tgt_text = text if text is not None else (None, None)
 
     def __len__(self) -> int:
-        return len(self.ds)
+        return len(self.lengths)
 
     def batch(self, indices: np.ndarray) -> Batch:
-        rows = self._ids[indices.tolist()]
-        return collate(rows["src_ids"], rows["tgt_ids"], indices)
+        rows = indices if self.rows is None else self.rows[indices]
+        return collate(self.corpus.rows("src", rows), self.corpus.rows("tgt", rows), indices)
 
     def sampler(self, max_tokens: int, *, shuffle: bool, seed: int = 1) -> TokenBatchSampler:
-        return TokenBatchSampler(self.src_len, self.tgt_len, max_tokens, shuffle=shuffle, seed=seed)
+        return TokenBatchSampler(self.lengths, max_tokens, shuffle=shuffle, seed=seed)

@@ -321,7 +321,7 @@ class Trainer:
         result = validate(self.model, valid_data, max_tokens=tc.max_tokens, epsilon=tc.label_smoothing,
                           device=self.device, precision=tc.precision)
         if tc.valid_beam:
-            result["bleu"] = validation_bleu(self.model, valid_data.ds["src"], valid_data.ds["tgt"],
+            result["bleu"] = validation_bleu(self.model, valid_data.src_text, valid_data.tgt_text,
                                              self.data.src_tok, self.data.tgt_tok,
                                              replace(self.cfg.decode, beam=tc.valid_beam))
         value = result[tc.best_metric]
@@ -419,7 +419,7 @@ def validate(model: Transformer, data: ParallelData, *, max_tokens: int, epsilon
     model.eval()
     loss_sum = nll_sum = 0.0
     tokens = 0
-    budget = max(max_tokens, int(data.src_len.max()), int(data.tgt_len.max()))  # long pairs: a batch alone
+    budget = max(max_tokens, int(data.lengths.max()))  # long pairs: a batch alone
     for indices in data.sampler(budget, shuffle=False).batches(0):
         batch = data.batch(indices).to(device)
         with autocast(device, precision):
@@ -455,7 +455,7 @@ def _train(cfg: Config, run: Run, resume: bool, log: Callable[[str], None], prog
     device = pick_device(tc.device)
     random.seed(tc.seed)
     torch.manual_seed(tc.seed)
-    data = prepare(cfg, run, log, check=resumed.check_tokenizers(run, cfg) if resumed else None)
+    data = prepare(cfg, run, log, check=resumed.check_tokenizers(run, cfg) if resumed else None, progress=progress)
     run.save_config(cfg)
 
     model = Transformer(cfg.model, data.src_tok.vocab_size, data.tgt_tok.vocab_size,
@@ -483,6 +483,6 @@ def _train(cfg: Config, run: Run, resume: bool, log: Callable[[str], None], prog
         run.drop_tuning()
     wants_tuning = tc.average_last >= 2 or cfg.decode.tune_beam or cfg.decode.tune_lenpen
     if data.valid is not None and wants_tuning and not run.has_defaults() and not trainer.signal:
-        tune.choose_defaults(cfg, run, data.valid.ds["src"], data.valid.ds["tgt"], str(device), log)
+        tune.choose_defaults(cfg, run, data.valid.src_text, data.valid.tgt_text, str(device), log)
     return TrainResult(step=s.step, epoch=s.epoch + 1, best=s.best, stopped=stopped, run_dir=run.path,
                        signal=trainer.signal)

@@ -36,14 +36,12 @@ from mt.tokenizer import PAD_ID  # noqa: E402
 
 def prepare_batches(config: str, count: int, workdir: Path, max_tokens: int = 0) -> Path:
     """The first ``count`` training batches of epoch 1, saved for the workers."""
-    from mt.data import load_corpus
     from mt.run import Run
     from mt.prepare import load_split, prepare_tokenizers
 
     cfg = load_config(config)
-    raw = load_corpus(cfg.data.train, cfg.data.src_lang, cfg.data.tgt_lang, cfg.data.cache_dir)
-    src_tok, tgt_tok = prepare_tokenizers(cfg, Run(workdir), raw, log=print)
-    data = load_split(cfg, "train", src_tok, tgt_tok, raw=raw)
+    src_tok, tgt_tok = prepare_tokenizers(cfg, Run(workdir), log=print)
+    data = load_split(cfg, "train", src_tok, tgt_tok)
     sampler = data.sampler(max_tokens or cfg.train.max_tokens, shuffle=True, seed=cfg.train.seed)
     batches = [data.batch(i) for i in sampler.batches(0)[:count]]
     path = workdir / "batches.pt"

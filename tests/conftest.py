@@ -1,9 +1,10 @@
-"""Shared fixtures: the repository root, the Multi30k corpus, a tiny SentencePiece model, an HF cache dir."""
+"""Shared fixtures: the repository root, the Multi30k corpus, a tiny SentencePiece model, a cache dir."""
 
 from __future__ import annotations
 
 import gzip
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,8 @@ MULTI30K_FILES = [f"{split}.{lang}.gz" for split in ("train", "val", "test_2016_
 THREADS = int(os.environ.get("MT_TEST_THREADS", "2"))
 torch.set_num_threads(THREADS)
 os.environ["OMP_NUM_THREADS"] = str(THREADS)
+# a run without data.cache_dir caches its tokenized corpora under $XDG_CACHE_HOME/mt: not the user's
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="mt-test-cache-")
 
 
 def head_lines(path: Path, n: int) -> list[str]:
@@ -78,7 +81,7 @@ def tokenizer(spm_model):
 
 @pytest.fixture
 def cache_dir(tmp_path) -> str:
-    """A per-test Hugging Face datasets cache (``DataConfig.cache_dir``), so ~/.cache stays clean."""
+    """A per-test cache directory (``DataConfig.cache_dir``), so ~/.cache stays clean."""
     path = tmp_path / "hf_cache"
     path.mkdir()
     return str(path)

@@ -142,3 +142,29 @@ def test_python_dash_m_mt_help(repo_root):
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "train" in proc.stdout and "tokenizer" in proc.stdout
+
+
+def test_data_prepare_fills_the_cache_that_training_then_reads(runner, tmp_path, multi30k_head, spm_model, monkeypatch):
+    src = write(tmp_path / "train.de", multi30k_head("train", "de", 300))
+    tgt = write(tmp_path / "train.en", multi30k_head("train", "en", 300))
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data:\n  train: {{src: {src}, tgt: {tgt}}}\n  cache_dir: {tmp_path / 'cache'}\n"
+                      "model: {d_model: 16, n_heads: 2, ffn_dim: 32, encoder_layers: 1, decoder_layers: 1}\n"
+                      "train: {max_steps: 2, max_tokens: 1024}\n", encoding="utf-8")
+    result = runner.invoke(app, ["data", "prepare", str(config), "-q"])
+    assert result.exit_code == 1 and error_lines(result) == [
+        "mt: error: tokenizer.src_model: mt data prepare needs the tokenizer the runs will use (train one with "
+        "mt tokenizer train; separate vocabularies need tgt_model too)"]
+    result = runner.invoke(app, ["data", "prepare", str(config), f"tokenizer.src_model={spm_model}", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "train " in result.stderr and "300 pairs" in result.stderr and "bytes a pair" in result.stderr
+
+    from mt import cache
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("training tokenized the corpus again")
+
+    monkeypatch.setattr(cache, "build", no_tokenizing)
+    result = runner.invoke(app, ["train", str(config), f"tokenizer.src_model={spm_model}", "-o", str(tmp_path / "run"),
+                                 "-q"])
+    assert result.exit_code == 0, result.output

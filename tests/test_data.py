@@ -1,9 +1,13 @@
-"""Reading corpora, cleaning, the token-budget sampler, collation and the datasets cache."""
+"""Reading corpora, the tokenized cache, cleaning, the token-budget sampler and collation."""
 
 from __future__ import annotations
 
 import gzip
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -11,10 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from mt.config import CorpusConfig
+from mt import cache
 from mt.batch import collate
-from mt.data import (CorpusError, ParallelData, TokenBatchSampler, clean, load_corpus, read_lines,
-                     tokenize)
+from mt.config import CorpusConfig
+from mt.data import (CorpusError, ParallelData, TokenBatchSampler, cache_path, clean, read_all, read_lines,
+                     tokenized)
 from mt.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
 
@@ -23,8 +28,12 @@ def write(path: Path, lines: list[str]) -> Path:
     return path
 
 
-def load_text(src: Path, tgt: Path, cache_dir: str) -> datasets.Dataset:
-    return load_corpus(CorpusConfig(src=str(src), tgt=str(tgt)), "de", "en", cache_dir)
+def load_text(src: Path, tgt: Path) -> tuple[list[str], list[str]]:
+    return read_all(CorpusConfig(src=str(src), tgt=str(tgt)), "de", "en")
+
+
+def pairs(corpus: CorpusConfig) -> list[tuple[str, str]]:
+    return list(zip(*read_all(corpus, "de", "en")))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -63,21 +72,21 @@ def test_read_lines_reads_gzip(tmp_path):
     assert list(read_lines(path)) == ["Ein Hund.", "Zwei Katzen\u2028und mehr."]
 
 
-def test_invalid_utf8_names_file_and_line(tmp_path, cache_dir):
+def test_invalid_utf8_names_file_and_line(tmp_path):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"fine\nalso fine\nbroken \xff\xfe here\n")
     with pytest.raises(CorpusError, match=rf"{bad}:3: invalid UTF-8"):
         list(read_lines(bad))
-    # and through load_corpus, where the error is raised inside datasets' generator
+    # and through the corpus reader
     good = write(tmp_path / "good.txt", ["a", "b", "c"])
     with pytest.raises(CorpusError, match=rf"{bad}:3"):
-        load_text(bad, good, cache_dir)
+        load_text(bad, good)
 
 
-def test_missing_file_is_a_corpus_error(tmp_path, cache_dir):
+def test_missing_file_is_a_corpus_error(tmp_path):
     good = write(tmp_path / "good.txt", ["a"])
     with pytest.raises(CorpusError, match="nope.txt"):
-        load_text(tmp_path / "nope.txt", good, cache_dir)
+        load_text(tmp_path / "nope.txt", good)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -85,88 +94,96 @@ def test_missing_file_is_a_corpus_error(tmp_path, cache_dir):
 
 
 @pytest.mark.parametrize("n_src,n_tgt", [(5, 3), (3, 5), (1, 0), (0, 2)])
-def test_line_count_mismatch_names_both_files_and_counts(tmp_path, cache_dir, n_src, n_tgt):
+def test_line_count_mismatch_names_both_files_and_counts(tmp_path, n_src, n_tgt):
     src = write(tmp_path / "train.de", [f"satz {i}" for i in range(n_src)])
     tgt = write(tmp_path / "train.en", [f"sentence {i}" for i in range(n_tgt)])
     with pytest.raises(CorpusError) as info:
-        load_text(src, tgt, cache_dir)
+        load_text(src, tgt)
     message = str(info.value)
     assert f"{src} has {n_src} lines" in message
     assert f"{tgt} has {n_tgt}" in message
 
 
-def test_text_pair_loads_in_order(tmp_path, cache_dir):
+def test_text_pair_loads_in_order(tmp_path):
     src = write(tmp_path / "a.de", ["eins", "", "drei\u2028vier"])
     tgt = write(tmp_path / "a.en", ["one", "two", "three four"])
-    ds = load_text(src, tgt, cache_dir)
-    assert ds["src"] == ["eins", "", "drei\u2028vier"]
-    assert ds["tgt"] == ["one", "two", "three four"]
+    assert load_text(src, tgt) == (["eins", "", "drei\u2028vier"], ["one", "two", "three four"])
 
 
-def test_tsv_loads_and_wrong_field_count_names_file_and_line(tmp_path, cache_dir):
+def test_tsv_loads_and_wrong_field_count_names_file_and_line(tmp_path):
     good = tmp_path / "good.tsv"
     good.write_text("Hallo Welt\tHello world\n ein  \t a \n", encoding="utf-8")
-    ds = load_corpus(CorpusConfig(path=str(good)), "de", "en", cache_dir)
-    assert list(zip(ds["src"], ds["tgt"])) == [("Hallo Welt", "Hello world"), ("ein", "a")]
+    assert pairs(CorpusConfig(path=str(good))) == [("Hallo Welt", "Hello world"), ("ein", "a")]
 
     for body, line, found in (("a\tb\nno tab here\nc\td\n", 2, 1), ("a\tb\nc\td\ne\tf\tg\n", 3, 3)):
         bad = tmp_path / f"bad{line}.tsv"
         bad.write_text(body, encoding="utf-8")
         with pytest.raises(CorpusError, match=rf"{bad}:{line}: expected 2 tab-separated fields, found {found}"):
-            load_corpus(CorpusConfig(path=str(bad)), "de", "en", cache_dir)
+            pairs(CorpusConfig(path=str(bad)))
 
 
-def test_tsv_with_an_empty_side_loads(tmp_path, cache_dir):
+def test_tsv_with_an_empty_side_loads(tmp_path):
     """A TSV row with an empty source or target has two fields; cleaning (not the reader) drops it."""
     path = tmp_path / "empty_side.tsv"
     path.write_text("a\tb\n\tonly target\nonly source\t\n", encoding="utf-8")
     try:
-        ds = load_corpus(CorpusConfig(path=str(path)), "de", "en", cache_dir)
+        got = pairs(CorpusConfig(path=str(path)))
     except CorpusError as e:
         pytest.fail(f"a TSV row with an empty field was rejected: {e} (read_lines strips the tab "
                     "before _read_tsv splits on it)")
-    assert list(zip(ds["src"], ds["tgt"])) == [("a", "b"), ("", "only target"), ("only source", "")]
+    assert got == [("a", "b"), ("", "only target"), ("only source", "")]
 
 
-def test_jsonl_both_record_forms_load(tmp_path, cache_dir):
+def test_jsonl_both_record_forms_load(tmp_path):
     path = tmp_path / "pairs.jsonl"
     records = [{"src": " Hallo ", "tgt": "Hello"},
                {"translation": {"de": "Guten Morgen", "en": "Good morning"}},
                {"de": "Danke", "en": "Thanks", "extra": 1}]
     path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n\n", encoding="utf-8")
-    ds = load_corpus(CorpusConfig(path=str(path)), "de", "en", cache_dir)
-    assert list(zip(ds["src"], ds["tgt"])) == [("Hallo", "Hello"), ("Guten Morgen", "Good morning"),
-                                              ("Danke", "Thanks")]
+    assert pairs(CorpusConfig(path=str(path))) == [("Hallo", "Hello"), ("Guten Morgen", "Good morning"),
+                                                   ("Danke", "Thanks")]
 
     gz = tmp_path / "pairs.jsonl.gz"
     with gzip.open(gz, "wt", encoding="utf-8") as f:
         f.write(json.dumps({"translation": {"de": "Ja", "en": "Yes", "fr": "Oui"}}) + "\n")
-    ds = load_corpus(CorpusConfig(path=str(gz)), "de", "en", cache_dir)
-    assert (ds["src"], ds["tgt"]) == (["Ja"], ["Yes"])
+    assert pairs(CorpusConfig(path=str(gz))) == [("Ja", "Yes")]
 
 
-def test_jsonl_errors_name_file_and_line(tmp_path, cache_dir):
+def test_jsonl_errors_name_file_and_line(tmp_path):
     bad_json = tmp_path / "bad.jsonl"
     bad_json.write_text('{"src": "a", "tgt": "b"}\n{"src": \n', encoding="utf-8")
     with pytest.raises(CorpusError, match=rf"{bad_json}:2: invalid JSON"):
-        load_corpus(CorpusConfig(path=str(bad_json)), "de", "en", cache_dir)
+        pairs(CorpusConfig(path=str(bad_json)))
     wrong_keys = tmp_path / "keys.jsonl"
     wrong_keys.write_text('{"translation": {"fr": "a", "en": "b"}}\n', encoding="utf-8")
     with pytest.raises(CorpusError, match=rf"{wrong_keys}:1: expected"):
-        load_corpus(CorpusConfig(path=str(wrong_keys)), "de", "en", cache_dir)
+        pairs(CorpusConfig(path=str(wrong_keys)))
 
 
-def test_unknown_corpus_format(tmp_path, cache_dir):
+def test_unknown_corpus_format(tmp_path):
     path = write(tmp_path / "pairs.csv", ["a,b"])
     with pytest.raises(CorpusError, match="unknown corpus format"):
-        load_corpus(CorpusConfig(path=str(path)), "de", "en", cache_dir)
+        pairs(CorpusConfig(path=str(path)))
 
 
 # --------------------------------------------------------------------------------------------------
 # Cleaning
 
 
-def test_clean_drops_pairs_jointly_and_counts_each_reason():
+def fake_cache(path: Path, src_len: list[int], tgt_len: list[int], flags: list[int] | None = None) -> cache.TokenizedCorpus:
+    """A cache in mt's format holding sentences of the given lengths (ids 10, 11, ... then </s>)."""
+    path.mkdir(parents=True)
+    for side, lengths in (("src", src_len), ("tgt", tgt_len)):
+        rows = [list(range(10, 9 + n)) + [EOS_ID] for n in lengths]
+        np.concatenate([np.array(r, dtype=np.uint16) for r in rows]).tofile(path / f"{side}.ids")
+        np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64).tofile(path / f"{side}.idx")
+    np.array(flags or [0] * len(src_len), dtype=np.uint8).tofile(path / "flags")
+    (path / "meta.json").write_text(json.dumps({"format": "mt-tokenized", "version": cache.VERSION,
+                                                "pairs": len(src_len), "dtype": "uint16"}))
+    return cache.TokenizedCorpus(path)
+
+
+def test_clean_drops_pairs_jointly_and_counts_each_reason(tmp_path):
     rows = [  # (src_len, tgt_len, why)
         (5, 6, "keep"),
         (1, 5, "empty"),
@@ -181,38 +198,52 @@ def test_clean_drops_pairs_jointly_and_counts_each_reason():
         (2, 7, "ratio"),
         (9, 9, "keep"),
     ]
-    ds = datasets.Dataset.from_dict({"id": list(range(len(rows))), "src_len": [r[0] for r in rows],
-                                     "tgt_len": [r[1] for r in rows],
-                                     "src": [f"s{i}" for i in range(len(rows))],
-                                     "tgt": [f"t{i}" for i in range(len(rows))]})
-    kept, report = clean(ds, max_len=64, max_ratio=3.0)
+    store = fake_cache(tmp_path / "c", [r[0] for r in rows], [r[1] for r in rows])
+    kept, lengths, report = clean(store, max_len=64, max_ratio=3.0)
     keep_ids = [i for i, r in enumerate(rows) if r[2] == "keep"]
-    assert kept["id"] == keep_ids
-    assert kept["src"] == [f"s{i}" for i in keep_ids] and kept["tgt"] == [f"t{i}" for i in keep_ids]
+    assert kept.tolist() == keep_ids
+    assert lengths.tolist() == [max(rows[i][:2]) for i in keep_ids]
     assert report.total == 12 and report.kept == 4
-    assert report.dropped == {"empty": 3, "with control characters": 0, "longer than 64 tokens": 2,
+    assert report.dropped == {"empty": 3, "with control characters": 0, "duplicates": 0, "longer than 64 tokens": 2,
                               "length ratio above 3": 3}
     assert str(report) == "4/12 pairs kept (dropped: 3 empty, 2 longer than 64 tokens, 3 length ratio above 3)"
+    data = ParallelData(store, kept, lengths, report, ([f"s{i}" for i in range(12)], [f"t{i}" for i in range(12)]))
+    assert data.src_text == [f"s{i}" for i in keep_ids] and data.tgt_text == [f"t{i}" for i in keep_ids]
+    batch = data.batch(np.array([1, 3]))  # kept pairs 1 and 3 are rows 6 and 11
+    assert batch.src[0].tolist() == list(range(10, 73)) + [EOS_ID] and batch.src[1, :9].tolist()[-1] == EOS_ID
 
     # max_ratio 0 disables the ratio filter
-    kept, report = clean(ds, max_len=64, max_ratio=0)
+    kept, _, report = clean(store, max_len=64, max_ratio=0)
     assert report.kept == 7 and report.dropped["length ratio above 0"] == 0
 
 
-def test_pairs_with_control_characters_are_dropped_jointly_and_counted(tokenizer):
+def test_clean_counts_across_chunks_exactly(tmp_path, monkeypatch):
+    """Whole columns are read a chunk at a time; the chunk size must not change the result."""
+    rng = np.random.default_rng(3)
+    src_len, tgt_len = rng.integers(1, 90, size=1000).tolist(), rng.integers(1, 90, size=1000).tolist()
+    store = fake_cache(tmp_path / "c", src_len, tgt_len, rng.integers(0, 4, size=1000).tolist())
+    whole = clean(store, max_len=64, max_ratio=2.0)
+    monkeypatch.setattr(cache, "READ_CHUNK", 7)
+    store = cache.TokenizedCorpus(tmp_path / "c")
+    assert [len(c[1]) for c in store.chunks(7)][:2] == [7, 7]
+    parts = clean(store, max_len=64, max_ratio=2.0)
+    assert np.array_equal(whole[0], parts[0]) and np.array_equal(whole[1], parts[1]) and whole[2] == parts[2]
+
+
+def test_pairs_with_control_characters_are_dropped_jointly_and_counted(tmp_path, tokenizer):
     texts = [("Ein Hund läuft.", "A dog runs."), ("Ein\x07 Hund.", "A dog."), ("Zwei Katzen.", "Two\x85 cats."),
              ("Tab\tist gut.", "Tab is fine."), ("Ein Mann\x00.", "A man."), ("Rot.", "Red\x7f.")]
-    ds = datasets.Dataset.from_dict({"src": [t[0] for t in texts], "tgt": [t[1] for t in texts]})
-    kept, report = clean(tokenize(ds, tokenizer, tokenizer), max_len=64, max_ratio=0)
-    assert kept["src"] == ["Ein Hund läuft.", "Tab\tist gut."]
-    assert kept["tgt"] == ["A dog runs.", "Tab is fine."]
+    corpus = CorpusConfig(src=str(write(tmp_path / "c.de", [t[0] for t in texts])),
+                          tgt=str(write(tmp_path / "c.en", [t[1] for t in texts])))
+    store = tokenized(corpus, "de", "en", tokenizer, tokenizer, cache_dir=str(tmp_path / "cache"))
+    kept, _, report = clean(store, max_len=64, max_ratio=0)
+    assert kept.tolist() == [0, 3]
     assert report.dropped["with control characters"] == 4
 
 
-def test_clean_keeps_everything_untouched():
-    ds = datasets.Dataset.from_dict({"src_len": [3, 4], "tgt_len": [4, 3]})
-    kept, report = clean(ds, max_len=10, max_ratio=2.0)
-    assert len(kept) == 2 and report.kept == 2 and str(report) == "2/2 pairs kept"
+def test_clean_keeps_everything_untouched(tmp_path):
+    kept, lengths, report = clean(fake_cache(tmp_path / "c", [3, 4], [4, 3]), max_len=10, max_ratio=2.0)
+    assert kept is None and lengths.tolist() == [4, 4] and report.kept == 2 and str(report) == "2/2 pairs kept"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -228,7 +259,7 @@ def lengths():
 def test_sampler_respects_budget_and_covers_every_example_once(lengths):
     src_len, tgt_len = lengths
     longest = np.maximum(src_len, tgt_len)
-    sampler = TokenBatchSampler(src_len, tgt_len, max_tokens=256, seed=3)
+    sampler = TokenBatchSampler(np.maximum(src_len, tgt_len), max_tokens=256, seed=3)
     for epoch in range(3):
         batches = sampler.batches(epoch)
         assert len(batches) > 1
@@ -243,9 +274,9 @@ def test_sampler_respects_budget_and_covers_every_example_once(lengths):
 
 def test_sampler_order_depends_on_seed_and_epoch_only(lengths):
     src_len, tgt_len = lengths
-    a = TokenBatchSampler(src_len, tgt_len, max_tokens=256, seed=3)
-    b = TokenBatchSampler(src_len, tgt_len, max_tokens=256, seed=3)
-    c = TokenBatchSampler(src_len, tgt_len, max_tokens=256, seed=4)
+    a = TokenBatchSampler(np.maximum(src_len, tgt_len), max_tokens=256, seed=3)
+    b = TokenBatchSampler(np.maximum(src_len, tgt_len), max_tokens=256, seed=3)
+    c = TokenBatchSampler(np.maximum(src_len, tgt_len), max_tokens=256, seed=4)
 
     def flat(batches):
         return np.concatenate(batches).tolist()
@@ -254,12 +285,12 @@ def test_sampler_order_depends_on_seed_and_epoch_only(lengths):
     assert flat(a.batches(1)) == flat(b.batches(1))
     assert flat(a.batches(0)) != flat(a.batches(1))
     assert flat(a.batches(0)) != flat(c.batches(0))
-    assert flat(b.batches(0)) == flat(TokenBatchSampler(src_len, tgt_len, 256, seed=3).batches(0))
+    assert flat(b.batches(0)) == flat(TokenBatchSampler(np.maximum(src_len, tgt_len), 256, seed=3).batches(0))
 
 
 def test_sampler_without_shuffle_follows_length_order(lengths):
     src_len, tgt_len = lengths
-    sampler = TokenBatchSampler(src_len, tgt_len, max_tokens=256, shuffle=False)
+    sampler = TokenBatchSampler(np.maximum(src_len, tgt_len), max_tokens=256, shuffle=False)
     order = np.concatenate(sampler.batches(0))
     longest = np.maximum(src_len, tgt_len)[order]
     assert (np.diff(longest) >= 0).all()
@@ -269,11 +300,11 @@ def test_sampler_without_shuffle_follows_length_order(lengths):
 def test_sampler_state_seed_wins_even_after_use(lengths):
     """Loading a state must give that state's batches, whatever the sampler had computed before."""
     src_len, tgt_len = lengths
-    source = TokenBatchSampler(src_len, tgt_len, max_tokens=256, seed=11)
+    source = TokenBatchSampler(np.maximum(src_len, tgt_len), max_tokens=256, seed=11)
     state = source.state_dict()
     assert state == {"version": 2, "seed": 11, "max_tokens": 256, "num_examples": 500}
 
-    target = TokenBatchSampler(src_len, tgt_len, max_tokens=256, seed=1)
+    target = TokenBatchSampler(np.maximum(src_len, tgt_len), max_tokens=256, seed=1)
     before = target.batches(2)  # computed (and cached) under seed 1
     target.load_state_dict(state)
     resumed, expected = target.batches(2), source.batches(2)
@@ -283,18 +314,61 @@ def test_sampler_state_seed_wins_even_after_use(lengths):
 
 def test_sampler_load_state_dict_rejects_other_data(lengths):
     src_len, tgt_len = lengths
-    state = TokenBatchSampler(src_len, tgt_len, max_tokens=256).state_dict()
+    state = TokenBatchSampler(np.maximum(src_len, tgt_len), max_tokens=256).state_dict()
     with pytest.raises(ValueError, match="^num_examples=500 but this run has 499"):
-        TokenBatchSampler(src_len[:499], tgt_len[:499], max_tokens=256).load_state_dict(state)
+        TokenBatchSampler(np.maximum(src_len, tgt_len)[:499], max_tokens=256).load_state_dict(state)
     with pytest.raises(ValueError, match="max_tokens=256 but this run has 512"):
-        TokenBatchSampler(src_len, tgt_len, max_tokens=512).load_state_dict(state)
+        TokenBatchSampler(np.maximum(src_len, tgt_len), max_tokens=512).load_state_dict(state)
     with pytest.raises(ValueError, match="version"):
-        TokenBatchSampler(src_len, tgt_len, max_tokens=256).load_state_dict({**state, "version": 99})
+        TokenBatchSampler(np.maximum(src_len, tgt_len), max_tokens=256).load_state_dict({**state, "version": 99})
+
+
+def _reference_batches(lengths, max_tokens, seed, epoch, shuffle=True) -> list[np.ndarray]:
+    """The sampler as it was written first: a Python loop over every example (the oracle)."""
+    lengths = np.asarray(lengths).astype(np.int64)
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths)) if shuffle else np.arange(len(lengths))
+    order = order[np.argsort(lengths[order], kind="stable")]
+    result, start, longest = [], 0, 0
+    for i, n in enumerate(lengths[order]):
+        longest = max(longest, n)
+        if (i + 1 - start) * longest > max_tokens:
+            result.append(order[start:i])
+            start, longest = i, n
+    if start < len(order):
+        result.append(order[start:])
+    if shuffle:
+        result = [result[i] for i in rng.permutation(len(result))]
+    return result
+
+
+def test_vectorised_sampler_gives_exactly_the_reference_batches():
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        n, longest = int(rng.integers(0, 3000)), int(rng.integers(2, 300))
+        max_tokens = int(rng.integers(longest, 2000))
+        lengths = rng.integers(1, longest, size=n).astype(np.uint16)
+        for shuffle in (True, False):
+            for epoch in (0, 3):
+                expected = _reference_batches(lengths, max_tokens, trial, epoch, shuffle)
+                got = TokenBatchSampler(lengths, max_tokens, shuffle=shuffle, seed=trial).batches(epoch)
+                assert len(got) == len(expected), (trial, shuffle, epoch)
+                assert all(np.array_equal(x, y) for x, y in zip(got, expected)), (trial, shuffle, epoch)
+
+
+def test_sort_by_length_is_stable_across_chunks():
+    from mt.data import _sort_by_length
+
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(1, 100, size=10_000).astype(np.uint16)
+    order = rng.permutation(10_000).astype(np.int32)
+    got = _sort_by_length(order, lengths, chunk=777)
+    assert got.dtype == np.int32 and np.array_equal(got, order[np.argsort(lengths[order], kind="stable")])
 
 
 def test_sampler_rejects_example_over_budget():
     with pytest.raises(ValueError, match="example 1 has 300 tokens"):
-        TokenBatchSampler(np.array([5, 300]), np.array([5, 4]), max_tokens=256)
+        TokenBatchSampler(np.array([5, 300]), max_tokens=256)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -317,52 +391,121 @@ def test_collate_shifts_target_for_teacher_forcing():
 
 
 # --------------------------------------------------------------------------------------------------
-# Real data and the cache
+# Real data and the tokenized cache
 
 
-def test_load_multi30k_val(multi30k, multi30k_head, cache_dir):
+def test_read_multi30k_val(multi30k, multi30k_head):
     corpus = CorpusConfig(src=str(multi30k / "val.de.gz"), tgt=str(multi30k / "val.en.gz"))
-    ds = load_corpus(corpus, "de", "en", cache_dir)
-    assert len(ds) == 1014
-    assert ds.column_names == ["src", "tgt"]
-    assert ds[0] == {"src": multi30k_head("val", "de", 1)[0].strip(), "tgt": multi30k_head("val", "en", 1)[0].strip()}
-    assert ds[0]["tgt"] == "A group of men are loading cotton onto a truck"
-    assert all(cache_dir in f["filename"] for f in ds.cache_files)
-
-    again = load_corpus(corpus, "de", "en", cache_dir)
-    assert again._fingerprint == ds._fingerprint
-    assert again.cache_files == ds.cache_files and again.cache_files
+    src, tgt = read_all(corpus, "de", "en")
+    assert len(src) == len(tgt) == 1014
+    assert (src[0], tgt[0]) == (multi30k_head("val", "de", 1)[0].strip(), multi30k_head("val", "en", 1)[0].strip())
+    assert tgt[0] == "A group of men are loading cotton onto a truck"
 
 
-def test_tokenize_is_cached_by_tokenizer(tmp_path, cache_dir, tokenizer, spm_model):
-    src = write(tmp_path / "s.de", ["Ein Mann fährt Fahrrad.", "Zwei Hunde spielen."])
-    tgt = write(tmp_path / "s.en", ["A man rides a bike.", "Two dogs play."])
-    raw = load_text(src, tgt, cache_dir)
-    tok = tokenize(raw, tokenizer, tokenizer)
-    assert tok["src_ids"][0] == tokenizer.encode(["Ein Mann fährt Fahrrad."])[0]
-    assert tok["tgt_ids"][1][-1] == EOS_ID
-    assert tok["src_len"] == [len(x) for x in tok["src_ids"]]
+def test_tokenized_cache_is_compact_exact_and_built_once(tmp_path, monkeypatch, multi30k, tokenizer, spm_model):
+    corpus = CorpusConfig(src=str(multi30k / "val.de.gz"), tgt=str(multi30k / "val.en.gz"))
+    src, tgt = read_all(corpus, "de", "en")
+    cache_dir = str(tmp_path / "cache")
+    store = tokenized(corpus, "de", "en", tokenizer, tokenizer, cache_dir=cache_dir, num_proc=2)
+    assert store.path == cache_path(corpus, "de", "en", tokenizer, tokenizer, cache_dir)
+    assert len(store) == 1014 and store.dtype == np.uint16  # 300 pieces fit in 16 bits
+    for side, text in (("src", src), ("tgt", tgt)):
+        assert [r.tolist() for r in store.rows(side, range(1014))] == tokenizer.encode(text)
+    tokens = sum(store.meta["tokens"].values())
+    assert sorted(p.name for p in store.path.iterdir()) == ["flags", "meta.json", "src.ids", "src.idx", "tgt.ids",
+                                                             "tgt.idx"]
+    size = sum(p.stat().st_size for p in store.path.iterdir() if p.name != "meta.json")
+    assert size == 2 * tokens + 2 * 8 * 1015 + 1014  # ids in 2 bytes, offsets, one flag byte: no text
 
-    class Exploding(Tokenizer):
-        def encode(self, texts):
-            raise AssertionError("tokenize ran again instead of reading its cache")
+    build = cache.build
 
-    again = tokenize(load_text(src, tgt, cache_dir), Exploding(spm_model), Exploding(spm_model))
-    assert again._fingerprint == tok._fingerprint and again.cache_files == tok.cache_files
-    assert again["src_ids"] == tok["src_ids"]
+    def exploding(*args, **kwargs):
+        raise AssertionError("the corpus was tokenized again instead of read from its cache")
+
+    monkeypatch.setattr(cache, "build", exploding)
+    again = tokenized(corpus, "de", "en", Tokenizer(spm_model), Tokenizer(spm_model), cache_dir=cache_dir)
+    assert again.path == store.path and again.meta == store.meta
+    monkeypatch.setattr(cache, "build", build)
+    # a chunked build (several processes) writes the very same files as one chunk in this process
+    chunks = CorpusConfig(src=corpus.src, tgt=corpus.tgt)
+    from mt import data
+
+    single = cache.build(data.read_pairs(chunks, "de", "en", chunk_size=10_000), tmp_path / "one", tokenizer,
+                         tokenizer, num_proc=1)
+    many = cache.build(data.read_pairs(chunks, "de", "en", chunk_size=100), tmp_path / "many", tokenizer,
+                       tokenizer, num_proc=2)
+    for name in ("src.ids", "tgt.ids", "src.idx", "tgt.idx", "flags"):
+        assert (single / name).read_bytes() == (many / name).read_bytes() == (store.path / name).read_bytes(), name
 
     # and the ids come back out of ParallelData as a padded batch
-    data = ParallelData(tok)
-    batch = data.batch(np.array([1, 0]))
-    assert batch.tgt_out[0, : tok["tgt_len"][1]].tolist() == tok["tgt_ids"][1]
+    _, lengths, report = clean(store, max_len=1000)
+    parallel = ParallelData(store, None, lengths, report)
+    batch = parallel.batch(np.array([1, 0]))
+    assert batch.tgt_out[0, : len(tokenizer.encode([tgt[1]])[0])].tolist() == tokenizer.encode([tgt[1]])[0]
 
 
-def test_changed_file_is_read_again(tmp_path, cache_dir):
+def test_changed_file_gets_a_new_cache(tmp_path, tokenizer):
     src = write(tmp_path / "c.de", ["alt"])
     tgt = write(tmp_path / "c.en", ["old"])
-    assert load_text(src, tgt, cache_dir)["src"] == ["alt"]
+    corpus = CorpusConfig(src=str(src), tgt=str(tgt))
+    first = tokenized(corpus, "de", "en", tokenizer, tokenizer, cache_dir=str(tmp_path / "cache"))
     write(src, ["neuer Satz"])
-    assert load_text(src, tgt, cache_dir)["src"] == ["neuer Satz"]
+    second = tokenized(corpus, "de", "en", tokenizer, tokenizer, cache_dir=str(tmp_path / "cache"))
+    assert second.path != first.path
+    assert second.rows("src", [0])[0].tolist() == tokenizer.encode(["neuer Satz"])[0]
+
+
+KILLED_BUILD = """
+import sys, time
+from pathlib import Path
+from mt import cache
+from mt.tokenizer import Tokenizer
+
+tok = Tokenizer(sys.argv[1])
+
+def chunks():
+    for i in range(1000):
+        if i == 3:
+            Path(sys.argv[3]).write_text("started")
+            time.sleep(60)
+        yield ["Ein Hund."] * 10, ["A dog."] * 10
+
+cache.build(chunks(), sys.argv[2], tok, tok, num_proc=1)
+"""
+
+
+def test_a_cache_from_a_killed_build_is_never_used_and_is_rebuilt(tmp_path, spm_model, tokenizer):
+    src = write(tmp_path / "c.de", ["Ein Hund.", "Zwei Katzen."])
+    tgt = write(tmp_path / "c.en", ["A dog.", "Two cats."])
+    corpus = CorpusConfig(src=str(src), tgt=str(tgt))
+    path = cache_path(corpus, "de", "en", tokenizer, tokenizer, str(tmp_path / "cache"))
+    marker = tmp_path / "started"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_BUILD, str(spm_model), str(path), str(marker)],
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    for _ in range(600):
+        if marker.exists() or proc.poll() is not None:
+            break
+        subprocess.run(["sleep", "0.05"])
+    assert marker.exists(), "the build did not start"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not path.exists()  # only the temporary directory, with its partial files
+    leftovers = list(path.parent.glob(f".{path.name}.tmp-*"))
+    assert len(leftovers) == 1 and (leftovers[0] / "src.ids").exists() and not (leftovers[0] / "meta.json").exists()
+    store = tokenized(corpus, "de", "en", tokenizer, tokenizer, cache_dir=str(tmp_path / "cache"))
+    assert len(store) == 2 and store.rows("tgt", [1])[0].tolist() == tokenizer.encode(["Two cats."])[0]
+    assert not leftovers[0].exists()  # the killed build's files are swept: their process is gone
+
+
+def test_dedup_marks_later_copies_of_a_pair(tmp_path, tokenizer):
+    src = write(tmp_path / "d.de", ["Ein Hund.", "Zwei Katzen.", "Ein Hund.", "Ein Hund.", "Zwei Katzen."])
+    tgt = write(tmp_path / "d.en", ["A dog.", "Two cats.", "A dog.", "One dog.", "Two cats."])
+    corpus = CorpusConfig(src=str(src), tgt=str(tgt))
+    store = tokenized(corpus, "de", "en", tokenizer, tokenizer, cache_dir=str(tmp_path / "cache"), dedup=True)
+    kept, _, report = clean(store, max_len=64)
+    assert kept.tolist() == [0, 1, 3] and report.dropped["duplicates"] == 2 and store.meta["duplicates"] == 2
+    plain = tokenized(corpus, "de", "en", tokenizer, tokenizer, cache_dir=str(tmp_path / "cache"))
+    assert plain.path != store.path and clean(plain, max_len=64)[0] is None
 
 
 def test_truncated_gzip_is_a_corpus_error(tmp_path):
@@ -393,10 +536,9 @@ def test_hub_dataset_forms(monkeypatch, columns):
         return datasets.Dataset.from_dict(table)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    ds = load_corpus(CorpusConfig(hub="wmt16", hub_config="de-en", split="validation"), "de", "en")
+    got = read_all(CorpusConfig(hub="wmt16", hub_config="de-en", split="validation"), "de", "en")
     assert calls == [("wmt16", "de-en", "validation")]
-    assert ds.column_names == ["src", "tgt"]
-    assert ds["src"] == ["Ein Hund.", "Zwei Katzen."] and ds["tgt"] == ["A dog.", "Two cats."]
+    assert got == (["Ein Hund.", "Zwei Katzen."], ["A dog.", "Two cats."])
 
 
 def test_hub_dataset_errors_are_user_errors(monkeypatch):
@@ -405,7 +547,7 @@ def test_hub_dataset_errors_are_user_errors(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(CorpusError, match="hub:wmt16: cannot load .*ConnectionError"):
-        load_corpus(CorpusConfig(hub="wmt16"), "de", "en")
+        read_all(CorpusConfig(hub="wmt16"), "de", "en")
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_dict({"text": ["x"]}))
     with pytest.raises(CorpusError, match="no 'translation', 'de'/'en' or 'src'/'tgt' columns"):
-        load_corpus(CorpusConfig(hub="wmt16"), "de", "en")
+        read_all(CorpusConfig(hub="wmt16"), "de", "en")

@@ -286,8 +286,8 @@ def test_corpus_reader_never_crashes_and_never_shifts_pairs(tmp_path, src, tgt):
         return
     assert len(pairs) == expected_lines(src) == expected_lines(tgt)
     for pair, s_raw, t_raw in zip(pairs, src.split(b"\n"), tgt.split(b"\n")):
-        assert pair["src"] == s_raw.decode("utf-8").rstrip("\r").strip()
-        assert pair["tgt"] == t_raw.decode("utf-8").rstrip("\r").strip()
+        assert pair[0] == s_raw.decode("utf-8").rstrip("\r").strip()
+        assert pair[1] == t_raw.decode("utf-8").rstrip("\r").strip()
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -458,7 +458,7 @@ def test_a_run_that_would_never_stop_is_refused(tmp_path, cache_dir, slice_files
 
 def test_batch_stream_resumes_from_any_position_and_ends_after_max_epochs():
     lengths = np.random.default_rng(7).integers(2, 60, size=300)
-    sampler = TokenBatchSampler(lengths, lengths, max_tokens=256, seed=5)
+    sampler = TokenBatchSampler(lengths, max_tokens=256, seed=5)
     everything = [b for epoch in range(3) for b in sampler.batches(epoch)]
     first = len(sampler.batches(0))
 
