@@ -17,14 +17,20 @@ not grow with the corpus or with the pages it has touched.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
-import multiprocessing
 import os
+import pickle
+import queue
 import re
 import shutil
 import socket
+import struct
+import subprocess
+import sys
+import threading
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -80,30 +86,107 @@ class _Encoder:
         src, tgt = chunk
         src_ids, src_len = _ids(self.src_tok, src, self.dtype)
         tgt_ids, tgt_len = _ids(self.tgt_tok, tgt, self.dtype)
-        control = (bool(CONTROL_CHARS.search(s) or CONTROL_CHARS.search(t)) for s, t in zip(src, tgt))
-        out = {"src_ids": src_ids, "src_len": src_len, "tgt_ids": tgt_ids, "tgt_len": tgt_len,
-               "flags": np.fromiter(control, dtype=np.uint8, count=len(src)) * np.uint8(CONTROL)}
+        flags = np.zeros(len(src), dtype=np.uint8)
+        if CONTROL_CHARS.search("\n".join(src)) or CONTROL_CHARS.search("\n".join(tgt)):  # rare: look closer
+            control = (bool(CONTROL_CHARS.search(s) or CONTROL_CHARS.search(t)) for s, t in zip(src, tgt))
+            flags = np.fromiter(control, dtype=np.uint8, count=len(src)) * np.uint8(CONTROL)
+        out = {"src_ids": src_ids, "src_len": src_len, "tgt_ids": tgt_ids, "tgt_len": tgt_len, "flags": flags}
         if self.dedup:
             out["hash"] = np.fromiter(map(pair_hash, src, tgt), dtype=np.uint64, count=len(src))
         return out
 
 
-_worker: _Encoder | None = None
+def _send(stream, obj: object) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(struct.pack("<Q", len(data)) + data)
+    stream.flush()
 
 
-def _start_worker(encoder: _Encoder) -> None:
-    global _worker
-    _worker = encoder
+def _receive(stream) -> object:
+    header = stream.read(8)
+    if len(header) < 8:
+        raise EOFError
+    (size,) = struct.unpack("<Q", header)
+    return pickle.loads(stream.read(size))
 
 
-def _encode_in_worker(chunk: tuple[list[str], list[str]]) -> dict:
-    return _worker(chunk)
+def _serve() -> None:
+    """A tokenizing process (``python -m mt.cache``): an encoder, then chunks on stdin; encoded
+    chunks (or the exception) on stdout."""
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    encoder = _receive(stdin)
+    while True:
+        try:
+            chunk = _receive(stdin)
+        except EOFError:
+            return
+        try:
+            _send(stdout, ("ok", encoder(chunk)))
+        except Exception as e:  # the parent raises it
+            _send(stdout, ("error", e))
+
+
+class _Workers:
+    """``n`` tokenizing processes started with ``python -m mt.cache`` (not ``multiprocessing``:
+    spawning would import the caller's main module, forking would copy a process that torch may
+    have given threads). Chunk i goes to process i mod n; a thread per process reads its results,
+    so neither side ever blocks on a full pipe."""
+
+    def __init__(self, encoder: _Encoder, n: int):
+        paths = [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+        self.procs = [subprocess.Popen([sys.executable, "-m", "mt.cache"], stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, env=env) for _ in range(n)]
+        self.results = [queue.Queue() for _ in range(n)]
+        self.threads = [threading.Thread(target=self._read, args=(proc, out), daemon=True)
+                        for proc, out in zip(self.procs, self.results)]
+        for proc, thread in zip(self.procs, self.threads):
+            _send(proc.stdin, encoder)
+            thread.start()
+
+    @staticmethod
+    def _read(proc: subprocess.Popen, out: queue.Queue) -> None:
+        while True:
+            try:
+                out.put(_receive(proc.stdout))
+            except (EOFError, OSError, pickle.UnpicklingError):
+                out.put(("died", None))
+                return
+
+    def map(self, chunks: Iterator[tuple[list[str], list[str]]]) -> Iterator[dict]:
+        """Encoded chunks in order, at most two per process in flight (reading never runs ahead)."""
+        n, pending = len(self.procs), deque()
+        for i, chunk in enumerate(chunks):
+            if len(pending) >= 2 * n:
+                yield self._result(pending.popleft())
+            _send(self.procs[i % n].stdin, chunk)
+            pending.append(i % n)
+        while pending:
+            yield self._result(pending.popleft())
+
+    def _result(self, k: int) -> dict:
+        status, value = self.results[k].get()
+        if status == "error":
+            raise value
+        if status == "died":
+            raise CacheError(f"a tokenizing process exited with status {self.procs[k].wait()}")
+        return value
+
+    def close(self) -> None:
+        for proc in self.procs:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def _encoded(chunks: Iterator[tuple[list[str], list[str]]], encoder: _Encoder, num_proc: int) -> Iterator[dict]:
-    """Encoded chunks in order. A corpus of one chunk is encoded here; a longer one by ``num_proc``
-    spawned workers (fork is unsafe once torch has started its threads), at most two chunks each in
-    flight, so reading never runs ahead of encoding by more than that."""
+    """Encoded chunks in order: here for a corpus of one chunk (or ``num_proc`` 1), else by
+    ``num_proc`` processes."""
     first = next(chunks, None)
     if first is None:
         return
@@ -112,14 +195,11 @@ def _encoded(chunks: Iterator[tuple[list[str], list[str]]], encoder: _Encoder, n
         for chunk in itertools.chain([first], [second] if second is not None else [], chunks):
             yield encoder(chunk)
         return
-    with multiprocessing.get_context("spawn").Pool(num_proc, initializer=_start_worker, initargs=(encoder,)) as pool:
-        pending: deque = deque()
-        for chunk in itertools.chain([first, second], chunks):
-            pending.append(pool.apply_async(_encode_in_worker, (chunk,)))
-            if len(pending) >= 2 * num_proc:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+    workers = _Workers(encoder, num_proc)
+    try:
+        yield from workers.map(itertools.chain([first, second], chunks))
+    finally:
+        workers.close()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -291,3 +371,7 @@ class TokenizedCorpus:
             start, end = self._read(idx, np.int64, int(i), 2)
             out.append(self._read(ids, self.dtype, int(start), int(end - start)))
         return out
+
+
+if __name__ == "__main__":
+    _serve()

@@ -52,41 +52,77 @@ def _open_binary(path: Path):
         raise CorpusError(f"{path}: cannot open ({e.strerror})") from None
 
 
-def read_lines(path: str | Path, strip: bool = True) -> Iterator[str]:
-    """Yield the lines of a UTF-8 text file (``.gz`` allowed), split on ``\\n`` only; with ``strip``,
-    surrounding whitespace is removed (else only the line break)."""
+BLOCK = 1 << 20  # bytes read at a time
+NEWLINE = b"\n"
+
+
+def read_line_blocks(path: str | Path, strip: bool = True) -> Iterator[list[str]]:
+    """The lines of a UTF-8 text file (``.gz`` allowed) a block at a time, split on ``\\n`` only;
+    with ``strip``, surrounding whitespace is removed (else only the line break). A block of lines is
+    decoded and split at once (a newline byte is never inside a UTF-8 sequence), so reading costs
+    little next to tokenizing."""
     path = Path(path)
     with _open_binary(path) as f:
-        lineno = 0
-        try:
-            for lineno, raw in enumerate(f, start=1):
+        lineno, rest = 0, b""
+        while True:
+            try:
+                data = f.read(BLOCK)
+            except (OSError, EOFError) as e:  # truncated or corrupt gzip
+                where = lineno + rest.count(NEWLINE) + 1
+                raise CorpusError(f"{path}:{where}: cannot read ({e})") from None
+            data, last = rest + data, not data
+            cut = len(data) if last else data.rfind(b"\n") + 1
+            block, rest = data[:cut], data[cut:]
+            if block:
                 try:
-                    text = raw.decode("utf-8")
+                    text = block.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    raise CorpusError(f"{path}:{lineno}: invalid UTF-8 at byte {e.start}") from None
-                text = text.rstrip("\n").rstrip("\r")
-                yield text.strip() if strip else text
-        except (OSError, EOFError) as e:  # truncated or corrupt gzip
-            raise CorpusError(f"{path}:{lineno + 1}: cannot read ({e})") from None
+                    start = block.rfind(NEWLINE, 0, e.start) + 1
+                    where = lineno + block.count(NEWLINE, 0, start) + 1
+                    raise CorpusError(f"{path}:{where}: invalid UTF-8 at byte {e.start - start}") from None
+                lines = text.split("\n")
+                if lines[-1] == "" and text.endswith("\n"):
+                    lines.pop()
+                lineno += len(lines)
+                yield [line.strip() for line in lines] if strip else [line.rstrip("\r") for line in lines]
+            if last:
+                return
 
 
-def _count_rest(lines: Iterator[str], seen: int) -> int:
-    return seen + sum(1 for _ in lines)
+def read_lines(path: str | Path, strip: bool = True) -> Iterator[str]:
+    """``read_line_blocks``, line by line."""
+    for block in read_line_blocks(path, strip):
+        yield from block
+
+
+def _text_pair_chunks(src: str, tgt: str, size: int) -> Iterator[tuple[list[str], list[str]]]:
+    """Aligned chunks of ``size`` lines from two text files; their line counts must agree."""
+    blocks = {"src": read_line_blocks(src), "tgt": read_line_blocks(tgt)}
+    lines: dict[str, list[str]] = {"src": [], "tgt": []}
+    ended = {"src": False, "tgt": False}
+    seen = 0
+    while True:
+        for side in ("src", "tgt"):
+            while len(lines[side]) < size and not ended[side]:
+                block = next(blocks[side], None)
+                if block is None:
+                    ended[side] = True
+                else:
+                    lines[side] += block
+        k = min(len(lines["src"]), len(lines["tgt"]), size)
+        if k < size and len(lines["src"]) != len(lines["tgt"]):
+            counts = {side: seen + len(lines[side]) + sum(len(b) for b in blocks[side]) for side in ("src", "tgt")}
+            raise CorpusError(f"line counts differ: {src} has {counts['src']} lines, {tgt} has {counts['tgt']}")
+        if k == 0:
+            return
+        yield lines["src"][:k], lines["tgt"][:k]
+        del lines["src"][:k], lines["tgt"][:k]
+        seen += k
 
 
 def _read_text_pair(src: str, tgt: str) -> Iterator[tuple[str, str]]:
-    src_lines, tgt_lines = read_lines(src), read_lines(tgt)
-    n = 0
-    for s in src_lines:
-        t = next(tgt_lines, None)
-        if t is None:
-            raise CorpusError(f"line counts differ: {src} has {_count_rest(src_lines, n + 1)} lines, "
-                              f"{tgt} has {n}")
-        n += 1
-        yield s, t
-    rest = _count_rest(tgt_lines, n)
-    if rest != n:
-        raise CorpusError(f"line counts differ: {src} has {n} lines, {tgt} has {rest}")
+    for sources, targets in _text_pair_chunks(src, tgt, CHUNK):
+        yield from zip(sources, targets)
 
 
 def _read_tsv(path: str) -> Iterator[tuple[str, str]]:
@@ -141,6 +177,10 @@ def _pairs(corpus: CorpusConfig, src_lang: str, tgt_lang: str, cache_dir: str) -
 def read_pairs(corpus: CorpusConfig, src_lang: str, tgt_lang: str, cache_dir: str = "",
                chunk_size: int = CHUNK) -> Iterator[tuple[list[str], list[str]]]:
     """The corpus's (sources, targets) in order, ``chunk_size`` pairs at a time."""
+    if corpus.src and not corpus.hub:
+        _stamp([corpus.src, corpus.tgt])  # both files must exist before either is read
+        yield from _text_pair_chunks(corpus.src, corpus.tgt, chunk_size)
+        return
     pairs = _pairs(corpus, src_lang, tgt_lang, cache_dir)
     while True:
         chunk = list(itertools.islice(pairs, chunk_size))

@@ -551,3 +551,27 @@ def test_hub_dataset_errors_are_user_errors(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_dict({"text": ["x"]}))
     with pytest.raises(CorpusError, match="no 'translation', 'de'/'en' or 'src'/'tgt' columns"):
         read_all(CorpusConfig(hub="wmt16"), "de", "en")
+
+
+def test_block_reading_equals_line_by_line_across_block_boundaries(tmp_path, monkeypatch):
+    from mt import data
+
+    rng = np.random.default_rng(5)
+    words = ["ein", "Hund", "läuft", "über", "die", "Straße", "\u2028", "x\r", "  ", "日本", "\x85"]
+    lines = [" ".join(rng.choice(words, size=rng.integers(0, 6))) for _ in range(300)]
+    body = "\n".join(lines)
+    for final_newline in (True, False):
+        path = tmp_path / f"f{final_newline}.txt"
+        path.write_bytes((body + ("\n" if final_newline else "")).encode("utf-8"))
+        expected = [line.rstrip("\r").strip() for line in body.split("\n")]
+        for block in (1, 7, 64, 1 << 20):
+            monkeypatch.setattr(data, "BLOCK", block)
+            assert list(read_lines(path)) == expected, (block, final_newline)
+            assert list(read_lines(path, strip=False)) == [line.rstrip("\r") for line in body.split("\n")]
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(("\n".join(lines[:150]) + "\nok \xff\n" + "\n".join(lines[150:]) + "\n").encode("utf-8", "surrogateescape")
+                    .replace("\xff".encode(), b"\xff"))
+    for block in (5, 1 << 20):
+        monkeypatch.setattr(data, "BLOCK", block)
+        with pytest.raises(CorpusError, match=rf"{bad}:151: invalid UTF-8 at byte 3$"):
+            list(read_lines(bad))
