@@ -118,7 +118,8 @@ def tokenizer_train(
     vocab_size: Annotated[int, typer.Option("--vocab-size", help="Vocabulary size, special tokens included.")] = 8000,
     model_type: Annotated[str, typer.Option("--type", help="unigram or bpe.")] = "unigram",
     character_coverage: Annotated[float, typer.Option("--character-coverage", help="Share of characters covered.")] = 1.0,
-    input_sentence_size: Annotated[int, typer.Option("--input-sentence-size", help="Sample this many sentences (shuffled); 0: all.")] = 2_000_000,
+    input_sentence_size: Annotated[int, typer.Option("--input-sentence-size", help="Train on a seeded uniform sample of this many sentences; 0: all.")] = 2_000_000,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the sample (the same files and seed give the same model).")] = 1,
 ):
     """Train a SentencePiece model on text files (ids: <s>=0 <pad>=1 </s>=2 <unk>=3).
 
@@ -135,7 +136,7 @@ def tokenizer_train(
             yield from read_lines(path)
 
     train_sentencepiece(lines(), output, vocab_size=vocab_size, model_type=model_type,
-                        character_coverage=character_coverage, input_sentence_size=input_sentence_size)
+                        character_coverage=character_coverage, input_sentence_size=input_sentence_size, seed=seed)
     _log(f"wrote {output}")
 
 

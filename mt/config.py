@@ -86,8 +86,13 @@ class CorpusConfig:
     """The hub dataset's configuration name, e.g. ``de-en``."""
     split: str = "train"
     """The hub dataset's split."""
+    weight: float = 1.0
+    """Training corpora: how often each pair is used per epoch (4: upsampled x4; 0.5: a seeded half)."""
 
     def __post_init__(self) -> None:
+        _check_fields(self, "corpus")
+        if self.weight <= 0:
+            raise ConfigError(f"corpus.weight: must be > 0, got {self.weight!r}")
         given = [name for name, on in (("src/tgt", self.src or self.tgt), ("path", self.path),
                                        ("hub", self.hub)) if on]
         if len(given) > 1:
@@ -115,8 +120,8 @@ class DataConfig:
     """Source language code (the key in HF ``{"translation": {..}}`` records)."""
     tgt_lang: str = "en"
     """Target language code."""
-    train: CorpusConfig = field(default_factory=CorpusConfig)
-    """The training pairs."""
+    train: list[CorpusConfig] = field(default_factory=list)
+    """The training pairs: one corpus, or a list of corpora, each with its ``weight``."""
     valid: CorpusConfig = field(default_factory=CorpusConfig)
     """Validation pairs: loss and BLEU during training, early stopping, decoding defaults."""
     test: CorpusConfig = field(default_factory=CorpusConfig)
@@ -137,6 +142,9 @@ class DataConfig:
         _positive("data.max_len", self.max_len)
         _positive("data.max_ratio", self.max_ratio, allow_zero=True)
         _positive("data.num_proc", self.num_proc, allow_zero=True)
+        for name in ("valid", "test"):
+            if getattr(self, name).weight != 1.0:
+                raise ConfigError(f"data.{name}.weight: only training corpora have weights")
         if self.src_lang == self.tgt_lang:
             raise ConfigError(f"data.src_lang and data.tgt_lang are both {self.src_lang!r}")
 
@@ -158,7 +166,7 @@ class TokenizerConfig:
     character_coverage: float = 1.0
     """Share of characters the model covers; the rest map to <unk> (0.9995 for CJK-sized alphabets)."""
     input_sentence_size: int = 2_000_000
-    """Sentences sampled (shuffled) from big corpora for training the model; 0 uses all."""
+    """The model is trained on a uniform sample of this many sentences (seeded by train.seed); 0 uses all."""
 
     def __post_init__(self) -> None:
         _check_fields(self, "tokenizer")
@@ -403,6 +411,11 @@ def _build(cls: type, values: dict, where: str) -> Any:
         return cls(**kwargs)
     except TypeError as e:  # pragma: no cover - fields all have defaults
         raise ConfigError(f"{where}: {e}") from None
+    except ConfigError as e:  # a corpus does not know where it sits: name it (data.train.1.weight)
+        message = str(e)
+        if cls is CorpusConfig and where and message.startswith("corpus"):
+            raise ConfigError(where + message[len("corpus"):]) from None
+        raise
 
 
 def _coerce(hint: Any, value: Any, name: str) -> Any:
@@ -443,9 +456,15 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
             raise ConfigError(f"{name}: expected a string, got {value!r}")
         return str(value)
     if origin is list:
+        item = typing.get_args(hint)[0]
+        if dataclasses.is_dataclass(item) and isinstance(value, dict):
+            value = [value]  # one corpus where a list of corpora may stand
+        if value is None:
+            value = []
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name}: expected a list, got {value!r}")
-        return [_coerce(typing.get_args(hint)[0], v, name) for v in value]
+        return [_coerce(item, v, f"{name}.{i}" if dataclasses.is_dataclass(item) else name)
+                for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):  # pragma: no cover - no unions in the schema yet
         return value
     return value
@@ -465,13 +484,22 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def _merge_override(tree: dict, path: list[str], value: Any, text: str) -> None:
     node = tree
-    for part in path[:-1]:
-        child = node.get(part)
-        if child is None:  # an empty section in the YAML
-            child = node[part] = {}
-        if not isinstance(child, dict):
+    for part, following in zip(path[:-1], path[1:]):
+        if isinstance(node, list):  # data.train.1.src: an item of a list of corpora
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override {text!r}: no item {part!r} in a list of {len(node)}")
+            child = node[int(part)]
+        else:
+            child = node.get(part)
+            if child is None:  # an empty section in the YAML
+                child = node[part] = {}
+        if isinstance(child, list) and not following.isdigit() and len(child) == 1:
+            child = child[0]  # data.train.src on a list of one corpus
+        if not isinstance(child, (dict, list)):
             raise ConfigError(f"override {text!r}: {part!r} is not a section")
         node = child
+    if isinstance(node, list):
+        raise ConfigError(f"override {text!r}: {path[-2]!r} is a list; name an item (e.g. {path[-2]}.0.{path[-1]})")
     node[path[-1]] = value
 
 

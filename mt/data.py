@@ -510,23 +510,72 @@ class TokenBatchSampler:
         self.seed = seed
 
 
-class ParallelData:
-    """A cleaned split of a tokenized corpus: padded batches by example index (0 .. len - 1), the
-    lengths the sampler packs by, and, for validation, the text of the kept pairs."""
+@dataclass
+class Part:
+    """One cleaned corpus of a split: its cache, the kept rows (None: all), their lengths, the counts."""
 
-    def __init__(self, corpus: cache.TokenizedCorpus, rows: np.ndarray | None, lengths: np.ndarray,
-                 report: CleaningReport | None = None, text: tuple[list[str], list[str]] | None = None):
-        self.corpus, self.rows, self.lengths, self.report = corpus, rows, lengths, report
-        if text is not None and rows is not None:
-            text = ([text[0][i] for i in rows], [text[1][i] for i in rows])
+    corpus: cache.TokenizedCorpus
+    rows: np.ndarray | None
+    lengths: np.ndarray
+    report: CleaningReport
+    weight: float = 1.0
+
+
+def _uses(part: Part, seed: int) -> np.ndarray:
+    """Positions among ``part``'s kept pairs as an epoch uses them: each ``floor(weight)`` times,
+    and a seeded share (drawn once, the same every epoch) for the fraction."""
+    kept = len(part.lengths)
+    positions = np.arange(kept, dtype=np.int32 if kept < 1 << 31 else np.int64)
+    whole, fraction = int(part.weight), part.weight - int(part.weight)
+    extra = np.random.default_rng([seed, kept]).choice(kept, size=int(round(fraction * kept)), replace=False)
+    return np.concatenate([np.tile(positions, whole), np.sort(extra).astype(positions.dtype)])
+
+
+class ParallelData:
+    """A cleaned split of one or more tokenized corpora: padded batches by example index (0 .. len - 1),
+    the lengths the sampler packs by, and, for validation, the text of the kept pairs. Several
+    training corpora are one list of examples, each corpus's pairs repeated by its weight."""
+
+    def __init__(self, parts: list[Part], text: tuple[list[str], list[str]] | None = None, seed: int = 1):
+        self.parts = parts
+        if len(parts) == 1 and parts[0].weight == 1.0:
+            self.owner, self.rows, self.lengths = None, parts[0].rows, parts[0].lengths
+        else:
+            uses = [_uses(part, seed) for part in parts]
+            self.owner = np.concatenate([np.full(len(u), k, dtype=np.uint16) for k, u in enumerate(uses)])
+            self.rows = np.concatenate([part.rows[u] if part.rows is not None else u for part, u in zip(parts, uses)])
+            self.lengths = np.concatenate([part.lengths[u] for part, u in zip(parts, uses)])
+        if text is not None and self.rows is not None:
+            text = ([text[0][i] for i in self.rows], [text[1][i] for i in self.rows])
         self.src_text, self.tgt_text = text if text is not None else (None, None)
+
+    @property
+    def report(self) -> CleaningReport:
+        total = CleaningReport()
+        for part in self.parts:
+            total.total += part.report.total
+            total.kept += part.report.kept
+            for why, n in part.report.dropped.items():
+                total.dropped[why] = total.dropped.get(why, 0) + n
+        return total
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def batch(self, indices: np.ndarray) -> Batch:
         rows = indices if self.rows is None else self.rows[indices]
-        return collate(self.corpus.rows("src", rows), self.corpus.rows("tgt", rows), indices)
+        if self.owner is None:
+            corpus = self.parts[0].corpus
+            return collate(corpus.rows("src", rows), corpus.rows("tgt", rows), indices)
+        owners = self.owner[indices]
+        src: list = [None] * len(indices)
+        tgt: list = [None] * len(indices)
+        for k in np.unique(owners):
+            where = np.flatnonzero(owners == k)
+            corpus = self.parts[k].corpus
+            for i, s_row, t_row in zip(where, corpus.rows("src", rows[where]), corpus.rows("tgt", rows[where])):
+                src[i], tgt[i] = s_row, t_row
+        return collate(src, tgt, indices)
 
     def sampler(self, max_tokens: int, *, shuffle: bool, seed: int = 1) -> TokenBatchSampler:
         return TokenBatchSampler(self.lengths, max_tokens, shuffle=shuffle, seed=seed)

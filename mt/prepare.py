@@ -8,28 +8,24 @@ shared by every run that uses the same corpus and tokenizer) and cleaned with wh
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from mt.config import Config, ConfigError
-from mt.data import CorpusError, ParallelData, clean, content_key, read_all, read_pairs, tokenized
+from mt.config import Config, ConfigError, CorpusConfig
+from mt.data import CorpusError, ParallelData, Part, clean, content_key, read_all, read_pairs, tokenized
 from mt.run import Run
-from mt.tokenizer import Tokenizer, train_sentencepiece
-
-
-def cores() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+from mt.tokenizer import Tokenizer, cores, train_sentencepiece
 
 
 def _sentences(cfg: Config, side: int) -> Iterator[str]:
-    """One side (0: source, 1: target) of the training corpus, read again from its files."""
+    """One side (0: source, 1: target) of the training corpora (each once, whatever its weight),
+    read again from their files."""
     data = cfg.data
-    for chunk in read_pairs(data.train, data.src_lang, data.tgt_lang, data.cache_dir):
-        yield from chunk[side]
+    for corpus in data.train:
+        for chunk in read_pairs(corpus, data.src_lang, data.tgt_lang, data.cache_dir):
+            yield from chunk[side]
 
 
 def tokenizers_in_place(cfg: Config, run: Run) -> tuple[Path, ...]:
@@ -56,7 +52,7 @@ def prepare_tokenizers(cfg: Config, run: Run, log: Callable[[str], None]) -> tup
                 Tokenizer(given).save(path)
         return Tokenizer(src_path), Tokenizer(tgt_path)
     options = dict(vocab_size=tok.vocab_size, model_type=tok.type, character_coverage=tok.character_coverage,
-                   input_sentence_size=tok.input_sentence_size)
+                   input_sentence_size=tok.input_sentence_size, seed=cfg.train.seed)
     t0 = time.time()
     if tok.joint:
         def both() -> Iterator[str]:
@@ -73,25 +69,42 @@ def prepare_tokenizers(cfg: Config, run: Run, log: Callable[[str], None]) -> tup
     return Tokenizer(src_path), Tokenizer(tgt_path)
 
 
-def load_split(cfg: Config, which: str, src_tok: Tokenizer, tgt_tok: Tokenizer,
-               progress: bool | None = None, log: Callable[[str], None] | None = None) -> ParallelData:
-    """Tokenize (or find in the cache) and clean one split. Training pairs get the full cleaning;
-    validation pairs only lose empty sides and what the model cannot hold, and keep their text
-    (validation BLEU needs it)."""
+def _part(cfg: Config, corpus: CorpusConfig, training: bool, src_tok: Tokenizer, tgt_tok: Tokenizer,
+          progress: bool | None, log: Callable[[str], None] | None) -> Part:
+    """One corpus tokenized (or found in the cache) and cleaned: training pairs get the full
+    cleaning; validation pairs only lose empty sides and what the model cannot hold."""
     data = cfg.data
-    corpus = getattr(data, which)
     store = tokenized(corpus, data.src_lang, data.tgt_lang, src_tok, tgt_tok, cache_dir=data.cache_dir,
-                      num_proc=data.num_proc or cores(),
-                      dedup=data.dedup and which == "train", log=log, progress=progress)
-    if which == "train":
+                      num_proc=data.num_proc or cores(), dedup=data.dedup and training, log=log, progress=progress)
+    if training:
         rows, lengths, report = clean(store, data.max_len, data.max_ratio)
-        text = None
     else:
         rows, lengths, report = clean(store, cfg.model.max_positions)
-        text = read_all(corpus, data.src_lang, data.tgt_lang, data.cache_dir)
     if report.kept == 0:
         raise CorpusError(f"{corpus.describe()}: no pairs left after cleaning ({report})")
-    return ParallelData(store, rows, lengths, report, text)
+    return Part(store, rows, lengths, report, corpus.weight)
+
+
+def load_split(cfg: Config, which: str, src_tok: Tokenizer, tgt_tok: Tokenizer,
+               progress: bool | None = None, log: Callable[[str], None] | None = None) -> ParallelData:
+    """The training corpora (each logged with its counts and weight), or the validation split with
+    its text (validation BLEU needs it)."""
+    data = cfg.data
+    say = log or (lambda _: None)
+    if which == "train":
+        parts = []
+        for corpus in data.train:
+            parts.append(_part(cfg, corpus, True, src_tok, tgt_tok, progress, log))
+            say(f"train {corpus.describe()}: {parts[-1].report}"
+                + (f", weight {corpus.weight:g}" if len(data.train) > 1 or corpus.weight != 1 else ""))
+        split = ParallelData(parts, seed=cfg.train.seed)
+        if len(parts) > 1:
+            say(f"train: {len(split):,} examples an epoch from {len(parts)} corpora")
+        return split
+    corpus = getattr(data, which)
+    part = _part(cfg, corpus, False, src_tok, tgt_tok, progress, log)
+    say(f"{which} {corpus.describe()}: {part.report}")
+    return ParallelData([part], read_all(corpus, data.src_lang, data.tgt_lang, data.cache_dir))
 
 
 @dataclass
@@ -102,7 +115,12 @@ class Prepared:
     tgt_tok: Tokenizer
     train: ParallelData
     valid: ParallelData | None
-    corpus_key: dict  # ``data.content_key`` of the training corpus, taken before it was read
+    corpus_key: list[dict]  # ``data.content_key`` of each training corpus, taken before it was read
+
+
+def require_training_corpus(cfg: Config) -> None:
+    if not cfg.data.train or not all(corpus.is_set for corpus in cfg.data.train):
+        raise ConfigError("data.train: no training corpus configured (set data.train.src and data.train.tgt)")
 
 
 def prepare(cfg: Config, run: Run, log: Callable[[str], None],
@@ -110,18 +128,13 @@ def prepare(cfg: Config, run: Run, log: Callable[[str], None],
     """The run's tokenizer (reused, copied in or trained) and its training and validation splits;
     ``check`` sees the tokenizers before any text is tokenized (resume: are they the run's?)."""
     data = cfg.data
-    if not data.train.is_set:
-        raise ConfigError("data.train: no training corpus configured (set data.train.src and data.train.tgt)")
-    corpus_key = content_key(data.train)
+    require_training_corpus(cfg)
+    corpus_key = [content_key(corpus) for corpus in data.train]
     src_tok, tgt_tok = prepare_tokenizers(cfg, run, log)
     if check is not None:
         check(src_tok, tgt_tok)
     train = load_split(cfg, "train", src_tok, tgt_tok, progress, log)
-    log(f"train {data.train.describe()}: {train.report}")
-    valid = None
-    if data.valid.is_set:
-        valid = load_split(cfg, "valid", src_tok, tgt_tok, progress, log)
-        log(f"valid {data.valid.describe()}: {valid.report}")
+    valid = load_split(cfg, "valid", src_tok, tgt_tok, progress, log) if data.valid.is_set else None
     return Prepared(src_tok, tgt_tok, train, valid, corpus_key)
 
 
@@ -134,15 +147,14 @@ def prepare_caches(cfg: Config, log: Callable[[str], None], progress: bool | Non
                           "(train one with mt tokenizer train; separate vocabularies need tgt_model too)")
     src_tok = Tokenizer(tok.src_model)
     tgt_tok = src_tok if tok.joint else Tokenizer(tok.tgt_model)
-    if not cfg.data.train.is_set:
-        raise ConfigError("data.train: no training corpus configured (set data.train.src and data.train.tgt)")
+    require_training_corpus(cfg)
     for which in ("train", "valid"):
-        corpus = getattr(cfg.data, which)
-        if not corpus.is_set:
+        if which == "valid" and not cfg.data.valid.is_set:
             continue
         t0 = time.time()
-        split = load_split(cfg, which, src_tok, tgt_tok, progress)
-        store = split.corpus
-        size = sum(f.stat().st_size for f in store.path.iterdir())
-        log(f"{which} {corpus.describe()}: {len(store):,} pairs, {size / max(len(store), 1):.0f} bytes a pair "
-            f"in {store.path} ({time.time() - t0:.1f}s); {split.report}")
+        split = load_split(cfg, which, src_tok, tgt_tok, progress, log)
+        for part in split.parts:
+            store = part.corpus
+            size = sum(f.stat().st_size for f in store.path.iterdir())
+            log(f"{which} cache {store.path}: {len(store):,} pairs, {size / max(len(store), 1):.0f} bytes a pair "
+                f"({time.time() - t0:.1f}s)")

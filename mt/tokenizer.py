@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 
 from mt.errors import MtError
@@ -26,6 +28,38 @@ class TokenizerError(MtError):
     """SentencePiece could not be trained or loaded; the message says why and what to change."""
 
 
+def sample_sentences(sentences: Iterable[str], size: int, seed: int = 1) -> tuple[list[str], int]:
+    """A uniform sample of ``size`` non-empty sentences from a stream of any length (reservoir
+    sampling, Vitter's algorithm R, with draws from numpy seeded by ``seed``), and how many non-empty
+    sentences the stream held. The same stream and seed give the same sample; order is kept when the
+    stream is no longer than ``size``."""
+    rng = np.random.default_rng(seed)
+    reservoir: list[str] = []
+    seen, pending = 0, []
+
+    def replace_some() -> None:
+        nonlocal seen
+        slots = rng.integers(0, np.arange(seen + 1, seen + len(pending) + 1))  # item j replaces slot < size
+        for j in np.flatnonzero(slots < size):
+            reservoir[slots[j]] = pending[j]
+        seen += len(pending)
+        pending.clear()
+
+    for sentence in sentences:
+        if not sentence:
+            continue
+        if len(reservoir) < size:
+            reservoir.append(sentence)
+            seen += 1
+        else:
+            pending.append(sentence)
+            if len(pending) == 1 << 16:
+                replace_some()
+    if pending:
+        replace_some()
+    return reservoir, seen
+
+
 def train_sentencepiece(
     sentences: Iterable[str],
     out_path: str | Path,
@@ -34,37 +68,38 @@ def train_sentencepiece(
     model_type: str = "unigram",
     character_coverage: float = 1.0,
     input_sentence_size: int = 0,
-    num_threads: int = 2,
+    num_threads: int = 0,
+    seed: int = 1,
 ) -> Path:
     """Train a SentencePiece model on ``sentences`` and write it to ``out_path`` (atomically).
 
-    With ``input_sentence_size`` > 0, SentencePiece samples that many sentences (shuffled) from the
-    stream, which keeps memory bounded on big corpora.
+    With ``input_sentence_size`` > 0, training sees a seeded uniform sample of that many sentences
+    (``sample_sentences``): memory stays bounded on big corpora, and the same corpus and seed give
+    the same model. ``num_threads`` 0: one per core.
     """
     out_path = Path(out_path)
     buffer = io.BytesIO()
-    count = 0
-
-    def stream() -> Iterator[str]:
-        nonlocal count
-        for sentence in sentences:
-            if sentence:
-                count += 1
-                yield sentence
+    if input_sentence_size:
+        sample, total = sample_sentences(sentences, input_sentence_size, seed)
+    else:
+        sample = [s for s in sentences if s]
+        total = len(sample)
+    count = len(sample)
+    spm.set_random_generator_seed(seed)
 
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=stream(),
+            sentence_iterator=iter(sample),
             model_writer=buffer,
             vocab_size=vocab_size,
             model_type=model_type,
             character_coverage=character_coverage,
-            input_sentence_size=input_sentence_size,
-            shuffle_input_sentence=True,
+            input_sentence_size=0,
+            shuffle_input_sentence=False,
             bos_id=BOS_ID, pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID,
             bos_piece=SPECIAL_PIECES["bos"], pad_piece=SPECIAL_PIECES["pad"],
             eos_piece=SPECIAL_PIECES["eos"], unk_piece=SPECIAL_PIECES["unk"],
-            num_threads=num_threads,
+            num_threads=num_threads or cores(),
             minloglevel=2,
         )
     except RuntimeError as e:
@@ -73,13 +108,19 @@ def train_sentencepiece(
         if limit:
             raise TokenizerError(
                 f"tokenizer.vocab_size={vocab_size} is more than SentencePiece can build from this corpus "
-                f"({count} sentences): set tokenizer.vocab_size <= {limit.group(1)}") from None
+                f"({count} sentences of {total}): set tokenizer.vocab_size <= {limit.group(1)}") from None
         raise TokenizerError(f"SentencePiece training failed: {message.splitlines()[-1]}") from None
     if count == 0:
         raise TokenizerError("SentencePiece training failed: no non-empty sentences")
+    del sample
     with atomic_write(out_path, "wb") as f:
         f.write(buffer.getvalue())
     return out_path
+
+
+def cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class Tokenizer:

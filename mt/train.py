@@ -91,6 +91,10 @@ def _changed_keys(before: dict, after: dict, prefix: str = "") -> list[str]:
         a, b, name = before.get(key), after.get(key), f"{prefix}{key}"
         if isinstance(a, dict) and isinstance(b, dict):
             changed += _changed_keys(a, b, f"{name}.")
+        elif (isinstance(a, list) and isinstance(b, list) and len(a) == len(b)
+              and all(isinstance(x, dict) for x in a + b)):  # corpora: data.train.src, or data.train.1.src
+            for i, (x, y) in enumerate(zip(a, b)):
+                changed += _changed_keys(x, y, f"{name}.{i}." if len(a) > 1 else f"{name}.")
         elif a != b and name != "train.run_dir":
             changed.append(f"{name} {a!r} -> {b!r}")
     return changed
@@ -124,10 +128,14 @@ def resumable(cfg: Config, run: Run, log: Callable[[str], None]) -> Resumed:
         raise TrainingError(f"{path}: the model or tokenizer settings differ from the checkpoint's; "
                             "resume with the run's own config.yaml")
     check_weights(path, state, saved)
-    corpus = state.get("corpus", {}).get("train")  # absent from checkpoints before content keys
-    if corpus and cfg.data.train.is_set and not same_content(corpus, cfg.data.train):
-        raise TrainingError(f"data.train: {cfg.data.train.describe()} is not the corpus {path} was trained on "
-                            "(its content changed); resume needs that corpus, or start a new run")
+    keys = state.get("corpus", {}).get("train")  # absent from checkpoints before content keys
+    keys = [keys] if isinstance(keys, dict) else keys  # one corpus, before lists of corpora
+    if keys and len(keys) != len(cfg.data.train):
+        raise TrainingError(f"data.train: {len(cfg.data.train)} corpora, but {path} was trained on {len(keys)}")
+    for key, corpus in zip(keys or [], cfg.data.train):
+        if corpus.is_set and not same_content(key, corpus):
+            raise TrainingError(f"data.train: {corpus.describe()} is not the corpus {path} was trained on "
+                                "(its content changed); resume needs that corpus, or start a new run")
     changed = _changed_keys(saved.to_dict(), cfg.to_dict())
     if changed:
         log("resuming with changed settings: " + ", ".join(changed))

@@ -14,7 +14,7 @@ def test_defaults_build():
     cfg = Config()
     assert cfg.model.d_model == 512 and cfg.model.n_heads == 8 and cfg.model.norm == "pre"
     assert cfg.train.betas == (0.9, 0.98) and cfg.train.schedule == "inverse_sqrt"
-    assert cfg.data.src_lang == "de" and not cfg.data.train.is_set
+    assert cfg.data.src_lang == "de" and not cfg.data.train
     assert load_config() == cfg
     assert config_from_dict({}) == cfg
 
@@ -27,7 +27,7 @@ def test_yaml_file_loads_and_keeps_defaults(tmp_path):
         "train:\n  betas: [0.9, 0.997]\n  lr: 0.001\n  warmup_steps: 10\n"
         "decode:\n", encoding="utf-8")
     cfg = load_config(path)
-    assert cfg.data.train.src == "a.de" and cfg.data.train.tgt == "a.en" and cfg.data.max_len == 50
+    assert cfg.data.train[0].src == "a.de" and cfg.data.train[0].tgt == "a.en" and cfg.data.max_len == 50
     assert (cfg.model.d_model, cfg.model.n_heads, cfg.model.norm) == (256, 4, "post")
     assert cfg.model.ffn_dim == 2048  # default kept
     assert cfg.train.betas == (0.9, 0.997) and isinstance(cfg.train.betas, tuple)
@@ -49,7 +49,7 @@ def test_overrides_are_applied_with_types():
     assert cfg.model.d_model == 128 and type(cfg.model.d_model) is int
     assert cfg.train.lr == 0.002 and type(cfg.train.lr) is float
     assert cfg.model.share_embeddings is False
-    assert cfg.data.train.src == "x.de" and cfg.data.train.tgt == "x.en"
+    assert cfg.data.train[0].src == "x.de" and cfg.data.train[0].tgt == "x.en"
     assert cfg.train.betas == (0.8, 0.9)
     assert cfg.train.run_dir == "runs/x"
     # an integer where a float is expected becomes a float; a number where a string is expected, a string

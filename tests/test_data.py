@@ -18,7 +18,7 @@ import torch
 from mt import cache
 from mt.batch import collate
 from mt.config import CorpusConfig
-from mt.data import (CorpusError, ParallelData, TokenBatchSampler, cache_path, clean, read_all, read_lines,
+from mt.data import (CorpusError, ParallelData, Part, TokenBatchSampler, cache_path, clean, read_all, read_lines,
                      tokenized)
 from mt.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
@@ -207,7 +207,7 @@ def test_clean_drops_pairs_jointly_and_counts_each_reason(tmp_path):
     assert report.dropped == {"empty": 3, "with control characters": 0, "duplicates": 0, "longer than 64 tokens": 2,
                               "length ratio above 3": 3}
     assert str(report) == "4/12 pairs kept (dropped: 3 empty, 2 longer than 64 tokens, 3 length ratio above 3)"
-    data = ParallelData(store, kept, lengths, report, ([f"s{i}" for i in range(12)], [f"t{i}" for i in range(12)]))
+    data = ParallelData([Part(store, kept, lengths, report)], ([f"s{i}" for i in range(12)], [f"t{i}" for i in range(12)]))
     assert data.src_text == [f"s{i}" for i in keep_ids] and data.tgt_text == [f"t{i}" for i in keep_ids]
     batch = data.batch(np.array([1, 3]))  # kept pairs 1 and 3 are rows 6 and 11
     assert batch.src[0].tolist() == list(range(10, 73)) + [EOS_ID] and batch.src[1, :9].tolist()[-1] == EOS_ID
@@ -439,7 +439,7 @@ def test_tokenized_cache_is_compact_exact_and_built_once(tmp_path, monkeypatch, 
 
     # and the ids come back out of ParallelData as a padded batch
     _, lengths, report = clean(store, max_len=1000)
-    parallel = ParallelData(store, None, lengths, report)
+    parallel = ParallelData([Part(store, None, lengths, report)])
     batch = parallel.batch(np.array([1, 0]))
     assert batch.tgt_out[0, : len(tokenizer.encode([tgt[1]])[0])].tolist() == tokenizer.encode([tgt[1]])[0]
 
@@ -575,3 +575,55 @@ def test_block_reading_equals_line_by_line_across_block_boundaries(tmp_path, mon
         monkeypatch.setattr(data, "BLOCK", block)
         with pytest.raises(CorpusError, match=rf"{bad}:151: invalid UTF-8 at byte 3$"):
             list(read_lines(bad))
+
+
+def test_the_same_seed_gives_the_same_sentencepiece_model_on_a_corpus_larger_than_the_sample(tmp_path, multi30k_head):
+    from mt.tokenizer import sample_sentences, train_sentencepiece
+
+    sentences = multi30k_head("train", "de", 3000) + multi30k_head("train", "en", 3000)
+    models = [train_sentencepiece(iter(sentences), tmp_path / f"m{i}.model", vocab_size=300, input_sentence_size=1500,
+                                  num_threads=2, seed=seed).read_bytes() for i, seed in enumerate((7, 7, 8))]
+    assert models[0] == models[1]
+    assert models[0] != models[2]
+    sample, total = sample_sentences(iter(sentences), 1500, seed=7)
+    assert total == 6000 and len(sample) == 1500 and len(set(sample)) > 1400
+    assert sum(s in set(sentences[3000:]) for s in sample) in range(600, 900)  # both halves, ~uniformly
+    assert sample_sentences(iter(sentences[:10]), 1500, seed=7) == (sentences[:10], 10)
+
+
+def test_weighted_corpora_give_the_stated_mixture(tmp_path, tokenizer):
+    from mt.config import load_config
+    from mt.prepare import load_split
+
+    web = [(f"Ein Hund Nummer {i}.", f"A dog number {i}.") for i in range(1000)]
+    domain = [(f"Zwei Katzen Nummer {i}.", f"Two cats number {i}.") for i in range(100)]
+    files = {}
+    for name, pairs_ in (("web", web), ("domain", domain)):
+        files[name] = (write(tmp_path / f"{name}.de", [s for s, _ in pairs_]), write(tmp_path / f"{name}.en", [t for _, t in pairs_]))
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data:\n  cache_dir: {tmp_path / 'cache'}\n  train:\n"
+                      f"    - {{src: {files['web'][0]}, tgt: {files['web'][1]}}}\n"
+                      f"    - {{src: {files['domain'][0]}, tgt: {files['domain'][1]}, weight: 4}}\n", encoding="utf-8")
+    for weight, share in ((4, 400 / 1400), (2.5, 250 / 1250)):
+        cfg = load_config(config, [f"data.train.1.weight={weight}"])
+        messages = []
+        split = load_split(cfg, "train", tokenizer, tokenizer, progress=False, log=messages.append)
+        assert len(split) == 1000 + int(weight * 100)
+        messages = [m for m in messages if m.startswith("train")]
+        assert messages[0].endswith("1000/1000 pairs kept, weight 1")
+        assert messages[1].endswith(f"100/100 pairs kept, weight {weight:g}")
+        assert messages[2] == f"train: {len(split):,} examples an epoch from 2 corpora"
+        sampler, seen = split.sampler(256, shuffle=True, seed=3), []
+        for epoch in range(20):
+            for indices in sampler.batches(epoch):
+                seen.append(indices)
+            if sum(map(len, seen)) >= 10_000:
+                break
+        picked = np.concatenate(seen)[:10_000]
+        from_domain = (split.owner[picked] == 1).mean()
+        assert abs(from_domain - share) < 0.02, (weight, from_domain, share)
+        batch = split.batch(picked[:64])  # rows come from the right corpus, in the batch's order
+        for k, row in zip(picked[:64], batch.src.tolist()):
+            corpus = domain if split.owner[k] == 1 else web
+            ids = tokenizer.encode([corpus[split.rows[k]][0]])[0]
+            assert row[: len(ids)] == ids

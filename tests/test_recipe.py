@@ -33,7 +33,7 @@ def test_reference_recipes_are_one_recipe_in_two_directions():
     en_de = load_config(ROOT / "configs" / "multi30k_en_de.yaml")
     assert (de_en.data.src_lang, de_en.data.tgt_lang) == ("de", "en")
     assert (en_de.data.src_lang, en_de.data.tgt_lang) == ("en", "de")
-    assert en_de.data.train.src == de_en.data.train.tgt and en_de.data.valid.tgt == de_en.data.valid.src
+    assert en_de.data.train[0].src == de_en.data.train[0].tgt and en_de.data.valid.tgt == de_en.data.valid.src
     assert (en_de.model, en_de.tokenizer, en_de.decode) == (de_en.model, de_en.tokenizer, de_en.decode)
     assert {k: v for k, v in vars(en_de.train).items() if k != "run_dir"} == \
            {k: v for k, v in vars(de_en.train).items() if k != "run_dir"}

@@ -175,7 +175,7 @@ def test_resume_refuses_an_edited_corpus_and_accepts_a_copy(tmp_path, multi30k_h
     copies = tmp_path / "copies"
     copies.mkdir()
     for side in ("src", "tgt"):  # a byte-identical copy elsewhere (new path, new mtime): the same corpus
-        shutil.copy(getattr(cfg.data.train, side), copies / f"train.{side}")
+        shutil.copy(getattr(cfg.data.train[0], side), copies / f"train.{side}")
     moved = load_config(run.config_path, ["train.max_steps=4", f"data.train.src={copies / 'train.src'}",
                                           f"data.train.tgt={copies / 'train.tgt'}"])
     messages = []
