@@ -201,7 +201,7 @@ def test_clean_drops_pairs_jointly_and_counts_each_reason(tmp_path):
     store = fake_cache(tmp_path / "c", [r[0] for r in rows], [r[1] for r in rows])
     kept, lengths, report = clean(store, max_len=64, max_ratio=3.0)
     keep_ids = [i for i, r in enumerate(rows) if r[2] == "keep"]
-    assert kept.tolist() == keep_ids
+    assert kept[np.arange(len(kept))].tolist() == keep_ids and kept.dropped.tolist() == sorted(set(range(12)) - set(keep_ids))
     assert lengths.tolist() == [max(rows[i][:2]) for i in keep_ids]
     assert report.total == 12 and report.kept == 4
     assert report.dropped == {"empty": 3, "with control characters": 0, "duplicates": 0, "longer than 64 tokens": 2,
@@ -227,7 +227,8 @@ def test_clean_counts_across_chunks_exactly(tmp_path, monkeypatch):
     store = cache.TokenizedCorpus(tmp_path / "c")
     assert [len(c[1]) for c in store.chunks(7)][:2] == [7, 7]
     parts = clean(store, max_len=64, max_ratio=2.0)
-    assert np.array_equal(whole[0], parts[0]) and np.array_equal(whole[1], parts[1]) and whole[2] == parts[2]
+    assert np.array_equal(whole[0].dropped, parts[0].dropped) and np.array_equal(whole[1], parts[1])
+    assert whole[2] == parts[2] and len(whole[0]) == whole[2].kept
 
 
 def test_pairs_with_control_characters_are_dropped_jointly_and_counted(tmp_path, tokenizer):
@@ -237,8 +238,20 @@ def test_pairs_with_control_characters_are_dropped_jointly_and_counted(tmp_path,
                           tgt=str(write(tmp_path / "c.en", [t[1] for t in texts])))
     store = tokenized(corpus, "de", "en", tokenizer, tokenizer, cache_dir=str(tmp_path / "cache"))
     kept, _, report = clean(store, max_len=64, max_ratio=0)
-    assert kept.tolist() == [0, 3]
+    assert kept[np.arange(len(kept))].tolist() == [0, 3]
     assert report.dropped["with control characters"] == 4
+
+
+def test_kept_rows_map_kept_pairs_to_rows():
+    from mt.data import KeptRows
+
+    rng = np.random.default_rng(2)
+    for _ in range(50):
+        total = int(rng.integers(1, 200))
+        keep = rng.random(total) < rng.random()
+        rows = KeptRows(np.flatnonzero(~keep), total)
+        assert len(rows) == keep.sum()
+        assert rows[np.arange(len(rows))].tolist() == np.flatnonzero(keep).tolist()
 
 
 def test_clean_keeps_everything_untouched(tmp_path):
@@ -503,7 +516,7 @@ def test_dedup_marks_later_copies_of_a_pair(tmp_path, tokenizer):
     corpus = CorpusConfig(src=str(src), tgt=str(tgt))
     store = tokenized(corpus, "de", "en", tokenizer, tokenizer, cache_dir=str(tmp_path / "cache"), dedup=True)
     kept, _, report = clean(store, max_len=64)
-    assert kept.tolist() == [0, 1, 3] and report.dropped["duplicates"] == 2 and store.meta["duplicates"] == 2
+    assert kept[np.arange(3)].tolist() == [0, 1, 3] and report.dropped["duplicates"] == 2 and store.meta["duplicates"] == 2
     plain = tokenized(corpus, "de", "en", tokenizer, tokenizer, cache_dir=str(tmp_path / "cache"))
     assert plain.path != store.path and clean(plain, max_len=64)[0] is None
 
