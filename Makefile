@@ -7,7 +7,7 @@ MULTI30K_CANDIDATES := ../shared/data/multi30k ../../shared/data/multi30k /work/
 MULTI30K_DIR ?= $(firstword $(foreach d,$(MULTI30K_CANDIDATES),$(if $(wildcard $(d)/train.de.gz),$(d),)))
 export MULTI30K_DIR
 
-.PHONY: install data test demo recipe bench lint clean
+.PHONY: install data test demo recipe bench bench-data lint clean
 
 install: $(VENV)/.installed
 
@@ -48,3 +48,8 @@ bench: install data
 	$(BIN)/python scripts/bench_train.py --max-tokens 2048,4096
 	$(BIN)/python scripts/bench_decode.py -m $(BENCH_RUN)
 	cat benchmarks/speed_train.md benchmarks/speed_decode.md > benchmarks/speed.md
+
+# data at scale (about 10 minutes and 8 GB of /tmp): synthetic 1M/3M/10M-pair corpora, preparation,
+# cache size, peak RSS and start-up of mt train -> benchmarks/data.md
+bench-data: install data
+	$(BIN)/python scripts/bench_data.py --sizes 1M,3M,10M
