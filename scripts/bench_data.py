@@ -41,6 +41,12 @@ MULTI30K = ROOT / "data" / "multi30k"
 MT = [sys.executable, "-m", "mt"]
 
 
+def cpu_model() -> str:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
+                platform.machine())
+
+
 def parse_size(text: str) -> int:
     text = text.strip().upper()
     scale = {"K": 1_000, "M": 1_000_000}.get(text[-1], 1)
@@ -229,7 +235,7 @@ def main() -> None:
     lines = [
         "# Data at scale: preparation, cache, memory, start-up",
         "",
-        f"`python scripts/bench_data.py --sizes {args.sizes} --steps {args.steps}` on {platform.processor() or platform.machine()}, "
+        f"`python scripts/bench_data.py --sizes {args.sizes} --steps {args.steps}` on {cpu_model()}, "
         f"{cores} cores, CPU flags `{' '.join(flags)}`; {time.strftime('%Y-%m-%d')}.",
         "Synthetic corpora from Multi30k train (1-3 pairs joined, seed 1); one SentencePiece unigram model "
         "(8,000 pieces); tiny model (d_model 64, 1+1 layers), max_tokens 4096, 2 threads.",
