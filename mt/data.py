@@ -459,7 +459,9 @@ class EpochBatches(Sequence):
     def __len__(self) -> int:
         return len(self.starts)
 
-    def __getitem__(self, j: int) -> np.ndarray:
+    def __getitem__(self, j: int | slice) -> np.ndarray | list[np.ndarray]:
+        if isinstance(j, slice):
+            return [self[i] for i in range(*j.indices(len(self)))]
         if not -len(self) <= j < len(self):
             raise IndexError(j)
         k = int(self.permutation[j]) if self.permutation is not None else int(j) % len(self)

@@ -297,6 +297,11 @@ def test_sampler_order_depends_on_seed_and_epoch_only(lengths):
     assert flat(a.batches(0)) == flat(b.batches(0))
     assert flat(a.batches(1)) == flat(b.batches(1))
     assert flat(a.batches(0)) != flat(a.batches(1))
+    epoch = a.batches(0)
+    assert all(np.array_equal(x, y) for x, y in zip(epoch[2:5], [epoch[2], epoch[3], epoch[4]]))
+    assert np.array_equal(epoch[-1], epoch[len(epoch) - 1])
+    with pytest.raises(IndexError):
+        epoch[len(epoch)]
     assert flat(a.batches(0)) != flat(c.batches(0))
     assert flat(b.batches(0)) == flat(TokenBatchSampler(np.maximum(src_len, tgt_len), 256, seed=3).batches(0))
 
