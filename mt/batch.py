@@ -1,7 +1,7 @@
 """Padded batches and teacher forcing: the tensors the model reads, built from lists of ids.
 
-Kept apart from ``mt.data`` (which reads corpora with Hugging Face ``datasets``) so that translating
-never imports ``datasets``.
+Kept apart from ``mt.data`` (corpora, the tokenized cache, cleaning and batching) so that
+translating imports nothing of training's data handling.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from mt.errors import MtError
-from mt.files import fsync_dir
+from mt.files import fsync_dir, pid_namespace
 from mt.tokenizer import EOS_ID, Tokenizer
 
 VERSION = 1
@@ -59,7 +59,7 @@ class CacheError(MtError):
 
 def _ids(tok: Tokenizer, texts: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     """Ids of ``texts`` end to end, each sentence followed by ``</s>``, and the lengths (``</s>`` included)."""
-    pieces = tok.sp.encode(texts, out_type=int)
+    pieces = tok.sp.encode(texts, out_type=int, num_threads=1)  # one process per core already
     lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces)) + 1
     ids = np.empty(int(lengths.sum()), dtype=dtype)
     ends = np.cumsum(lengths) - 1
@@ -133,25 +133,40 @@ class _Workers:
     so neither side ever blocks on a full pipe."""
 
     def __init__(self, encoder: _Encoder, n: int):
-        paths = [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
-        self.procs = [subprocess.Popen([sys.executable, "-m", "mt.cache"], stdin=subprocess.PIPE,
-                                       stdout=subprocess.PIPE, env=env) for _ in range(n)]
+        root = Path(__file__).resolve().parents[1]  # a source checkout: the workers import mt from it too
+        paths = [str(root)] if root.name != "site-packages" else []
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+        self.procs: list[subprocess.Popen] = []
         self.results = [queue.Queue() for _ in range(n)]
-        self.threads = [threading.Thread(target=self._read, args=(proc, out), daemon=True)
-                        for proc, out in zip(self.procs, self.results)]
-        for proc, thread in zip(self.procs, self.threads):
-            _send(proc.stdin, encoder)
-            thread.start()
+        try:
+            for out in self.results:
+                proc = subprocess.Popen([sys.executable, "-m", "mt.cache"], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, env=env)
+                self.procs.append(proc)
+                self._send(len(self.procs) - 1, encoder)
+                threading.Thread(target=self._read, args=(proc, out), daemon=True).start()
+        except BaseException:
+            self.close()
+            raise
 
     @staticmethod
     def _read(proc: subprocess.Popen, out: queue.Queue) -> None:
         while True:
             try:
                 out.put(_receive(proc.stdout))
-            except (EOFError, OSError, pickle.UnpicklingError):
-                out.put(("died", None))
+            except BaseException as e:  # EOF (the process ended), a broken pipe, an unpicklable result
+                out.put(("died", None if isinstance(e, EOFError) else e))
                 return
+
+    def _send(self, k: int, obj: object) -> None:
+        try:
+            _send(self.procs[k].stdin, obj)
+        except OSError:  # it has ended
+            try:
+                status = self.procs[k].wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                status = "unknown"
+            raise CacheError(f"a tokenizing process ended with status {status}") from None
 
     def map(self, chunks: Iterator[tuple[list[str], list[str]]]) -> Iterator[dict]:
         """Encoded chunks in order, at most two per process in flight (reading never runs ahead)."""
@@ -159,7 +174,7 @@ class _Workers:
         for i, chunk in enumerate(chunks):
             if len(pending) >= 2 * n:
                 yield self._result(pending.popleft())
-            _send(self.procs[i % n].stdin, chunk)
+            self._send(i % n, chunk)
             pending.append(i % n)
         while pending:
             yield self._result(pending.popleft())
@@ -169,7 +184,8 @@ class _Workers:
         if status == "error":
             raise value
         if status == "died":
-            raise CacheError(f"a tokenizing process exited with status {self.procs[k].wait()}")
+            why = f" ({type(value).__name__}: {value})" if value is not None else ""
+            raise CacheError(f"a tokenizing process ended with status {self.procs[k].wait()}{why}")
         return value
 
     def close(self) -> None:
@@ -211,16 +227,22 @@ def id_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
+def _here() -> str:
+    """This host and pid namespace, as 12 hex digits: a pid in a temporary name means something only there."""
+    return hashlib.sha256(f"{socket.gethostname()}\0{pid_namespace()}".encode()).hexdigest()[:12]
+
+
 def _temp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    return path.with_name(f".{path.name}.tmp-{_here()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
 def _sweep_killed_builds(path: Path) -> None:
-    """Remove this cache's temporary directories left by killed builds on this host (their pid is gone)."""
-    prefix = f".{path.name}.tmp-{socket.gethostname()}-"
-    for temp in path.parent.glob(f"{prefix}*"):
-        pid = temp.name[len(prefix):].split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+    """Remove this cache's temporary directories left by killed builds of this host and pid namespace
+    (their pid is gone); builds elsewhere, or of a live process, are never touched."""
+    pattern = re.compile(re.escape(f".{path.name}.tmp-{_here()}-") + r"(\d+)-[0-9a-f]{8}")
+    for temp in path.parent.glob(f".{path.name}.tmp-*"):
+        match = pattern.fullmatch(temp.name)
+        if match and not _alive(int(match.group(1))):
             shutil.rmtree(temp, ignore_errors=True)
 
 

@@ -133,15 +133,18 @@ class DataConfig:
     num_proc: int = 0
     """Processes that tokenize a corpus into the cache; 0: one per core."""
     cache_dir: str = ""
-    """Where tokenized corpora are cached (and hub datasets downloaded); empty: ``$XDG_CACHE_HOME/mt``."""
+    """Where tokenized corpora are cached (and hub datasets, under ``hub/``); empty: ``$XDG_CACHE_HOME/mt``
+    (hub datasets: the Hugging Face default)."""
     dedup: bool = False
-    """Drop training pairs identical (both sides) to an earlier pair; counted as duplicates."""
+    """Drop training pairs identical (both sides) to an earlier pair of the same corpus; counted as duplicates."""
 
     def __post_init__(self) -> None:
         _check_fields(self, "data")
         _positive("data.max_len", self.max_len)
         _positive("data.max_ratio", self.max_ratio, allow_zero=True)
         _positive("data.num_proc", self.num_proc, allow_zero=True)
+        if isinstance(self.train, CorpusConfig):  # DataConfig(train=CorpusConfig(...)) from Python
+            self.train = [self.train]
         for name in ("valid", "test"):
             if getattr(self, name).weight != 1.0:
                 raise ConfigError(f"data.{name}.weight: only training corpora have weights")
@@ -485,6 +488,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def _merge_override(tree: dict, path: list[str], value: Any, text: str) -> None:
     node = tree
     for part, following in zip(path[:-1], path[1:]):
+        if isinstance(node, dict) and following.isdigit() and isinstance(node.get(part), dict):
+            node[part] = [node[part]]  # data.train.0.src on one corpus given as a mapping
         if isinstance(node, list):  # data.train.1.src: an item of a list of corpora
             if not part.isdigit() or int(part) >= len(node):
                 raise ConfigError(f"override {text!r}: no item {part!r} in a list of {len(node)}")
@@ -499,7 +504,11 @@ def _merge_override(tree: dict, path: list[str], value: Any, text: str) -> None:
             raise ConfigError(f"override {text!r}: {part!r} is not a section")
         node = child
     if isinstance(node, list):
-        raise ConfigError(f"override {text!r}: {path[-2]!r} is a list; name an item (e.g. {path[-2]}.0.{path[-1]})")
+        if not path[-1].isdigit() or int(path[-1]) >= len(node):
+            raise ConfigError(f"override {text!r}: {path[-2]!r} is a list; name an item and a key "
+                              f"(e.g. {'.'.join(path[:-1])}.0.{path[-1]})")
+        node[int(path[-1])] = value
+        return
     node[path[-1]] = value
 
 

@@ -275,16 +275,22 @@ def _digest(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
-def _hub_pairs(corpus: CorpusConfig, src_lang: str, tgt_lang: str, cache_dir: str) -> Iterator[tuple[str, str]]:
+def _hub_dataset(corpus: CorpusConfig, cache_dir: str):
+    """The hub dataset, downloaded into (or read from) Hugging Face's cache (``data.cache_dir``/hub
+    when set)."""
     # imported here: reading local files (every test, most users) never pays for importing datasets
     import datasets
 
     datasets.logging.set_verbosity_error()
     try:
-        ds = datasets.load_dataset(corpus.hub, corpus.hub_config or None, split=corpus.split,
-                                   cache_dir=cache_dir or None)
+        return datasets.load_dataset(corpus.hub, corpus.hub_config or None, split=corpus.split,
+                                     cache_dir=str(Path(cache_dir) / "hub") if cache_dir else None)
     except Exception as e:  # network, unknown name, unknown split: all user-facing
         raise CorpusError(f"hub:{corpus.hub}: cannot load ({type(e).__name__}: {e})") from None
+
+
+def _hub_pairs(corpus: CorpusConfig, src_lang: str, tgt_lang: str, cache_dir: str) -> Iterator[tuple[str, str]]:
+    ds = _hub_dataset(corpus, cache_dir)
     columns = set(ds.column_names)
     if "translation" in columns:
         for batch in ds.iter(batch_size=CHUNK):
@@ -311,12 +317,12 @@ def cache_path(corpus: CorpusConfig, src_lang: str, tgt_lang: str, src_tok: Toke
                cache_dir: str = "", dedup: bool = False) -> Path:
     """The cache of ``corpus`` tokenized by these tokenizers, keyed by what the files are (path, size,
     mtime; a hub corpus: its name), the languages, the tokenizers' fingerprints and ``dedup``."""
-    if corpus.hub:
-        stamp = f"hub:{corpus.hub}:{corpus.hub_config}:{corpus.split}"
+    if corpus.hub:  # the dataset's own fingerprint: a new revision is another cache
+        stamp = f"hub:{corpus.hub}:{corpus.hub_config}:{corpus.split}:{_hub_dataset(corpus, cache_dir)._fingerprint}"
     else:
         stamp = _stamp(_corpus_files(corpus))
-    key = _digest(CACHE_KEY_VERSION, stamp, src_lang, tgt_lang, src_tok.fingerprint, tgt_tok.fingerprint,
-                  "dedup" if dedup else "")
+    key = _digest(CACHE_KEY_VERSION, str(cache.VERSION), stamp, src_lang, tgt_lang, src_tok.fingerprint,
+                  tgt_tok.fingerprint, "dedup" if dedup else "")
     return cache_root(cache_dir) / "tokenized" / key
 
 
@@ -437,7 +443,7 @@ def _boundaries(counts: np.ndarray, max_tokens: int) -> np.ndarray:
     over distinct lengths, not examples."""
     cuts, start, pos = [np.zeros(1, dtype=np.int64)], 0, 0
     for length in np.flatnonzero(counts):
-        n, fits = int(counts[length]), max_tokens // int(length)
+        n, fits = int(counts[length]), max_tokens // max(int(length), 1)
         if pos - start >= fits:  # the open batch cannot take one more of this length
             start = pos
             cuts.append(np.array([pos]))
@@ -540,13 +546,13 @@ class Part:
     weight: float = 1.0
 
 
-def _uses(part: Part, seed: int) -> np.ndarray:
-    """Positions among ``part``'s kept pairs as an epoch uses them: each ``floor(weight)`` times,
-    and a seeded share (drawn once, the same every epoch) for the fraction."""
+def _uses(part: Part, k: int, seed: int) -> np.ndarray:
+    """Positions among the kept pairs of ``part`` (corpus ``k``) as an epoch uses them: each
+    ``floor(weight)`` times, and a share drawn once for the fraction, from (seed, k)."""
     kept = len(part.lengths)
     positions = np.arange(kept, dtype=np.int32 if kept < 1 << 31 else np.int64)
     whole, fraction = int(part.weight), part.weight - int(part.weight)
-    extra = np.random.default_rng([seed, kept]).choice(kept, size=int(round(fraction * kept)), replace=False)
+    extra = np.random.default_rng([seed, k]).choice(kept, size=int(round(fraction * kept)), replace=False)
     return np.concatenate([np.tile(positions, whole), np.sort(extra).astype(positions.dtype)])
 
 
@@ -560,7 +566,11 @@ class ParallelData:
         if len(parts) == 1 and parts[0].weight == 1.0:
             self.owner, self.rows, self.lengths = None, parts[0].rows, parts[0].lengths
         else:
-            uses = [_uses(part, seed) for part in parts]
+            uses = [_uses(part, k, seed) for k, part in enumerate(parts)]
+            for part, used in zip(parts, uses):
+                if not len(used):
+                    raise CorpusError(f"{part.corpus.meta.get('source') or part.corpus.path}: weight {part.weight:g} "
+                                      f"of {len(part.lengths)} kept pairs uses none; raise its weight")
             self.owner = np.concatenate([np.full(len(u), k, dtype=np.uint16) for k, u in enumerate(uses)])
             self.rows = np.concatenate([part.rows[u] if part.rows is not None else u for part, u in zip(parts, uses)])
             self.lengths = np.concatenate([part.lengths[u] for part, u in zip(parts, uses)])

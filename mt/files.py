@@ -58,3 +58,12 @@ def atomic_copy(src: str | Path, dst: str | Path) -> None:
     """Copy ``src`` to ``dst`` through ``atomic_write``."""
     with open(src, "rb") as source, atomic_write(dst, "wb") as target:
         shutil.copyfileobj(source, target, 1 << 20)
+
+
+def pid_namespace() -> str:
+    """This process's pid namespace ('' where unknown): two containers may share a host name, and a
+    pid means something only within one namespace."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""

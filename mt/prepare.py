@@ -86,9 +86,10 @@ def _part(cfg: Config, corpus: CorpusConfig, training: bool, src_tok: Tokenizer,
 
 
 def load_split(cfg: Config, which: str, src_tok: Tokenizer, tgt_tok: Tokenizer,
-               progress: bool | None = None, log: Callable[[str], None] | None = None) -> ParallelData:
-    """The training corpora (each logged with its counts and weight), or the validation split with
-    its text (validation BLEU needs it)."""
+               progress: bool | None = None, log: Callable[[str], None] | None = None,
+               seed: int | None = None) -> ParallelData:
+    """The training corpora (each logged with its counts and weight; fractional weights drawn with
+    ``seed``, default train.seed), or the validation split with its text (validation BLEU needs it)."""
     data = cfg.data
     say = log or (lambda _: None)
     if which == "train":
@@ -97,7 +98,7 @@ def load_split(cfg: Config, which: str, src_tok: Tokenizer, tgt_tok: Tokenizer,
             parts.append(_part(cfg, corpus, True, src_tok, tgt_tok, progress, log))
             say(f"train {corpus.describe()}: {parts[-1].report}"
                 + (f", weight {corpus.weight:g}" if len(data.train) > 1 or corpus.weight != 1 else ""))
-        split = ParallelData(parts, seed=cfg.train.seed)
+        split = ParallelData(parts, seed=cfg.train.seed if seed is None else seed)
         if len(parts) > 1:
             say(f"train: {len(split):,} examples an epoch from {len(parts)} corpora")
         return split
@@ -124,7 +125,8 @@ def require_training_corpus(cfg: Config) -> None:
 
 
 def prepare(cfg: Config, run: Run, log: Callable[[str], None],
-            check: Callable[[Tokenizer, Tokenizer], None] | None = None, progress: bool | None = None) -> Prepared:
+            check: Callable[[Tokenizer, Tokenizer], None] | None = None, progress: bool | None = None,
+            seed: int | None = None) -> Prepared:
     """The run's tokenizer (reused, copied in or trained) and its training and validation splits;
     ``check`` sees the tokenizers before any text is tokenized (resume: are they the run's?)."""
     data = cfg.data
@@ -133,7 +135,7 @@ def prepare(cfg: Config, run: Run, log: Callable[[str], None],
     src_tok, tgt_tok = prepare_tokenizers(cfg, run, log)
     if check is not None:
         check(src_tok, tgt_tok)
-    train = load_split(cfg, "train", src_tok, tgt_tok, progress, log)
+    train = load_split(cfg, "train", src_tok, tgt_tok, progress, log, seed)
     valid = load_split(cfg, "valid", src_tok, tgt_tok, progress, log) if data.valid.is_set else None
     return Prepared(src_tok, tgt_tok, train, valid, corpus_key)
 
@@ -156,5 +158,5 @@ def prepare_caches(cfg: Config, log: Callable[[str], None], progress: bool | Non
         for part in split.parts:
             store = part.corpus
             size = sum(f.stat().st_size for f in store.path.iterdir())
-            log(f"{which} cache {store.path}: {len(store):,} pairs, {size / max(len(store), 1):.0f} bytes a pair "
-                f"({time.time() - t0:.1f}s)")
+            log(f"{which} cache {store.path}: {len(store):,} pairs, {size / max(len(store), 1):.0f} bytes a pair")
+        log(f"{which}: ready in {time.time() - t0:.1f}s")

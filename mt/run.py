@@ -42,7 +42,7 @@ from mt import config as configs
 from mt.config import Config, ConfigError, config_from_dict, save_config
 from mt.device import pick_device, slow_bf16_warning
 from mt.errors import MtError
-from mt.files import atomic_copy, atomic_write
+from mt.files import atomic_copy, atomic_write, pid_namespace
 from mt.int8 import quantize_int8
 from mt.model import Transformer
 from mt.tokenizer import Tokenizer
@@ -72,15 +72,6 @@ def _process_start(pid: int) -> str:
     except OSError:
         return ""
     return stat.rsplit(")", 1)[-1].split()[19]  # field 22 of proc(5); the name in () may hold spaces
-
-
-def _pid_namespace() -> str:
-    """This process's pid namespace ('' where unknown): two containers may share a host name, and a
-    pid means something only within one namespace."""
-    try:
-        return os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return ""
 
 
 def _alive(pid: int, start: str) -> bool:
@@ -136,7 +127,7 @@ class RunLock:
         self.token = ""
 
     def acquire(self) -> None:
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "pidns": _pid_namespace(),
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "pidns": pid_namespace(),
               "start": _process_start(os.getpid()), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
               "token": uuid.uuid4().hex}
         tmp = self.path.with_name(f"{self.path.name}.{me['token']}")
@@ -192,7 +183,7 @@ class RunLock:
             raise RunError(f"{self.name}: {self.path} is not a lock written by mt; if no mt trains here, "
                            "delete it")
         host, pid = holder.get("host", "?"), holder["pid"]
-        here = host == socket.gethostname() and holder.get("pidns", "") == _pid_namespace()
+        here = host == socket.gethostname() and holder.get("pidns", "") == pid_namespace()
         if not here:
             raise RunError(f"{self.name} is in use by pid {pid} on {host} (if that run is gone, delete "
                            f"{self.path})")

@@ -463,7 +463,11 @@ def _train(cfg: Config, run: Run, resume: bool, log: Callable[[str], None], prog
     device = pick_device(tc.device)
     random.seed(tc.seed)
     torch.manual_seed(tc.seed)
-    data = prepare(cfg, run, log, check=resumed.check_tokenizers(run, cfg) if resumed else None, progress=progress)
+    # a resumed run keeps its seed for the weighted mixture too (the sampler adopts the saved one)
+    saved = resumed.state.get("sampler") if resumed else None
+    seed = saved["seed"] if isinstance(saved, dict) and isinstance(saved.get("seed"), int) else tc.seed
+    data = prepare(cfg, run, log, check=resumed.check_tokenizers(run, cfg) if resumed else None, progress=progress,
+                   seed=seed)
     run.save_config(cfg)
 
     model = Transformer(cfg.model, data.src_tok.vocab_size, data.tgt_tok.vocab_size,

@@ -645,3 +645,30 @@ def test_weighted_corpora_give_the_stated_mixture(tmp_path, tokenizer):
             corpus = domain if split.owner[k] == 1 else web
             ids = tokenizer.encode([corpus[split.rows[k]][0]])[0]
             assert row[: len(ids)] == ids
+
+
+def test_the_sweep_removes_only_dead_builds_of_this_host(tmp_path, monkeypatch):
+    path = tmp_path / "tokenized" / "abc"
+    path.parent.mkdir(parents=True)
+    here = cache._here()
+    dead, live = 2 ** 22 + 12345, os.getpid()  # above the default pid_max, so no such process
+    keep = [f".abc.tmp-{here}-{live}-0123abcd", f".abc.tmp-{'0' * 12}-{dead}-0123abcd",  # live; another host
+            f".abc.tmp-{here}-{dead}-0123abcd-x", ".abc.tmp-node-3999999-5555-deadbeef", ".abd.tmp-x"]
+    gone = f".abc.tmp-{here}-{dead}-89abcdef"
+    for name in keep + [gone]:
+        (path.parent / name).mkdir()
+    cache._sweep_killed_builds(path)
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted(keep)
+
+
+def test_a_fractional_weight_that_leaves_no_pairs_is_refused(tmp_path, tokenizer):
+    from mt.config import load_config
+    from mt.prepare import load_split
+
+    a = (write(tmp_path / "a.de", ["Ein Hund."] * 30), write(tmp_path / "a.en", ["A dog."] * 30))
+    b = (write(tmp_path / "b.de", ["Zwei Katzen."] * 10), write(tmp_path / "b.en", ["Two cats."] * 10))
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data:\n  cache_dir: {tmp_path / 'cache'}\n  train:\n    - {{src: {a[0]}, tgt: {a[1]}}}\n"
+                      f"    - {{src: {b[0]}, tgt: {b[1]}, weight: 0.01}}\n", encoding="utf-8")
+    with pytest.raises(CorpusError, match=r"b.de \+ .*b.en: weight 0.01 of 10 kept pairs uses none"):
+        load_split(load_config(config), "train", tokenizer, tokenizer, progress=False)
