@@ -285,6 +285,8 @@ class TrainConfig:
     """Also translate the validation source and report BLEU: 0 off, 1 greedy, k beam search of size k."""
     best_metric: Literal["nll", "bleu"] = "nll"
     """What picks best.pt and drives early stopping: nll (validation NLL) or bleu (needs valid_beam)."""
+    dist_timeout: str = "2h"
+    """Under torchrun: how long a rank waits for the others (rank 0 prepares data and validates alone)."""
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # YAML gives a list
@@ -298,6 +300,8 @@ class TrainConfig:
         _positive("train.max_steps", self.max_steps, allow_zero=True)
         _positive("train.max_epochs", self.max_epochs, allow_zero=True)
         parse_duration(self.max_time, "train.max_time")
+        if not parse_duration(self.dist_timeout, "train.dist_timeout"):
+            raise ConfigError("train.dist_timeout: must be a positive duration like 30m or 2h")
         _positive("train.lr", self.lr)
         _positive("train.warmup_steps", self.warmup_steps, allow_zero=True)
         _positive("train.valid_every", self.valid_every)

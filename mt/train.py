@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import ClassVar, get_type_hints
@@ -31,6 +32,7 @@ from mt.batch import Batch
 from mt.config import Config, ConfigError, parse_duration
 from mt.data import ParallelData, TokenBatchSampler, same_content
 from mt.device import autocast, pick_device, slow_bf16_warning
+from mt.distributed import Dist, quiet_unless_main
 from mt.errors import MtError
 from mt.loss import linear_label_smoothed_loss
 from mt.model import Transformer
@@ -58,6 +60,17 @@ def batch_loss(model: Transformer, batch: Batch, epsilon: float) -> tuple[torch.
     hidden = model.decode_hidden(batch.tgt_in, model.encode(batch.src))  # (B, T, D)
     keep = batch.tgt_out != PAD_ID
     return linear_label_smoothed_loss(hidden[keep], model.output_weight, batch.tgt_out[keep], epsilon)
+
+
+class TeacherForced(torch.nn.Module):
+    """The model and its loss as one module, so that DDP sees one forward per micro-batch."""
+
+    def __init__(self, model: Transformer, epsilon: float):
+        super().__init__()
+        self.model, self.epsilon = model, epsilon
+
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor, tgt_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch_loss(self.model, Batch(src, tgt_in, tgt_out, None), self.epsilon)
 
 
 def learning_rate(step: int, cfg, budget_used: float | None = None) -> float:
@@ -212,11 +225,32 @@ def batch_stream(sampler: TokenBatchSampler, state: TrainState, max_epochs: int 
         state.epoch, state.batch = state.epoch + 1, 0
 
 
-class _GlobalRng:
-    """The Python, numpy and torch generators (dropout) as one stateful part."""
+class RngStates:
+    """Every rank's Python, numpy and torch (CPU and CUDA) generators, which drive dropout: one
+    stateful part, a list in rank order (gathering it is collective)."""
 
-    state_dict = staticmethod(ckpt.rng_state)
-    load_state_dict = staticmethod(ckpt.set_rng_state)
+    def __init__(self, d: Dist):
+        self.dist = d
+
+    def state_dict(self) -> dict:
+        return {"ranks": self.dist.gather(ckpt.rng_state())}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Each rank takes its own; with another world size, ranks past the saved ones keep their
+        seeding (the batches, not the dropout masks, decide what resuming must reproduce)."""
+        ranks = state["ranks"] if "ranks" in state else [state]  # one process, before per-rank states
+        if self.dist.rank < len(ranks):
+            ckpt.set_rng_state(ranks[self.dist.rank])
+
+
+class _NoMetrics:
+    """What the ranks other than 0 write to metrics.jsonl: nothing."""
+
+    def write(self, **row) -> None:
+        pass
+
+    def truncate_after(self, step: int) -> None:
+        pass
 
 
 class Trainer:
@@ -226,10 +260,14 @@ class Trainer:
     so a checkpoint holds exactly what resuming restores."""
 
     def __init__(self, cfg: Config, run: Run, model: Transformer, data: Prepared, device: torch.device,
-                 log: Callable[[str], None], progress: bool | None = None):
+                 log: Callable[[str], None], progress: bool | None = None, d: Dist | None = None):
         tc = self.tc = cfg.train
         self.cfg, self.run, self.model, self.data, self.device, self.log = cfg, run, model, data, device, log
-        self.progress = progress
+        self.dist = d or Dist()
+        self.progress = progress if self.dist.main else False
+        self.loss = TeacherForced(model, tc.label_smoothing)
+        self.ddp = (torch.nn.parallel.DistributedDataParallel(self.loss, device_ids=[device] if device.type == "cuda" else None)
+                    if self.dist.on else None)
         optimizer_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = optimizer_cls(model.parameters(), lr=tc.lr, betas=tc.betas, eps=tc.adam_eps,
                                        weight_decay=tc.weight_decay)
@@ -237,7 +275,8 @@ class Trainer:
         self.higher_is_better = tc.best_metric == "bleu"
         self.state = TrainState(best_metric=tc.best_metric, best=-math.inf if self.higher_is_better else math.inf)
         self.budget = parse_duration(tc.max_time, "train.max_time")
-        self.metrics = run.metrics()
+        self.rng = RngStates(self.dist)
+        self.metrics = run.metrics() if self.dist.main else _NoMetrics()
         self.saved_step = -1  # the step whose state is in last.pt
         self.signal = 0  # the signal that stopped training, or 0
         self._tick = self._window_start = 0.0  # clocks, started by fit
@@ -247,7 +286,7 @@ class Trainer:
     def parts(self) -> dict[str, object]:
         """The stateful parts, by checkpoint key, in the order they are saved and restored."""
         return {"trainer": self.state, "model": self.model, "optimizer": self.optimizer, "sampler": self.sampler,
-                "rng": _GlobalRng}
+                "rng": self.rng}
 
     def state_dict(self) -> dict:
         return {name: part.state_dict() for name, part in self.parts().items()}
@@ -270,16 +309,19 @@ class Trainer:
         self.saved_step = self.state.step
 
     def save(self, valid: dict | None, best: bool) -> None:
-        """Checkpoint the current state (with what it was trained on, for inference and resume)."""
+        """Checkpoint the current state (with what it was trained on, for inference and resume).
+        Every rank takes part (the RNG states are gathered); rank 0 writes."""
         self._clock()
-        src_tok, tgt_tok = self.data.src_tok, self.data.tgt_tok
-        checkpoint = {
-            "format": "mt", "version": ckpt.FORMAT_VERSION, "config": self.cfg.to_dict(),
-            "vocab": {"src": src_tok.vocab_size, "tgt": tgt_tok.vocab_size},
-            "tokenizer": {"src": src_tok.fingerprint, "tgt": tgt_tok.fingerprint},
-            "corpus": {"train": self.data.corpus_key}, "valid": valid or {}, **self.state_dict(),
-        }
-        self.run.save_checkpoint(checkpoint, self.state.step, best=best, keep=self.tc.keep_checkpoints)
+        state = self.state_dict()
+        if self.dist.main:
+            src_tok, tgt_tok = self.data.src_tok, self.data.tgt_tok
+            checkpoint = {
+                "format": "mt", "version": ckpt.FORMAT_VERSION, "config": self.cfg.to_dict(),
+                "vocab": {"src": src_tok.vocab_size, "tgt": tgt_tok.vocab_size},
+                "tokenizer": {"src": src_tok.fingerprint, "tgt": tgt_tok.fingerprint},
+                "corpus": {"train": self.data.corpus_key}, "valid": valid or {}, **state,
+            }
+            self.run.save_checkpoint(checkpoint, self.state.step, best=best, keep=self.tc.keep_checkpoints)
         self.saved_step = self.state.step
 
     # pieces of the loop -----------------------------------------------------------------------------
@@ -292,11 +334,14 @@ class Trainer:
         return self.state.elapsed
 
     def stop_reason(self, signals: StopSignals) -> str:
-        """Why training must stop before the next update, or ""."""
+        """Why training must stop before the next update, or "". Decided together: a signal or the
+        time budget on any rank stops every rank at the same step."""
         tc, s = self.tc, self.state
-        if signals.received:
-            return f"interrupted by {signal.Signals(signals.received).name}"
-        if self._clock() >= self.budget > 0:
+        received, timed_out = self.dist.max([signals.received, int(self._clock() >= self.budget > 0)])
+        if received:
+            self.signal = received
+            return f"interrupted by {signal.Signals(received).name}"
+        if timed_out:
             return f"reached train.max_time={tc.max_time}"
         if tc.max_steps and s.step >= tc.max_steps:
             return f"reached train.max_steps={tc.max_steps}"
@@ -326,12 +371,17 @@ class Trainer:
         tc, s, valid_data = self.tc, self.state, self.data.valid
         if valid_data is None:
             return self.save(None, best=True)  # without validation the newest model is the best
-        result = validate(self.model, valid_data, max_tokens=tc.max_tokens, epsilon=tc.label_smoothing,
-                          device=self.device, precision=tc.precision)
-        if tc.valid_beam:
-            result["bleu"] = validation_bleu(self.model, valid_data.src_text, valid_data.tgt_text,
-                                             self.data.src_tok, self.data.tgt_tok,
-                                             replace(self.cfg.decode, beam=tc.valid_beam))
+
+        def run_validation() -> dict:
+            result = validate(self.model, valid_data, max_tokens=tc.max_tokens, epsilon=tc.label_smoothing,
+                              device=self.device, precision=tc.precision)
+            if tc.valid_beam:
+                result["bleu"] = validation_bleu(self.model, valid_data.src_text, valid_data.tgt_text,
+                                                 self.data.src_tok, self.data.tgt_tok,
+                                                 replace(self.cfg.decode, beam=tc.valid_beam))
+            return result
+
+        result = self.dist.on_main(run_validation)  # rank 0 validates; every rank gets its numbers
         value = result[tc.best_metric]
         improved = value > s.best if self.higher_is_better else value < s.best
         s.best, s.bad_validations = (value, 0) if improved else (s.best, s.bad_validations + 1)
@@ -341,12 +391,34 @@ class Trainer:
                  + (" (best)" if improved else f" (no improvement for {s.bad_validations})"))
         self.save(result, best=improved)
 
+    def accumulate(self, group: list[Batch]) -> tuple[int, float, float]:
+        """Forward and backward over this rank's micro-batches of the update; return the update's
+        target tokens, summed loss and NLL over all ranks. Each loss is divided by the update's
+        token count over all ranks (times the world size, which DDP's gradient mean divides out), so
+        neither accumulation nor the number of ranks changes the gradients. A rank left without a
+        batch at the end of the data runs a zero-weight one: every rank must join the all-reduce."""
+        tc, d = self.tc, self.dist
+        tokens = int(d.sum([sum(b.num_tgt_tokens for b in group)])[0])
+        work = group or [self.data.train.batch(self.sampler.batches(0)[0])]
+        loss_total = nll_total = 0.0
+        for k, batch in enumerate(work):
+            batch = batch.to(self.device)
+            last = k == len(work) - 1  # DDP all-reduces the gradients in this one's backward only
+            with self.ddp.no_sync() if self.ddp is not None and not last else nullcontext():
+                with autocast(self.device, tc.precision):
+                    loss, nll = (self.ddp or self.loss)(batch.src, batch.tgt_in, batch.tgt_out)
+                (loss * (d.world / tokens if group else 0.0)).backward()
+            if group:
+                loss_total, nll_total = loss_total + loss.item(), nll_total + nll.item()
+        loss_total, nll_total = d.sum([loss_total, nll_total])
+        return tokens, loss_total, nll_total
+
     # the loop ---------------------------------------------------------------------------------------
 
     def fit(self) -> str:
         """Train until a stop condition holds; return it. The final state is validated and saved
         (after a signal: saved at once, validating could take long)."""
-        tc, s, model, optimizer = self.tc, self.state, self.model, self.optimizer
+        tc, s, model, optimizer, d = self.tc, self.state, self.model, self.optimizer, self.dist
         stream = batch_stream(self.sampler, s, tc.max_epochs)
         bar = tqdm(total=tc.max_steps or None, initial=s.step, file=sys.stderr, dynamic_ncols=True, unit="step",
                    disable=self.progress is False if self.progress is not None else None)
@@ -355,24 +427,17 @@ class Trainer:
         bad_updates = 0
         with StopSignals() as signals:
             while not (stopped := self.stop_reason(signals)):
-                group = [self.data.train.batch(i) for _, i in zip(range(tc.accum_steps), stream)]
-                if not group:
+                # every rank reads the same stream: an update takes accum_steps batches per rank
+                update = [i for _, i in zip(range(tc.accum_steps * d.world), stream)]
+                if not update:
                     stopped = f"reached train.max_epochs={tc.max_epochs}"
                     break
                 s.step += 1
                 lr = self.learning_rate()
                 for param_group in optimizer.param_groups:
                     param_group["lr"] = lr
-                # forward/backward over the accumulated batches, each loss normalised by the update's
-                # token count, so accumulation equals one big batch
-                tokens = sum(b.num_tgt_tokens for b in group)
-                loss_total = nll_total = 0.0
-                for batch in group:
-                    batch = batch.to(self.device)
-                    with autocast(self.device, tc.precision):
-                        loss, nll = batch_loss(model, batch, tc.label_smoothing)
-                    (loss / tokens).backward()
-                    loss_total, nll_total = loss_total + loss.item(), nll_total + nll.item()
+                mine = update[d.rank * tc.accum_steps: (d.rank + 1) * tc.accum_steps]
+                tokens, loss_total, nll_total = self.accumulate([self.data.train.batch(i) for i in mine])
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm or float("inf"))
                 if not (math.isfinite(loss_total) and torch.isfinite(grad_norm)):
                     # skip the update rather than poison the weights; give up if it keeps happening
@@ -397,7 +462,6 @@ class Trainer:
                 elif tc.save_every and s.step % tc.save_every == 0:
                     self.save(None, best=False)
         bar.close()
-        self.signal = signals.received
         if self.saved_step != s.step and self.signal:
             self.save(None, best=False)
         elif self.saved_step != s.step:
@@ -441,38 +505,68 @@ def validate(model: Transformer, data: ParallelData, *, max_tokens: int, epsilon
 def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | None = None,
           progress: bool | None = None) -> TrainResult:
     """Train the model described by ``cfg`` into ``cfg.train.run_dir``; return where it stopped. The
-    run directory is locked for the whole of it."""
-    log = log or (lambda message: print(message, file=sys.stderr))
+    run directory is locked for the whole of it. Under torchrun, every rank calls this: rank 0 holds
+    the lock, prepares the data and writes; all train one model with DDP."""
+    d = Dist.from_env()
+    log = quiet_unless_main(d, log or (lambda message: print(message, file=sys.stderr)))
     tc = cfg.train
     if not (tc.max_steps or tc.max_epochs or tc.max_time or (tc.patience and cfg.data.valid.is_set)):
         raise ConfigError("training would never stop: set train.max_steps, train.max_epochs, train.max_time "
                           "or train.patience (with data.valid)")
-    run = Run(tc.run_dir)
-    run.open_for_training(resume, in_place=tokenizers_in_place(cfg, run))
+    device = pick_device(d.device(tc.device))
+    d.start(device, parse_duration(tc.dist_timeout, "train.dist_timeout"))
     try:
-        return _train(cfg, run, resume, log, progress)
+        run = Run(tc.run_dir)
+        d.on_main(lambda: run.open_for_training(resume, in_place=tokenizers_in_place(cfg, run)))
+        try:
+            return _train(cfg, run, resume, log, progress, d, device)
+        finally:
+            if d.main:
+                run.close()
     finally:
-        run.close()
+        d.stop()
 
 
-def _train(cfg: Config, run: Run, resume: bool, log: Callable[[str], None], progress: bool | None) -> TrainResult:
+def _train(cfg: Config, run: Run, resume: bool, log: Callable[[str], None], progress: bool | None,
+           d: Dist, device: torch.device) -> TrainResult:
     tc = cfg.train
-    resumed = resumable(cfg, run, log) if resume else None
+    resumed: Resumed | None = None
+
+    def check_resume() -> Path | None:  # rank 0 checks; the others read the checkpoint it chose
+        nonlocal resumed
+        resumed = resumable(cfg, run, log) if resume else None
+        return resumed.path if resumed else None
+
+    path = d.on_main(check_resume)
+    if path is not None and not d.main:
+        resumed = Resumed(path, ckpt.load(path), None)
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
-    device = pick_device(tc.device)
     random.seed(tc.seed)
     torch.manual_seed(tc.seed)
     # a resumed run keeps its seed for the weighted mixture too (the sampler adopts the saved one)
     saved = resumed.state.get("sampler") if resumed else None
     seed = saved["seed"] if isinstance(saved, dict) and isinstance(saved.get("seed"), int) else tc.seed
-    data = prepare(cfg, run, log, check=resumed.check_tokenizers(run, cfg) if resumed else None, progress=progress,
-                   seed=seed)
-    run.save_config(cfg)
+
+    def prepare_here() -> Prepared:
+        data = prepare(cfg, run, log, check=resumed.check_tokenizers(run, cfg) if resumed else None,
+                       progress=progress if d.main else False, seed=seed)
+        if d.main:
+            run.save_config(cfg)
+        return data
+
+    # rank 0 trains the tokenizer and fills the cache first; then the others read them
+    data = prepare_here() if not d.on else None
+    if d.on:
+        prepared: list[Prepared] = []
+        d.on_main(lambda: prepared.append(prepare_here()))
+        data = prepared[0] if d.main else prepare_here()
 
     model = Transformer(cfg.model, data.src_tok.vocab_size, data.tgt_tok.vocab_size,
                         joint=cfg.tokenizer.joint).to(device)
-    trainer = Trainer(cfg, run, model, data, device, log, progress)
+    if d.on:
+        torch.manual_seed(tc.seed + d.rank)  # the same initial weights, dropout of its own on each rank
+    trainer = Trainer(cfg, run, model, data, device, log, progress, d)
     s = trainer.state
     if resumed is not None:
         trainer.load_state_dict(resumed.state, resumed.path)
@@ -481,20 +575,22 @@ def _train(cfg: Config, run: Run, resume: bool, log: Callable[[str], None], prog
         log(f"resumed from {resumed.path} at step {s.step} (epoch {s.epoch + 1}, batch {s.batch}/{epoch_size})")
     else:
         log(f"model: {model.num_parameters():,} parameters, {cfg.model.encoder_layers}+{cfg.model.decoder_layers} "
-            f"layers, d_model {cfg.model.d_model}; device {device}, {tc.precision}")
+            f"layers, d_model {cfg.model.d_model}; device {device}, {tc.precision}"
+            + (f"; {d.world} processes" if d.on else ""))
     bf16_warning = slow_bf16_warning(device) if tc.precision == "bf16" else ""
     if bf16_warning:
         log(f"warning: {bf16_warning} (train.precision=fp32)")
-    run.disk_check(model)
+    d.on_main(lambda: run.disk_check(model))
 
     initial_step = s.step
     stopped = trainer.fit()
     log(f"stopped at step {s.step}: {stopped}" + ("; checkpoint saved, continue with --resume" if trainer.signal else ""))
     trainer.metrics.write(kind="end", step=s.step, epoch=s.epoch + 1, reason=stopped, **{f"best_{tc.best_metric}": s.best})
-    if s.step != initial_step:  # the model changed: an earlier choice no longer holds
-        run.drop_tuning()
     wants_tuning = tc.average_last >= 2 or cfg.decode.tune_beam or cfg.decode.tune_lenpen
-    if data.valid is not None and wants_tuning and not run.has_defaults() and not trainer.signal:
-        tune.choose_defaults(cfg, run, data.valid.src_text, data.valid.tgt_text, str(device), log)
+    if d.main:  # what follows writes files, and needs no other rank
+        if s.step != initial_step:  # the model changed: an earlier choice no longer holds
+            run.drop_tuning()
+        if data.valid is not None and wants_tuning and not run.has_defaults() and not trainer.signal:
+            tune.choose_defaults(cfg, run, data.valid.src_text, data.valid.tgt_text, str(device), log)
     return TrainResult(step=s.step, epoch=s.epoch + 1, best=s.best, stopped=stopped, run_dir=run.path,
                        signal=trainer.signal)

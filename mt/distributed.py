@@ -1,0 +1,140 @@
+"""Several training processes under ``torchrun``: the process group, rank 0's side effects, and the
+collective decisions (after PyTorch's DistributedDataParallel; gloo on CPU, nccl on CUDA).
+
+``Dist.from_env`` reads torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``; without them (or with one
+process) every method is a cheap no-op, so the trainer has one code path. Only rank 0 writes
+files; work that only rank 0 does (``on_main``) ends with a broadcast of its result or its error, so
+the other ranks never wait for a rank that already failed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from mt.errors import MtError
+
+T = TypeVar("T")
+
+
+class DistributedError(MtError):
+    """Another rank failed; the message is its error."""
+
+
+@dataclass
+class Dist:
+    """This process's place in the run: ``rank`` of ``world`` (``local_rank`` on its machine)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> Dist:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        return cls(rank=int(os.environ.get("RANK", "0")), world=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+    @property
+    def on(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def device(self, name: str) -> str:
+        """The device this rank trains on: its own GPU under torchrun with CUDA, else ``name``."""
+        if self.on and name in ("auto", "cuda") and torch.cuda.is_available():
+            return f"cuda:{self.local_rank}"
+        return name
+
+    def start(self, device: torch.device, timeout_s: float) -> None:
+        """Join the process group (nccl for CUDA, gloo otherwise). ``timeout_s`` bounds every
+        collective, so it must outlast what rank 0 does alone (data preparation, validation)."""
+        if not self.on:
+            return
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s))
+
+    def stop(self) -> None:
+        if self.on and dist.is_initialized():
+            dist.destroy_process_group()
+
+    # collectives ----------------------------------------------------------------------------------
+
+    def broadcast(self, value: T) -> T:
+        """Rank 0's ``value`` on every rank."""
+        if not self.on:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def on_main(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on rank 0, its result on every rank; if it raises, every rank raises (rank 0 its
+        own error, the others a ``DistributedError`` with its message)."""
+        if not self.on:
+            return fn()
+        outcome: tuple[str, Any] = ("ok", None)
+        if self.main:
+            try:
+                outcome = ("ok", fn())
+            except BaseException as e:
+                self.broadcast(("error", f"{type(e).__name__}: {e}" if not isinstance(e, MtError) else str(e)))
+                raise
+        status, value = self.broadcast(outcome)
+        if status == "error":
+            raise DistributedError(f"rank 0 failed: {value}")
+        return value
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over ranks (in float64)."""
+        if not self.on:
+            return values
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def max(self, values: list[int]) -> list[int]:
+        """Element-wise maximum over ranks: any rank's flag (or signal number) for every rank."""
+        if not self.on:
+            return values
+        t = torch.tensor(values, dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.tolist()
+
+    def gather(self, value: T) -> list[T]:
+        """Every rank's ``value``, in rank order, on every rank."""
+        if not self.on:
+            return [value]
+        out: list = [None] * self.world
+        dist.all_gather_object(out, value)
+        return out
+
+    def barrier(self) -> None:
+        if self.on:
+            dist.barrier()
+
+
+def quiet_unless_main(d: Dist, log: Callable[[str], None]) -> Callable[[str], None]:
+    """Rank 0 logs; the other ranks say nothing (one log per run, not one per rank)."""
+    return log if d.main else (lambda message: None)
+
+
+def is_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
+    """``mt train --nproc N ARGS`` as the torchrun command that runs ``mt train ARGS`` on N local processes."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "mt", "train", *argv]

@@ -1,0 +1,124 @@
+"""Training on several processes under torchrun (gloo on CPU, 1 thread per rank, dropout 0): the
+ranks stay identical, 2 ranks equal 1 process accumulating 2 batches, and nothing hangs or repeats."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mt import checkpoint as ckpt
+from mt.config import config_from_dict, save_config
+from mt.run import Run
+
+ROOT = Path(__file__).resolve().parent.parent
+HARNESS = ROOT / "tests" / "ddp_harness.py"
+
+
+def corpus(tmp: Path, multi30k_head, n: int) -> dict:
+    files = {}
+    for split, count in (("train", n), ("val", 50)):
+        for lang in ("de", "en"):
+            path = tmp / f"{split}.{lang}"
+            path.write_text("\n".join(multi30k_head(split, lang, count)) + "\n", encoding="utf-8")
+            files[split, lang] = str(path)
+    return {"train": {"src": files["train", "de"], "tgt": files["train", "en"]},
+            "valid": {"src": files["val", "de"], "tgt": files["val", "en"]},
+            "cache_dir": str(tmp / "cache"), "max_len": 64}
+
+
+def config(tmp: Path, multi30k_head, spm_model: Path, n: int = 600, **train) -> Path:
+    cfg = config_from_dict({
+        "data": corpus(tmp, multi30k_head, n), "tokenizer": {"src_model": str(spm_model)},
+        "model": {"d_model": 32, "n_heads": 2, "ffn_dim": 64, "encoder_layers": 1, "decoder_layers": 1,
+                  "dropout": 0.0, "max_positions": 128},
+        "train": {"max_tokens": 512, "lr": 2e-3, "warmup_steps": 2, "log_every": 1, "num_threads": 1,
+                  "keep_checkpoints": 10, "valid_every": 1000, **train}})
+    path = tmp / "config.yaml"
+    save_config(cfg, path)
+    return path
+
+
+def run(out: Path, cfg: Path, *overrides: str, nproc: int = 2, timeout: int = 120) -> subprocess.CompletedProcess:
+    """The harness on ``nproc`` ranks (torchrun), or as one plain process."""
+    out.mkdir(parents=True, exist_ok=True)
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                if nproc > 1 else [sys.executable])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([*launcher, str(HARNESS), str(out), str(cfg), *overrides], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+
+
+def test_two_ranks_train_exactly_like_one_process_accumulating_two(tmp_path, multi30k_head, spm_model):
+    cfg = config(tmp_path, multi30k_head, spm_model, max_steps=6)
+    two = run(tmp_path / "two", cfg, f"train.run_dir={tmp_path / 'run2'}")
+    assert two.returncode == 0, two.stderr
+    one = run(tmp_path / "one", cfg, f"train.run_dir={tmp_path / 'run1'}", "train.accum_steps=2", nproc=1)
+    assert one.returncode == 0, one.stderr
+
+    g0, g1, g = (torch.load(tmp_path / d / f"grads{r}.pt") for d, r in (("two", 0), ("two", 1), ("one", 0)))
+    assert max((g0[k] - g[k]).abs().max().item() for k in g) <= 1e-6  # the global-token normalisation
+    assert all(torch.equal(g0[k], g1[k]) for k in g)  # DDP's all-reduce: the same gradients on both ranks
+    w0, w1, w = (torch.load(tmp_path / d / f"weights{r}.pt") for d, r in (("two", 0), ("two", 1), ("one", 0)))
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)  # the ranks never drift apart
+    assert max((w0[k] - w[k]).abs().max().item() for k in w) <= 1e-6
+    assert losses(tmp_path / "run2") == pytest.approx(losses(tmp_path / "run1"), rel=1e-6)
+    # rank 0 alone wrote the run; its checkpoint holds the unwrapped model (no DDP "module." prefix)
+    saved = ckpt.load(Run(tmp_path / "run2").checkpoint_path("last"))
+    assert saved["trainer"]["step"] == 6 and not any(k.startswith("module.") for k in saved["model"])
+    assert all(torch.equal(saved["model"][k], w0[k]) for k in w0)
+    assert len(saved["rng"]["ranks"]) == 2
+    seen0, seen1 = (json.loads((tmp_path / "two" / f"seen{r}.json").read_text()) for r in (0, 1))
+    assert not set(sum(seen0, [])) & set(sum(seen1, []))  # each rank its own batches
+    assert "Traceback" not in two.stderr
+
+
+def odd_epoch_config(tmp: Path, multi30k_head, spm_model: Path, **train) -> Path:
+    """A config whose training epoch has an odd number of batches (so 2 ranks end unevenly)."""
+    from mt.config import load_config
+    from mt.prepare import load_split
+    from mt.tokenizer import Tokenizer
+
+    tok = Tokenizer(spm_model)
+    for n in range(300, 340):
+        path = config(tmp, multi30k_head, spm_model, n=n, **train)
+        cfg = load_config(path)
+        if len(load_split(cfg, "train", tok, tok, progress=False).sampler(512, shuffle=True, seed=1).batches(0)) % 2:
+            return path
+    raise AssertionError("no corpus size gave an odd number of batches")
+
+
+def test_an_uneven_last_update_does_not_hang_and_every_example_is_seen_once(tmp_path, multi30k_head, spm_model):
+    cfg = odd_epoch_config(tmp_path, multi30k_head, spm_model, max_epochs=1)
+    result = run(tmp_path / "out", cfg, f"train.run_dir={tmp_path / 'run'}", timeout=120)
+    assert result.returncode == 0, result.stderr
+    seen = [json.loads((tmp_path / "out" / f"seen{r}.json").read_text()) for r in (0, 1)]
+    state = ckpt.load(Run(tmp_path / "run").checkpoint_path("last"))
+    examples = sorted(sum(seen[0], []) + sum(seen[1], []))
+    assert examples == list(range(state["sampler"]["num_examples"]))  # the epoch, each example exactly once
+    assert len(seen[0]) == len(seen[1]) == state["trainer"]["step"]
+    assert seen[1][-1] == [] and seen[0][-1], "the epoch ends with rank 1 holding no batch (a zero-weight one)"
+
+
+def test_a_two_rank_checkpoint_resumed_on_one_process_finishes_the_epoch_exactly_once(tmp_path, multi30k_head,
+                                                                                       spm_model):
+    cfg = config(tmp_path, multi30k_head, spm_model, n=300, max_epochs=1)
+    first = run(tmp_path / "a", cfg, f"train.run_dir={tmp_path / 'run'}", "train.max_steps=3")
+    assert first.returncode == 0, first.stderr
+    again = run(tmp_path / "b", cfg, f"train.run_dir={tmp_path / 'run'}", "train.max_steps=0", "--resume", nproc=1)
+    assert again.returncode == 0, again.stderr
+    seen = [u for d, r in (("a", 0), ("a", 1), ("b", 0)) for u in json.loads((tmp_path / d / f"seen{r}.json").read_text())]
+    examples = sorted(sum(seen, []))
+    state = ckpt.load(Run(tmp_path / "run").checkpoint_path("last"))
+    assert examples == list(range(state["sampler"]["num_examples"]))
+    assert (state["trainer"]["epoch"], state["trainer"]["batch"]) == (1, 0)
