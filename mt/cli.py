@@ -61,6 +61,10 @@ def _handles_errors(fn):
         except _user_errors() as e:
             if _state["debug"]:
                 raise
+            from mt.distributed import DistributedError
+
+            if isinstance(e, DistributedError):  # another rank failed, and rank 0 says why: one line per run
+                raise typer.Exit(1)
             _fail(_message(e))
         except KeyboardInterrupt:
             _fail("interrupted", code=130)
@@ -82,6 +86,7 @@ def train(
     run_dir: Annotated[Optional[Path], typer.Option("-o", "--run-dir", help="Run directory (default: train.run_dir of the config).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in the run directory from checkpoints/last.pt.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    nproc: Annotated[int, typer.Option("--nproc", help="Train with N processes on this machine (DDP; one per GPU, or CPU cores shared out); for several machines run torchrun -m mt train.")] = 1,
 ):
     """Train a model: tokenizer (when the config names none), data, training, checkpoints.
 
@@ -89,8 +94,17 @@ def train(
     checkpoints/ (last.pt, best.pt, step_N.pt) and metrics.jsonl.
     """
     from mt.config import load_config
+    from mt.distributed import launch, launched
     from mt.train import train as run_training
 
+    if nproc < 1:
+        _fail(f"--nproc {nproc}: must be at least 1")
+    if nproc > 1 and not launched():
+        argv = ([str(config)] if config is not None else []) + list(overrides or [])
+        argv += (["-o", str(run_dir)] if run_dir is not None else []) + (["--resume"] if resume else [])
+        if config is not None and "=" not in str(config):
+            load_config(config, list(overrides or []))  # a bad config fails here, once, not once per rank
+        raise typer.Exit(launch(nproc, argv + (["-q"] if quiet else [])))
     overrides = list(overrides or [])
     if config is not None and "=" in str(config) and not config.exists():
         overrides.insert(0, str(config))
@@ -105,7 +119,8 @@ def train(
         overrides.append(f"train.run_dir={json.dumps(str(run_dir))}")  # literal, not YAML-parsed
     cfg = load_config(config, overrides)
     result = run_training(cfg, resume=resume, log=_log, progress=False if quiet else None)
-    _log(f"run directory: {result.run_dir}")
+    if os.environ.get("RANK", "0") == "0":
+        _log(f"run directory: {result.run_dir}")
     if result.signal:
         raise typer.Exit(128 + result.signal)
 

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
+import socket
+import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -20,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from mt.errors import MtError
+from mt.tokenizer import cores
 
 T = TypeVar("T")
 
@@ -130,11 +135,53 @@ def quiet_unless_main(d: Dist, log: Callable[[str], None]) -> Callable[[str], No
     return log if d.main else (lambda message: None)
 
 
-def is_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+def launched() -> bool:
+    """Whether this process is one rank of several (torchrun, or ``launch``)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
-    """``mt train --nproc N ARGS`` as the torchrun command that runs ``mt train ARGS`` on N local processes."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "mt", "train", *argv]
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(nproc: int, argv: list[str], grace_s: float = 60.0) -> int:
+    """``mt train --nproc N``: run ``mt train ARGV`` as N processes on this machine, with the
+    environment torchrun gives its workers (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT; each rank
+    gets cores / N threads unless OMP_NUM_THREADS says otherwise). Unlike torchrun's agent, it adds
+    nothing to the ranks' own output and returns the status of the first rank that failed: rank 0
+    says what went wrong on one ``mt: error:`` line. SIGINT/SIGTERM go to every rank (they stop at
+    the same step and save); a rank that fails first gives the others ``grace_s`` to end, then they
+    are killed."""
+    port = _free_port()
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(nproc),
+           "LOCAL_WORLD_SIZE": str(nproc)}
+    env.setdefault("OMP_NUM_THREADS", str(max(1, cores() // nproc)))
+    procs = [subprocess.Popen([sys.executable, "-m", "mt", "train", *argv],
+                              env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}) for rank in range(nproc)]
+
+    def forward(signum, frame) -> None:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        failed_at = None
+        while True:
+            codes = [proc.poll() for proc in procs]
+            if all(code is not None for code in codes):
+                break
+            if failed_at is None and any(code not in (None, 0) for code in codes):
+                failed_at = time.time()
+            if failed_at is not None and time.time() - failed_at > grace_s:
+                for proc in procs:
+                    if proc.poll() is None:
+                        proc.kill()
+            time.sleep(0.05)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    bad = [code for code in codes if code != 0]
+    return (128 - bad[0] if bad[0] < 0 else bad[0]) if bad else 0

@@ -122,3 +122,80 @@ def test_a_two_rank_checkpoint_resumed_on_one_process_finishes_the_epoch_exactly
     state = ckpt.load(Run(tmp_path / "run").checkpoint_path("last"))
     assert examples == list(range(state["sampler"]["num_examples"]))
     assert (state["trainer"]["epoch"], state["trainer"]["batch"]) == (1, 0)
+
+
+def mt_train(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "mt", "train", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def ranks_of(launcher: subprocess.Popen) -> dict[int, int]:
+    """rank -> pid of the processes ``mt train --nproc`` started."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid == launcher.pid:
+                env = dict(v.split("=", 1) for v in open(f"/proc/{entry}/environ").read().split("\0") if "=" in v)
+                found[int(env["RANK"])] = int(entry)
+        except (OSError, ValueError, IndexError, KeyError):
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_both_with_a_checkpoint_and_resume_gives_the_same_losses(tmp_path, multi30k_head,
+                                                                                             spm_model):
+    import signal
+    import time
+
+    cfg = config(tmp_path, multi30k_head, spm_model, max_steps=40, valid_every=10)
+    full = mt_train(str(cfg), "-o", str(tmp_path / "full"), "-q", "--nproc", "2", "model.dropout=0.1")
+    assert full.wait(timeout=180) == 0, full.stderr.read()
+
+    killed = mt_train(str(cfg), "-o", str(tmp_path / "killed"), "-q", "--nproc", "2", "model.dropout=0.1")
+    last = tmp_path / "killed" / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while not last.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert last.exists(), killed.stderr.read()
+    ranks = ranks_of(killed)
+    assert sorted(ranks) == [0, 1]
+    os.kill(ranks[1], signal.SIGTERM)  # one rank only: the other learns it through the stop decision
+    assert killed.wait(timeout=60) == 128 + signal.SIGTERM
+    stderr = killed.stderr.read()
+    assert "interrupted by SIGTERM" in stderr and "Traceback" not in stderr, stderr
+    step = ckpt.load(last)["trainer"]["step"]
+    assert 10 <= step < 40 and max(losses(tmp_path / "killed")) == step
+
+    resumed = mt_train("-o", str(tmp_path / "killed"), "--resume", "-q", "--nproc", "2")
+    assert resumed.wait(timeout=180) == 0, resumed.stderr.read()
+    assert losses(tmp_path / "killed") == losses(tmp_path / "full")  # step by step, bit for bit
+
+
+def test_two_agents_on_localhost_train_as_one_run(tmp_path, multi30k_head, spm_model):
+    """``torchrun --nnodes 2`` with c10d rendezvous, both "nodes" on this machine: the same run as
+    two processes of one agent."""
+    import socket
+
+    cfg = config(tmp_path, multi30k_head, spm_model, max_steps=4)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    (tmp_path / "nodes").mkdir()
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=mt-test",
+                                str(HARNESS), str(tmp_path / "nodes"), str(cfg), f"train.run_dir={tmp_path / 'run'}"],
+                               env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for _ in range(2)]
+    for agent in agents:
+        assert agent.wait(timeout=120) == 0, agent.stderr.read()
+    single = run(tmp_path / "one", cfg, f"train.run_dir={tmp_path / 'run1'}", "train.accum_steps=2", nproc=1)
+    assert single.returncode == 0, single.stderr
+    w0, w1, w = (torch.load(tmp_path / d / f"weights{r}.pt") for d, r in (("nodes", 0), ("nodes", 1), ("one", 0)))
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert max((w0[k] - w[k]).abs().max().item() for k in w) <= 1e-6
+    assert losses(tmp_path / "run") == pytest.approx(losses(tmp_path / "run1"), rel=1e-6)
