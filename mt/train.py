@@ -279,7 +279,7 @@ class Trainer:
         self.metrics = run.metrics() if self.dist.main else _NoMetrics()
         self.saved_step = -1  # the step whose state is in last.pt
         self.signal = 0  # the signal that stopped training, or 0
-        self._tick = self._window_start = 0.0  # clocks, started by fit
+        self._tick = self._window_start = self._window_data = 0.0  # clocks, started by fit
 
     # state ----------------------------------------------------------------------------------------
 
@@ -360,11 +360,12 @@ class Trainer:
         s = self.state
         seconds = max(time.time() - self._window_start, 1e-9)
         row = {"loss": s.window_loss / s.window_tokens, "nll": s.window_nll / s.window_tokens, "lr": lr,
-               "tokens_per_s": s.window_tokens / seconds, "grad_norm": grad_norm}
+               "tokens_per_s": s.window_tokens / seconds, "grad_norm": grad_norm,
+               "data_share": self._window_data / seconds}  # of the time, spent making batches
         self.metrics.write(kind="train", step=s.step, epoch=s.epoch + 1, **row)
         bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
         s.window_tokens, s.window_loss, s.window_nll = 0, 0.0, 0.0
-        self._window_start = time.time()
+        self._window_start, self._window_data = time.time(), 0.0
 
     def validate_and_save(self) -> None:
         """Validate (loss, and BLEU with ``valid_beam``), log, track the best and patience, save."""
@@ -428,6 +429,7 @@ class Trainer:
         with StopSignals() as signals:
             while not (stopped := self.stop_reason(signals)):
                 # every rank reads the same stream: an update takes accum_steps batches per rank
+                started = time.time()
                 update = [i for _, i in zip(range(tc.accum_steps * d.world), stream)]
                 if not update:
                     stopped = f"reached train.max_epochs={tc.max_epochs}"
@@ -437,7 +439,9 @@ class Trainer:
                 for param_group in optimizer.param_groups:
                     param_group["lr"] = lr
                 mine = update[d.rank * tc.accum_steps: (d.rank + 1) * tc.accum_steps]
-                tokens, loss_total, nll_total = self.accumulate([self.data.train.batch(i) for i in mine])
+                group = [self.data.train.batch(i) for i in mine]
+                self._window_data += time.time() - started
+                tokens, loss_total, nll_total = self.accumulate(group)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm or float("inf"))
                 if not (math.isfinite(loss_total) and torch.isfinite(grad_norm)):
                     # skip the update rather than poison the weights; give up if it keeps happening

@@ -39,6 +39,9 @@ def test_repository_configs_load(repo_root):
     tiny = load_config(repo_root / "configs" / "tiny.yaml")
     assert tiny.model.d_model == 64 and tiny.train.max_steps == 120 and tiny.train.lr == 3e-3
     load_config(repo_root / "configs" / "multi30k_de_en.yaml")
+    base = load_config(repo_root / "configs" / "wmt14_en_de_base.yaml")  # transformer base: the paper's shape
+    assert (base.model.d_model, base.model.n_heads, base.model.ffn_dim, base.model.encoder_layers) == (512, 8, 2048, 6)
+    assert base.data.train[0].hub == "wmt14" and base.tokenizer.vocab_size == 32000 and base.train.betas == (0.9, 0.98)
 
 
 def test_overrides_are_applied_with_types():
