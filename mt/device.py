@@ -41,7 +41,7 @@ def slow_bf16_warning(device: torch.device, cpuinfo: Path = Path("/proc/cpuinfo"
 
 
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast on ``device`` for precision "bf16"; no change for "fp32"."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    """bf16 or fp16 autocast on ``device`` for precision "bf16" or "fp16"; no change for "fp32"."""
+    if precision in ("bf16", "fp16"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
     return nullcontext()

@@ -243,6 +243,22 @@ class RngStates:
             ckpt.set_rng_state(ranks[self.dist.rank])
 
 
+class LossScale:
+    """fp16's dynamic loss scale (``torch.amp.GradScaler``) as a stateful part; a no-op otherwise."""
+
+    def __init__(self, device: torch.device, enabled: bool):
+        self.scaler = torch.amp.GradScaler(device.type, enabled=enabled)
+
+    def state_dict(self) -> dict:
+        return self.scaler.state_dict() if self.scaler.is_enabled() else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict):
+            raise ValueError(f"expected a dict, found {type(state).__name__}")
+        if self.scaler.is_enabled() and state:  # a run that switches to fp16 starts a fresh scale
+            self.scaler.load_state_dict(state)
+
+
 class _NoMetrics:
     """What the ranks other than 0 write to metrics.jsonl: nothing."""
 
@@ -276,6 +292,7 @@ class Trainer:
         self.state = TrainState(best_metric=tc.best_metric, best=-math.inf if self.higher_is_better else math.inf)
         self.budget = parse_duration(tc.max_time, "train.max_time")
         self.rng = RngStates(self.dist)
+        self.scale = LossScale(device, enabled=tc.precision == "fp16")
         self.metrics = run.metrics() if self.dist.main else _NoMetrics()
         self.saved_step = -1  # the step whose state is in last.pt
         self.signal = 0  # the signal that stopped training, or 0
@@ -286,7 +303,7 @@ class Trainer:
     def parts(self) -> dict[str, object]:
         """The stateful parts, by checkpoint key, in the order they are saved and restored."""
         return {"trainer": self.state, "model": self.model, "optimizer": self.optimizer, "sampler": self.sampler,
-                "rng": self.rng}
+                "scale": self.scale, "rng": self.rng}
 
     def state_dict(self) -> dict:
         return {name: part.state_dict() for name, part in self.parts().items()}
@@ -408,7 +425,7 @@ class Trainer:
             with self.ddp.no_sync() if self.ddp is not None and not last else nullcontext():
                 with autocast(self.device, tc.precision):
                     loss, nll = (self.ddp or self.loss)(batch.src, batch.tgt_in, batch.tgt_out)
-                (loss * (d.world / tokens if group else 0.0)).backward()
+                self.scale.scaler.scale(loss * (d.world / tokens if group else 0.0)).backward()
             if group:
                 loss_total, nll_total = loss_total + loss.item(), nll_total + nll.item()
         loss_total, nll_total = d.sum([loss_total, nll_total])
@@ -442,10 +459,16 @@ class Trainer:
                 group = [self.data.train.batch(i) for i in mine]
                 self._window_data += time.time() - started
                 tokens, loss_total, nll_total = self.accumulate(group)
+                scaler = self.scale.scaler
+                scaler.unscale_(optimizer)  # clipping sees the true gradients (fp16: unscaled first)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm or float("inf"))
                 if not (math.isfinite(loss_total) and torch.isfinite(grad_norm)):
                     # skip the update rather than poison the weights; give up if it keeps happening
                     optimizer.zero_grad(set_to_none=True)
+                    if scaler.is_enabled() and math.isfinite(loss_total):  # fp16 overflow: a lower scale, again
+                        scaler.update()
+                        self.log(f"step {s.step}: fp16 gradients overflowed, loss scale lowered to {scaler.get_scale():g}")
+                        continue
                     bad_updates += 1
                     self.log(f"step {s.step}: non-finite loss or gradient, update skipped ({bad_updates} in a row)")
                     if bad_updates >= MAX_BAD_UPDATES:
@@ -453,7 +476,8 @@ class Trainer:
                                             "train.lr, raise train.warmup_steps or use train.precision=fp32")
                     continue
                 bad_updates = 0
-                optimizer.step()
+                scaler.step(optimizer)  # optimizer.step(), unless fp16 found an overflow
+                scaler.update()
                 optimizer.zero_grad(set_to_none=True)
 
                 s.window_tokens, s.window_loss, s.window_nll = (s.window_tokens + tokens, s.window_loss + loss_total,

@@ -481,3 +481,29 @@ def test_batch_stream_resumes_from_any_position_and_ends_after_max_epochs():
     groups = iter(lambda: [b for _, b in zip(range(4), stream)], [])
     sizes = [len(g) for g in groups]
     assert sum(sizes) == len(everything) and all(n == 4 for n in sizes[:-1]) and 1 <= sizes[-1] <= 4
+
+
+def test_fp16_lowers_its_loss_scale_on_overflow_and_keeps_it_in_checkpoints(tmp_path, cache_dir, slice_files,
+                                                                             spm_model, monkeypatch):
+    import functools
+
+    import mt.train as T
+
+    # a scale far too high for fp16 (max 65504): the first updates overflow, and the scale must come down
+    monkeypatch.setattr(T.torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0 ** 30))
+    run_dir = tmp_path / "run"
+    cfg = load_config(None, slice_overrides(slice_files, "small", run_dir, cache_dir, **{
+        "tokenizer.src_model": spm_model, "train.precision": "fp16", "train.max_steps": 30, "train.log_every": 1,
+        "train.valid_every": 15}))
+    messages = []
+    result = train(cfg, log=messages.append, progress=False)
+    overflows = [m for m in messages if "fp16 gradients overflowed" in m]
+    assert result.step == 30 and 5 <= len(overflows) < 25, overflows
+    rows = [r for r in read_metrics(run_dir) if r["kind"] == "train"]
+    assert rows and all(math.isfinite(r["loss"]) for r in rows) and rows[-1]["loss"] < rows[0]["loss"]
+    state = ckpt.load(run_dir / "checkpoints" / "last.pt")
+    assert 0 < state["scale"]["scale"] < 2.0 ** 30
+    resumed = train(load_config(run_dir / "config.yaml", ["train.max_steps=32"]), resume=True, log=quiet,
+                    progress=False)
+    assert resumed.step == 32  # the scale came back with the checkpoint (no new overflow storm)
+    assert ckpt.load(run_dir / "checkpoints" / "last.pt")["scale"]["scale"] >= state["scale"]["scale"] / 2
