@@ -141,7 +141,7 @@ def test_betas_must_be_two_numbers():
 
 
 @pytest.mark.parametrize("override,choices", [
-    ("train.precision=fp16", ["fp32", "bf16"]),
+    ("train.precision=fp8", ["fp32", "bf16", "fp16"]),
     ("model.norm=middle", ["pre", "post"]),
     ("train.schedule=step", ["inverse_sqrt", "cosine", "linear", "constant"]),
     ("tokenizer.type=wordpiece", ["unigram", "bpe"]),

@@ -240,7 +240,7 @@ def test_bad_training_input_gives_one_line_errors(tmp_path, multi30k_head, spm_m
         (["data.train.src=" + str(tmp_path / "empty.de"), "data.train.tgt=" + str(tmp_path / "empty.en")],
          "no pairs left after cleaning"),
         (["tokenizer.src_model=", "tokenizer.vocab_size=60000"], "set tokenizer.vocab_size <="),
-        (["train.precision=fp16"], "train.precision: 'fp16' is not one of fp32, bf16"),
+        (["train.precision=fp8"], "train.precision: 'fp8' is not one of fp32, bf16, fp16"),
     ]
     for i, (overrides, message) in enumerate(cases):
         result = runner.invoke(app, ["train", str(config), "-o", str(tmp_path / f"run{i}"), "-q", *overrides])
