@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from mt.config import ConfigError
 from mt.errors import MtError
 from mt.tokenizer import cores
 
@@ -56,6 +57,9 @@ class Dist:
 
     def device(self, name: str) -> str:
         """The device this rank trains on: its own GPU under torchrun with CUDA, else ``name``."""
+        if self.on and name.startswith("cuda:"):
+            raise ConfigError(f"train.device={name}: under torchrun each rank takes the GPU of its local rank; "
+                              "use train.device=cuda (or auto)")
         if self.on and name in ("auto", "cuda") and torch.cuda.is_available():
             return f"cuda:{self.local_rank}"
         return name
@@ -109,11 +113,11 @@ class Dist:
         dist.all_reduce(t)
         return t.tolist()
 
-    def max(self, values: list[int]) -> list[int]:
-        """Element-wise maximum over ranks: any rank's flag (or signal number) for every rank."""
+    def max(self, values: list[float]) -> list[float]:
+        """Element-wise maximum over ranks (in float64): any rank's flag, signal number or clock."""
         if not self.on:
             return values
-        t = torch.tensor(values, dtype=torch.int64)
+        t = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.tolist()
 
@@ -158,30 +162,40 @@ def launch(nproc: int, argv: list[str], grace_s: float = 60.0) -> int:
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(nproc),
            "LOCAL_WORLD_SIZE": str(nproc)}
     env.setdefault("OMP_NUM_THREADS", str(max(1, cores() // nproc)))
-    procs = [subprocess.Popen([sys.executable, "-m", "mt", "train", *argv],
-                              env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}) for rank in range(nproc)]
+    procs: list[subprocess.Popen] = []
 
     def forward(signum, frame) -> None:
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signum)
 
+    # the ranks get a session of their own, so a Ctrl-C reaches each once (from here), not twice
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    first: int | None = None  # the exit status of the first rank seen to fail
     try:
+        for rank in range(nproc):
+            procs.append(subprocess.Popen([sys.executable, "-m", "mt", "train", *argv], start_new_session=True,
+                                          env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}))
         failed_at = None
         while True:
             codes = [proc.poll() for proc in procs]
+            if first is None:
+                first = next((code for code in codes if code not in (None, 0)), None)
+                failed_at = time.time() if first is not None else None
             if all(code is not None for code in codes):
                 break
-            if failed_at is None and any(code not in (None, 0) for code in codes):
-                failed_at = time.time()
             if failed_at is not None and time.time() - failed_at > grace_s:
                 for proc in procs:
                     if proc.poll() is None:
                         proc.kill()
             time.sleep(0.05)
     finally:
+        for proc in procs:  # never leave a rank behind (an exception here, a second Ctrl-C)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    bad = [code for code in codes if code != 0]
-    return (128 - bad[0] if bad[0] < 0 else bad[0]) if bad else 0
+    if first is None:
+        return 0
+    return 128 - first if first < 0 else first

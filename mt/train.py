@@ -3,7 +3,7 @@
 Teacher forcing (Vaswani et al., 2017): the decoder reads ``<s> y1 .. y(n-1)`` and is trained to
 predict ``y1 .. yn </s>`` with label-smoothed cross-entropy (Szegedy et al., 2016) over non-pad
 tokens. Adam(W) with linear warmup and an inverse-square-root (or cosine) decay, gradient clipping,
-gradient accumulation, optional bf16 autocast. Everything that decides what happens next — model,
+gradient accumulation, optional bf16 or fp16 autocast, several processes under torchrun (DDP). Everything that decides what happens next — model,
 optimizer, sampler, ``TrainState`` (step, position in the data, best score, patience, time, logging
 window), RNG states — is saved in each checkpoint by one ``Trainer.state_dict``, so ``resume``
 continues the same run. The tokenizer and data come from ``mt.prepare``.
@@ -226,7 +226,7 @@ def batch_stream(sampler: TokenBatchSampler, state: TrainState, max_epochs: int 
 
 
 class RngStates:
-    """Every rank's Python, numpy and torch (CPU and CUDA) generators, which drive dropout: one
+    """Every rank's Python and torch (CPU and its CUDA device) generators, which drive dropout: one
     stateful part, a list in rank order (gathering it is collective)."""
 
     def __init__(self, d: Dist):
@@ -282,8 +282,10 @@ class Trainer:
         self.dist = d or Dist()
         self.progress = progress if self.dist.main else False
         self.loss = TeacherForced(model, tc.label_smoothing)
-        self.ddp = (torch.nn.parallel.DistributedDataParallel(self.loss, device_ids=[device] if device.type == "cuda" else None)
-                    if self.dist.on else None)
+        # the buffers (sinusoidal positions) are constants: no need to broadcast them every forward
+        self.ddp = (torch.nn.parallel.DistributedDataParallel(
+            self.loss, device_ids=[device] if device.type == "cuda" else None, forward_sync_buffers=False)
+            if self.dist.on else None)
         optimizer_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = optimizer_cls(model.parameters(), lr=tc.lr, betas=tc.betas, eps=tc.adam_eps,
                                        weight_decay=tc.weight_decay)
@@ -310,6 +312,8 @@ class Trainer:
 
     def load_state_dict(self, state: dict, source: Path) -> None:
         for name, part in self.parts().items():
+            if name == "scale" and name not in state:
+                state = {**state, "scale": {}}  # checkpoints before fp16: no loss scale
             if name not in state:
                 raise TrainingError(f"{source}: has no {name} state to resume from")
             try:
@@ -330,15 +334,19 @@ class Trainer:
         Every rank takes part (the RNG states are gathered); rank 0 writes."""
         self._clock()
         state = self.state_dict()
-        if self.dist.main:
+
+        def write() -> None:  # rank 0; its failure (a full disk) reaches the others, who would wait
             src_tok, tgt_tok = self.data.src_tok, self.data.tgt_tok
             checkpoint = {
                 "format": "mt", "version": ckpt.FORMAT_VERSION, "config": self.cfg.to_dict(),
                 "vocab": {"src": src_tok.vocab_size, "tgt": tgt_tok.vocab_size},
                 "tokenizer": {"src": src_tok.fingerprint, "tgt": tgt_tok.fingerprint},
-                "corpus": {"train": self.data.corpus_key}, "valid": valid or {}, **state,
+                "corpus": {"train": self.data.corpus_key}, "valid": valid or {},
+                "update_batches": self.tc.accum_steps * self.dist.world, **state,
             }
             self.run.save_checkpoint(checkpoint, self.state.step, best=best, keep=self.tc.keep_checkpoints)
+
+        self.dist.on_main(write)
         self.saved_step = self.state.step
 
     # pieces of the loop -----------------------------------------------------------------------------
@@ -354,7 +362,9 @@ class Trainer:
         """Why training must stop before the next update, or "". Decided together: a signal or the
         time budget on any rank stops every rank at the same step."""
         tc, s = self.tc, self.state
-        received, timed_out = self.dist.max([signals.received, int(self._clock() >= self.budget > 0)])
+        # every rank uses the slowest clock: the same time budget and the same LR on every rank
+        received, s.elapsed = self.dist.max([signals.received, self._clock()])
+        received, timed_out = int(received), s.elapsed >= self.budget > 0
         if received:
             self.signal = received
             return f"interrupted by {signal.Signals(received).name}"
@@ -379,7 +389,7 @@ class Trainer:
         row = {"loss": s.window_loss / s.window_tokens, "nll": s.window_nll / s.window_tokens, "lr": lr,
                "tokens_per_s": s.window_tokens / seconds, "grad_norm": grad_norm,
                "data_share": self._window_data / seconds}  # of the time, spent making batches
-        self.metrics.write(kind="train", step=s.step, epoch=s.epoch + 1, **row)
+        self.dist.on_main(lambda: self.metrics.write(kind="train", step=s.step, epoch=s.epoch + 1, **row))
         bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
         s.window_tokens, s.window_loss, s.window_nll = 0, 0.0, 0.0
         self._window_start, self._window_data = time.time(), 0.0
@@ -403,7 +413,8 @@ class Trainer:
         value = result[tc.best_metric]
         improved = value > s.best if self.higher_is_better else value < s.best
         s.best, s.bad_validations = (value, 0) if improved else (s.best, s.bad_validations + 1)
-        self.metrics.write(kind="valid", step=s.step, epoch=s.epoch + 1, **result, best=improved)
+        self.dist.on_main(lambda: self.metrics.write(kind="valid", step=s.step, epoch=s.epoch + 1, **result,
+                                                     best=improved))
         self.log(f"step {s.step}: valid loss {result['loss']:.4f} nll {result['nll']:.4f} ppl {result['ppl']:.2f}"
                  + (f" bleu {result['bleu']:.2f}" if "bleu" in result else "")
                  + (" (best)" if improved else f" (no improvement for {s.bad_validations})"))
@@ -469,6 +480,7 @@ class Trainer:
                         scaler.update()
                         self.log(f"step {s.step}: fp16 gradients overflowed, loss scale lowered to {scaler.get_scale():g}")
                         continue
+                    scaler.update()  # fp16: the scale is ready for the next unscale_ (else a no-op)
                     bad_updates += 1
                     self.log(f"step {s.step}: non-finite loss or gradient, update skipped ({bad_updates} in a row)")
                     if bad_updates >= MAX_BAD_UPDATES:
@@ -547,10 +559,12 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
         run = Run(tc.run_dir)
         d.on_main(lambda: run.open_for_training(resume, in_place=tokenizers_in_place(cfg, run)))
         try:
-            return _train(cfg, run, resume, log, progress, d, device)
+            result = _train(cfg, run, resume, log, progress, d, device)
         finally:
             if d.main:
                 run.close()
+        d.barrier()  # the ranks end together: none takes the process group down while another still uses it
+        return result
     finally:
         d.stop()
 
@@ -601,6 +615,10 @@ def _train(cfg: Config, run: Run, resume: bool, log: Callable[[str], None], prog
         trainer.metrics.truncate_after(s.step)  # rows a killed run logged after its last checkpoint
         epoch_size = len(trainer.sampler.batches(s.epoch))
         log(f"resumed from {resumed.path} at step {s.step} (epoch {s.epoch + 1}, batch {s.batch}/{epoch_size})")
+        before, now = resumed.state.get("update_batches", tc.accum_steps), tc.accum_steps * d.world
+        if before != now:
+            log(f"warning: an update now takes {now} batches (processes x train.accum_steps), not {before}: "
+                "the run goes on over the same data, with other update sizes from here")
     else:
         log(f"model: {model.num_parameters():,} parameters, {cfg.model.encoder_layers}+{cfg.model.decoder_layers} "
             f"layers, d_model {cfg.model.d_model}; device {device}, {tc.precision}"

@@ -249,7 +249,7 @@ def test_a_checkpoint_holds_the_trainer_parts_and_resume_checks_each(tmp_path, m
     last = run.checkpoint_path("last")
     state = ckpt.load(last)
     parts = {"trainer", "model", "optimizer", "sampler", "scale", "rng"}
-    assert set(state) == parts | {"format", "version", "config", "vocab", "tokenizer", "corpus", "valid"}
+    assert set(state) == parts | {"format", "version", "config", "vocab", "tokenizer", "corpus", "valid", "update_batches"}
     assert state["trainer"]["step"] == 2 and state["sampler"]["num_examples"] > 0
     more = load_config(run.config_path, ["train.max_steps=4"])
     for name, broken, message in (
