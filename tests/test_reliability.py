@@ -182,11 +182,12 @@ def test_resume_falls_back_to_the_newest_readable_checkpoint(tmp_path, multi30k_
     assert sorted(train_losses(tmp_path / "run")) == list(range(1, 26))
 
 
-def test_non_finite_updates_are_skipped_then_training_stops(tmp_path, multi30k_head, spm_model, monkeypatch):
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_non_finite_updates_are_skipped_then_training_stops(tmp_path, multi30k_head, spm_model, monkeypatch, precision):
     import mt.train as train_module
 
     config = config_file(tmp_path, multi30k_head, spm_model, max_steps=30, valid_every=100)
-    cfg = load_config(config)
+    cfg = load_config(config, [f"train.precision={precision}"])
     cfg.train.run_dir = str(tmp_path / "run")
     real = train_module.batch_loss
     calls = {"n": 0}
