@@ -163,8 +163,6 @@ def _read_jsonl(path: str, src_lang: str, tgt_lang: str) -> Iterator[tuple[str, 
 def _pairs(corpus: CorpusConfig, src_lang: str, tgt_lang: str, cache_dir: str) -> Iterator[tuple[str, str]]:
     if corpus.hub:
         yield from _hub_pairs(corpus, src_lang, tgt_lang, cache_dir)
-    elif corpus.src:
-        yield from _read_text_pair(corpus.src, corpus.tgt)
     elif corpus.path.endswith((".tsv", ".tsv.gz")):
         yield from _read_tsv(corpus.path)
     elif corpus.path.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")):

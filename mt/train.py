@@ -598,11 +598,9 @@ def _train(cfg: Config, run: Run, resume: bool, log: Callable[[str], None], prog
         return data
 
     # rank 0 trains the tokenizer and fills the cache first; then the others read them
-    data = prepare_here() if not d.on else None
-    if d.on:
-        prepared: list[Prepared] = []
-        d.on_main(lambda: prepared.append(prepare_here()))
-        data = prepared[0] if d.main else prepare_here()
+    prepared: list[Prepared] = []
+    d.on_main(lambda: prepared.append(prepare_here()))
+    data = prepared[0] if d.main else prepare_here()
 
     model = Transformer(cfg.model, data.src_tok.vocab_size, data.tgt_tok.vocab_size,
                         joint=cfg.tokenizer.joint).to(device)
