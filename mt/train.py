@@ -382,6 +382,12 @@ class Trainer:
         used = max(s.step / tc.max_steps if tc.max_steps else 0.0, s.elapsed / self.budget if self.budget else 0.0)
         return learning_rate(s.step, tc, budget_used=used)
 
+    def record(self, kind: str, **fields) -> None:
+        """A row of metrics.jsonl (rank 0 writes it): its kind, step, epoch and training seconds so far."""
+        s = self.state
+        self.dist.on_main(lambda: self.metrics.write(kind=kind, step=s.step, epoch=s.epoch + 1,
+                                                     elapsed=round(s.elapsed, 3), **fields))
+
     def log_row(self, *, lr: float, grad_norm: float, bar: tqdm) -> None:
         """A train row of metrics.jsonl: the window's per-token loss, throughput, LR, gradient norm."""
         s = self.state
@@ -389,7 +395,7 @@ class Trainer:
         row = {"loss": s.window_loss / s.window_tokens, "nll": s.window_nll / s.window_tokens, "lr": lr,
                "tokens_per_s": s.window_tokens / seconds, "grad_norm": grad_norm,
                "data_share": self._window_data / seconds}  # of the time, spent making batches
-        self.dist.on_main(lambda: self.metrics.write(kind="train", step=s.step, epoch=s.epoch + 1, **row))
+        self.record("train", **row)
         bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
         s.window_tokens, s.window_loss, s.window_nll = 0, 0.0, 0.0
         self._window_start, self._window_data = time.time(), 0.0
@@ -413,8 +419,7 @@ class Trainer:
         value = result[tc.best_metric]
         improved = value > s.best if self.higher_is_better else value < s.best
         s.best, s.bad_validations = (value, 0) if improved else (s.best, s.bad_validations + 1)
-        self.dist.on_main(lambda: self.metrics.write(kind="valid", step=s.step, epoch=s.epoch + 1, **result,
-                                                     best=improved))
+        self.record("valid", **result, best=improved)
         self.log(f"step {s.step}: valid loss {result['loss']:.4f} nll {result['nll']:.4f} ppl {result['ppl']:.2f}"
                  + (f" bleu {result['bleu']:.2f}" if "bleu" in result else "")
                  + (" (best)" if improved else f" (no improvement for {s.bad_validations})"))
@@ -629,7 +634,7 @@ def _train(cfg: Config, run: Run, resume: bool, log: Callable[[str], None], prog
     initial_step = s.step
     stopped = trainer.fit()
     log(f"stopped at step {s.step}: {stopped}" + ("; checkpoint saved, continue with --resume" if trainer.signal else ""))
-    trainer.metrics.write(kind="end", step=s.step, epoch=s.epoch + 1, reason=stopped, **{f"best_{tc.best_metric}": s.best})
+    trainer.record("end", reason=stopped, **{f"best_{tc.best_metric}": s.best})
     wants_tuning = tc.average_last >= 2 or cfg.decode.tune_beam or cfg.decode.tune_lenpen
     if d.main:  # what follows writes files, and needs no other rank
         if s.step != initial_step:  # the model changed: an earlier choice no longer holds
