@@ -210,13 +210,13 @@ RunDir = Annotated[Path, typer.Option("--model", "-m", help="Run directory writt
 
 
 def _translator(run_dir, checkpoint, average, device, greedy, nbest, beam, lenpen, max_len_a, max_len_b,
-                min_len, batch_tokens, dtype):
+                min_len, batch_tokens, dtype, align=None):
     from mt.translate import Translator
 
     if nbest > 1 and greedy:
         _fail("--nbest needs beam search; drop --greedy")
     return Translator.from_run(run_dir, checkpoint=checkpoint, average=average, device=device, greedy=greedy,
-                               nbest=nbest, beam=beam, lenpen=lenpen, max_len_a=max_len_a,
+                               nbest=nbest, align=align, beam=beam, lenpen=lenpen, max_len_a=max_len_a,
                                max_len_b=max_len_b, min_len=min_len, batch_tokens=batch_tokens, dtype=dtype)
 
 
@@ -246,6 +246,8 @@ def translate(
     min_len: MinLen = None,
     nbest: Annotated[int, typer.Option("--nbest", help="Print the N best as index<TAB>score<TAB>hypothesis.")] = 1,
     scores: Annotated[bool, typer.Option("--scores", help="Print score<TAB>hypothesis.")] = False,
+    align: Annotated[bool, typer.Option("--align", help="Append <TAB>word alignments: source-target word index pairs (0-based, words split on spaces), as fairseq's --print-alignment.")] = False,
+    align_layer: Annotated[Optional[int], typer.Option("--align-layer", help="With --align: the decoder layer (1-based) whose cross-attention aligns. Default: the one that aligned best on hand-annotated Multi30k (the last; see README).")] = None,
     batch_tokens: BatchTokens = None,
     greedy: Greedy = False,
     device: Device = "auto",
@@ -261,10 +263,20 @@ def translate(
 
     from tqdm import tqdm
 
+    from mt.attention import ALIGN_LAYER, format_links
     from mt.files import atomic_write
 
+    if align_layer is not None and not align:
+        _fail("--align-layer needs --align")
+    if align_layer is not None and align_layer < 1:
+        _fail(f"--align-layer {align_layer}: layers count from 1")
     translator = _translator(model, checkpoint, average, device, greedy, nbest, beam, lenpen, max_len_a,
-                             max_len_b, min_len, batch_tokens, dtype)
+                             max_len_b, min_len, batch_tokens, dtype,
+                             align=(ALIGN_LAYER if align_layer is None else align_layer - 1) if align else None)
+
+    def links(result, k: int) -> str:
+        return "\t" + format_links(result.alignments[k] if result.alignments else []) if align else ""
+
     with contextlib.ExitStack() as stack:
         if input is None:
             source, name = sys.stdin.buffer, "<stdin>"
@@ -282,13 +294,13 @@ def translate(
             if nbest > 1:
                 hyps = result.hypotheses or [None] * nbest
                 texts = result.texts if result.hypotheses else [""] * nbest
-                for hyp, text in zip(hyps, texts):
-                    sink.write(f"{index}\t{hyp.score if hyp else 0.0:.4f}\t{text}\n")
+                for k, (hyp, text) in enumerate(zip(hyps, texts)):
+                    sink.write(f"{index}\t{hyp.score if hyp else 0.0:.4f}\t{text}{links(result, k)}\n")
             elif scores:
                 hyp = result.hypotheses[0] if result.hypotheses else None
-                sink.write(f"{hyp.score if hyp else 0.0:.4f}\t{result.texts[0]}\n")
+                sink.write(f"{hyp.score if hyp else 0.0:.4f}\t{result.texts[0]}{links(result, 0)}\n")
             else:
-                sink.write(result.texts[0] + "\n")
+                sink.write(result.texts[0] + links(result, 0) + "\n")
             bar.update(1)
         sink.flush()
         if output is None:
@@ -407,6 +419,103 @@ def export(
     else:
         _fail(f"--to {to!r}: choose hf or ctranslate2")
     _log(f"exported {run_dir} to {out_dir} ({to})")
+
+
+@app.command()
+@_handles_errors
+def attention(
+    model: RunDir,
+    src: Annotated[str, typer.Option("--src", help="The source sentence.")],
+    tgt: Annotated[Optional[str], typer.Option("--tgt", help="A target sentence to force through the decoder (default: the model's own translation).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Picture to write (.png, .pdf, .svg).")] = None,
+    kind: Annotated[str, typer.Option("--kind", help="cross (target x source), self-enc or self-dec.")] = "cross",
+    heads: Annotated[bool, typer.Option("--heads", help="One panel per head (a layers x heads grid) instead of heads averaged.")] = False,
+    layer: Annotated[Optional[list[int]], typer.Option("--layer", help="Only this layer (1-based; repeat for several). Default: all.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the weights as JSON (every layer and head) instead of, or besides, -o.")] = False,
+    checkpoint: Checkpoint = None,
+    beam: Beam = None,
+    device: Device = "auto",
+):
+    """Show attention for one sentence: heatmaps of every layer, axes labelled with the pieces.
+
+    Cross-attention rows are the output pieces (each predicted after the ones above it), columns the
+    source pieces; the weights are softmax(QK^T/sqrt(d)) of a teacher-forced pass, fp32.
+    """
+    import json
+
+    from mt.attention import KINDS, inspect
+    from mt.translate import Translator
+
+    if kind not in KINDS:
+        _fail(f"--kind {kind!r}: choose {', '.join(KINDS)}")
+    if output is None and not as_json:
+        _fail("give -o PICTURE.png, --json, or both")
+    if output is not None:
+        from mt.plot import pyplot
+
+        pyplot()  # matplotlib missing: say so before loading the model
+    translator = Translator.from_run(model, checkpoint=checkpoint, device=device, beam=beam, dtype="fp32")
+
+    def own_translation(text: str):
+        result = next(translator.translate([text]))
+        return result.hypotheses[0].tokens, result.texts[0]
+
+    seen = inspect(translator.model, translator.src_tok, translator.tgt_tok, src, tgt, own_translation, kinds=[kind])
+    maps = seen.maps[kind]
+    count = len(maps.layers)
+    for n in layer or []:
+        if not 1 <= n <= count:
+            _fail(f"--layer {n}: the model has {count} layers of {kind} attention (1..{count})")
+    chosen = [n - 1 for n in layer] if layer else None
+    if as_json:
+        data = maps.as_dict()
+        if chosen is not None:
+            data["layers"] = [data["layers"][i] for i in chosen]
+        typer.echo(json.dumps({"source": seen.source, "target": seen.target, **data}))
+    if output is not None:
+        from mt.plot import attention_figure
+
+        attention_figure(maps, output, heads=heads, layers=chosen, title=f"{seen.source}\n→ {seen.target}")
+        _log(f"wrote {output}")
+
+
+@app.command()
+@_handles_errors
+def plot(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories (several: overlaid).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Picture to write (.png, .pdf, .svg).")] = Path("curves.png"),
+):
+    """Learning curves from metrics.jsonl: training and validation loss, validation BLEU and learning
+    rate, against updates and against training time; several runs overlaid."""
+    from mt.plot import curves_figure, pyplot
+    from mt.run import Run, RunError
+
+    pyplot()
+    series = []
+    for path in runs:
+        run = Run(path)
+        if not run.metrics_path.is_file():
+            raise RunError(f"{run.metrics_path}: no such file (not a run directory written by mt train?)")
+        series.append((str(path), run.metrics_rows()))
+    for warning in curves_figure(series, output):
+        _log(f"mt: warning: {warning}")
+    _log(f"wrote {output}")
+
+
+@app.command()
+@_handles_errors
+def info(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory written by mt train.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+):
+    """What a run holds (model, vocabulary, corpora, updates, best validation scores, decoding
+    defaults) and what this machine supports (CUDA, native bf16, int8)."""
+    import json
+
+    from mt.info import describe, format_info
+
+    facts = describe(run_dir)
+    typer.echo(json.dumps(facts, indent=1) if as_json else format_info(facts))
 
 
 def main() -> None:

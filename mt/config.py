@@ -272,6 +272,9 @@ class TrainConfig:
     """Validate and checkpoint every this many updates (and at the end)."""
     log_every: int = 100
     """Write a training row to metrics.jsonl every this many updates."""
+    tensorboard: bool = False
+    """Also write metrics.jsonl's rows as TensorBoard event files into RUN/tensorboard (needs
+    pip install tensorboard)."""
     save_every: int = 0
     """Also checkpoint (without validating) every this many updates; 0: only at validations."""
     keep_checkpoints: int = 5

@@ -70,6 +70,7 @@ class MultiHeadAttention(nn.Module):
         self.dropout = dropout
         self.in_proj = PackedLinear(d_model, 3 * d_model)
         self.out_proj = nn.Linear(d_model, d_model)
+        self.recorder: list[torch.Tensor] | None = None  # set by mt.attention to keep the weights
 
     def _heads(self, x: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
         """(B, T, n·D) -> n tensors of (B, H, T, hd)."""
@@ -78,6 +79,10 @@ class MultiHeadAttention(nn.Module):
         return x.unbind(0)
 
     def _attend(self, q, k, v, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+        if self.recorder is not None:  # mt.attention reads the weights: the same product, spelled out
+            weights = attention_weights(q, k, mask, causal)  # (B, H, T, S)
+            self.recorder.append(weights)
+            return self._merge(torch.matmul(weights.to(v.dtype), v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                              dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, hd)
         return self._merge(out)
@@ -137,6 +142,19 @@ class MultiHeadAttention(nn.Module):
         out = _attend_small(q, keys_t, v, bias)  # (N, H, K·T, hd)
         out = out.view(N, H, beams, T, hd).transpose(1, 2).reshape(B, H, T, hd)  # (B, H, T, hd)
         return self._merge(out)
+
+
+def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    """softmax(q kᵀ/√d) in fp32, (B, H, T, S), for q (B, H, T, hd) and k (B, H, S, hd); ``mask``
+    broadcastable to (B, H, T, S), True = attend; ``causal``: position t sees keys <= t. Masked keys
+    get weight exactly 0."""
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)  # (B, H, T, S)
+    if causal:
+        T, S = scores.shape[-2:]
+        scores = scores.masked_fill(~torch.ones(T, S, dtype=torch.bool, device=q.device).tril(), -math.inf)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, -math.inf)
+    return scores.softmax(-1)
 
 
 def _attend_small(q: torch.Tensor, keys_t: torch.Tensor, v: torch.Tensor,

@@ -8,6 +8,7 @@
                                 best.pt, average.pt (training's average), average_lastN.pt (mt average)
     RUN/metrics.jsonl           one JSON row per training log, validation and end of training
     RUN/decode.yaml             the decoding defaults chosen on the validation split
+    RUN/tensorboard/            metrics.jsonl's rows as TensorBoard events (train.tensorboard: true)
     RUN/.mt-manifest.json       the files mt wrote here: a failed start removes those, and only those
     RUN/.mt-lock                held while a process trains here (pid, host, start time)
 
@@ -29,7 +30,7 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
@@ -219,6 +220,7 @@ class Run:
     MANIFEST = ".mt-manifest.json"
     LOCK = ".mt-lock"
     CHECKPOINTS = "checkpoints"
+    TENSORBOARD = "tensorboard"
     NAMED = ("last", "best", "average")
 
     def __init__(self, path: str | Path):
@@ -388,9 +390,18 @@ class Run:
             raise RunError(f"{self.path}: only {free / 2**20:.0f} MiB free on disk; checkpoints need about "
                            f"{need / 2**20:.0f} MiB")
 
-    def metrics(self) -> MetricsLog:
+    def metrics_rows(self) -> list[dict]:
+        """The rows of metrics.jsonl so far (read only)."""
+        return MetricsLog(self.metrics_path).rows()
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / self.TENSORBOARD
+
+    def metrics(self, tensorboard: bool = False) -> MetricsLog:
+        """The run's metrics.jsonl; with ``tensorboard``, its rows also go to RUN/tensorboard."""
         self.own(self.metrics_path)
-        return MetricsLog(self.metrics_path)
+        return MetricsLog(self.metrics_path, self.tensorboard_dir if tensorboard else None)
 
     def save_checkpoint(self, state: dict, step: int, *, best: bool, keep: int) -> Path:
         """Write step ``step``'s checkpoint, point last.pt (and best.pt) at it, keep the newest ``keep``
@@ -566,26 +577,51 @@ class Run:
 
 
 class MetricsLog:
-    """Append-only JSON lines (``metrics.jsonl``), one row per log or validation event."""
+    """Append-only JSON lines (``metrics.jsonl``), one row per log or validation event. With a
+    ``tensorboard`` directory, each number of a train or valid row is also the TensorBoard scalar
+    ``KIND/NAME`` at the row's step."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, tensorboard: Path | None = None):
+        self.path, self.tensorboard = path, tensorboard
+        self._writer, self._purge_step = None, None
 
     def write(self, **row) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
+        if self.tensorboard is not None and row.get("kind") in ("train", "valid"):
+            if self._writer is None:
+                from torch.utils.tensorboard import SummaryWriter
 
-    def truncate_after(self, step: int) -> None:
-        """Drop rows logged after ``step`` (by a run killed after its last checkpoint), atomically."""
-        if not self.path.exists():
-            return
-        kept = []
+                self._writer = SummaryWriter(str(self.tensorboard), purge_step=self._purge_step)
+            for name, value in row.items():
+                if name not in ("kind", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._writer.add_scalar(f"{row['kind']}/{name}", value, row["step"])
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def _lines(self) -> Iterator[tuple[str, dict]]:
+        """Each readable row with its line; a row torn by a kill mid-write is skipped."""
         for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True):
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:  # a row torn by a kill mid-write
+            except json.JSONDecodeError:
                 continue
-            if row.get("step", 0) <= step:
-                kept.append(line if line.endswith("\n") else line + "\n")
+            if isinstance(row, dict):
+                yield line, row
+
+    def rows(self) -> list[dict]:
+        """The rows logged so far, oldest first ([] before the first)."""
+        return [row for _, row in self._lines()] if self.path.exists() else []
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows logged after ``step`` (by a run killed after its last checkpoint), atomically."""
+        self._purge_step = step + 1  # TensorBoard hides the events a killed run logged after ``step``
+        if not self.path.exists():
+            return
+        kept = [line if line.endswith("\n") else line + "\n" for line, row in self._lines() if row.get("step", 0) <= step]
         with atomic_write(self.path) as f:
             f.write("".join(kept))

@@ -171,6 +171,10 @@ class Tokenizer:
         """Ids to text; special tokens (``<s>``, ``</s>``, ``<pad>``) are dropped."""
         return self.sp.decode([[i for i in seq if i >= UNK_ID] for seq in ids])
 
+    def pieces(self, ids: list[int]) -> list[str]:
+        """The piece of each id (``▁`` marks a word's start; ``</s>`` and the other specials by name)."""
+        return [self.sp.id_to_piece(i) for i in ids]
+
     def save(self, path: str | Path) -> None:
         with atomic_write(path, "wb") as f:
             f.write(self._proto)

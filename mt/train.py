@@ -11,6 +11,7 @@ continues the same run. The tokenizer and data come from ``mt.prepare``.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import random
 import signal
@@ -268,6 +269,9 @@ class _NoMetrics:
     def truncate_after(self, step: int) -> None:
         pass
 
+    def close(self) -> None:
+        pass
+
 
 class Trainer:
     """One run's model, optimizer, sampler and ``TrainState``, and the loop that updates them.
@@ -295,7 +299,7 @@ class Trainer:
         self.budget = parse_duration(tc.max_time, "train.max_time")
         self.rng = RngStates(self.dist)
         self.scale = LossScale(device, enabled=tc.precision == "fp16")
-        self.metrics = run.metrics() if self.dist.main else _NoMetrics()
+        self.metrics = run.metrics(tc.tensorboard) if self.dist.main else _NoMetrics()
         self.saved_step = -1  # the step whose state is in last.pt
         self.signal = 0  # the signal that stopped training, or 0
         self._tick = self._window_start = self._window_data = 0.0  # clocks, started by fit
@@ -558,6 +562,8 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
     if not (tc.max_steps or tc.max_epochs or tc.max_time or (tc.patience and cfg.data.valid.is_set)):
         raise ConfigError("training would never stop: set train.max_steps, train.max_epochs, train.max_time "
                           "or train.patience (with data.valid)")
+    if tc.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("train.tensorboard: true needs the tensorboard package: pip install tensorboard")
     device = pick_device(d.device(tc.device))
     d.start(device, parse_duration(tc.dist_timeout, "train.dist_timeout"))
     try:
@@ -635,6 +641,7 @@ def _train(cfg: Config, run: Run, resume: bool, log: Callable[[str], None], prog
     stopped = trainer.fit()
     log(f"stopped at step {s.step}: {stopped}" + ("; checkpoint saved, continue with --resume" if trainer.signal else ""))
     trainer.record("end", reason=stopped, **{f"best_{tc.best_metric}": s.best})
+    trainer.metrics.close()
     wants_tuning = tc.average_last >= 2 or cfg.decode.tune_beam or cfg.decode.tune_lenpen
     if d.main:  # what follows writes files, and needs no other rank
         if s.step != initial_step:  # the model changed: an earlier choice no longer holds

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sacrebleu.metrics import BLEU
 
+from mt import attention
 from mt.batch import pad
 from mt.config import ConfigError, DecodeConfig
 from mt.model import Transformer
@@ -33,6 +34,7 @@ def _warn(message: str) -> None:
 class Translation:
     hypotheses: list[Hypothesis]  # best first; empty for an empty input line
     texts: list[str]  # detokenized hypotheses
+    alignments: list[list[tuple[int, int]]] = field(default_factory=list)  # per hypothesis, with ``align``
 
 
 class Translator:
@@ -40,7 +42,9 @@ class Translator:
 
     def __init__(self, model: Transformer, src_tok: Tokenizer, tgt_tok: Tokenizer,
                  decode: DecodeConfig | None = None, *, greedy: bool = False, nbest: int = 1,
-                 warn: Callable[[str], None] | None = None, use_cache: bool = True):
+                 warn: Callable[[str], None] | None = None, use_cache: bool = True, align: int | None = None):
+        """``align``: also give word alignments from this decoder layer's cross-attention (negative:
+        counted from the last; ``mt.attention.ALIGN_LAYER`` aligns best)."""
         self.model, self.src_tok, self.tgt_tok = model, src_tok, tgt_tok
         self.decode = decode or DecodeConfig()
         self.greedy, self.nbest = greedy, nbest
@@ -51,13 +55,19 @@ class Translator:
             raise ConfigError("--nbest needs beam search (not --greedy)")
         if nbest > self.decode.beam:
             raise ConfigError(f"--nbest {nbest} exceeds --beam {self.decode.beam}")
+        layers = model.cfg.decoder_layers
+        if align is not None and not -layers <= align < layers:
+            raise ConfigError(f"--align-layer {align + 1 if align >= 0 else align}: the model has {layers} "
+                              f"decoder layers (1..{layers})")
+        self.align = align
         self.warn = warn or _warn
         self.device = next(model.parameters()).device
         self.max_src = model.cfg.max_positions
 
     @classmethod
     def from_run(cls, run_dir: str | Path, *, checkpoint: str | None = None, average: int = 0,
-                 device: str = "auto", greedy: bool = False, nbest: int = 1, **decode_overrides) -> Translator:
+                 device: str = "auto", greedy: bool = False, nbest: int = 1, align: int | None = None,
+                 **decode_overrides) -> Translator:
         """Decoding options: ``decode_overrides`` (None: not given), else the run's tuned defaults
         (RUN/decode.yaml: beam, lenpen), else its config's ``decode`` section."""
         run = Run(run_dir)
@@ -67,7 +77,7 @@ class Translator:
         decode = replace(decode, **{k: v for k, v in decode_overrides.items() if v is not None})
         if decode_overrides.get("beam") is None and nbest > decode.beam:  # --nbest N alone: a beam of N
             decode = replace(decode, beam=nbest)
-        return cls(loaded.model, loaded.src_tok, loaded.tgt_tok, decode, greedy=greedy, nbest=nbest)
+        return cls(loaded.model, loaded.src_tok, loaded.tgt_tok, decode, greedy=greedy, nbest=nbest, align=align)
 
     def _search(self, ids: list[list[int]]) -> list[list[Hypothesis]]:
         src = pad(ids).to(self.device)
@@ -77,6 +87,17 @@ class Translator:
                                                min_len=d.min_len, lenpen=d.lenpen, use_cache=self.use_cache)]
         return beam_search(self.model, src, beam=d.beam, lenpen=d.lenpen, max_len_a=d.max_len_a,
                            max_len_b=d.max_len_b, min_len=d.min_len, nbest=self.nbest, use_cache=self.use_cache)
+
+    def _align(self, src_ids: list[list[int]], hyps: list[list[Hypothesis]]) -> list[list[list[tuple[int, int]]]]:
+        """Word links of every hypothesis of every sentence, from one teacher-forced pass."""
+        pairs = [(s, h.tokens + [EOS_ID]) for s, nbest in zip(src_ids, hyps) for h in nbest]
+        flat = attention.align(self.model, self.src_tok, self.tgt_tok, [p[0] for p in pairs], [p[1] for p in pairs],
+                               self.align)
+        out, start = [], 0
+        for nbest in hyps:
+            out.append(flat[start: start + len(nbest)])
+            start += len(nbest)
+        return out
 
     def _chunk(self, lines: list[str], first_lineno: int) -> list[Translation]:
         results: list[Translation | None] = [None] * len(lines)
@@ -99,9 +120,10 @@ class Translator:
                 end += 1
             batch = order[start:end]
             hyps = self._search([encoded[k] for k in batch])
-            for k, h in zip(batch, hyps):
+            links = self._align([encoded[k] for k in batch], hyps) if self.align is not None else None
+            for n, (k, h) in enumerate(zip(batch, hyps)):
                 texts = [" ".join(t.split()) for t in self.tgt_tok.decode([x.tokens for x in h])]  # one line each
-                results[todo[k]] = Translation(h, texts)
+                results[todo[k]] = Translation(h, texts, links[n] if links else [])
             start = end
         for i, r in enumerate(results):
             if r is None:
