@@ -265,6 +265,7 @@ def translate(
 
     from mt.attention import ALIGN_LAYER, format_links
     from mt.files import atomic_write
+    from mt.translate import LineStream
 
     if align_layer is not None and not align:
         _fail("--align-layer needs --align")
@@ -285,26 +286,43 @@ def translate(
                 source, name = stack.enter_context(open(input, "rb")), str(input)
             except OSError as e:
                 _fail(f"{input}: cannot open ({e.strerror})")
+        try:  # a real file or pipe: read lines as they come, and answer each pause in the input at once
+            lines = LineStream(source.fileno())
+            ready = lines.ready
+        except (OSError, ValueError, io.UnsupportedOperation):  # an in-memory stream (tests, library use)
+            lines, ready = source, None
         if output is None:
             sink = io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8", newline="\n", write_through=True)
         else:  # appears only when complete
             sink = stack.enter_context(atomic_write(output))
         bar = stack.enter_context(tqdm(disable=None, unit=" lines", file=sys.stderr, leave=False))
-        for index, result in enumerate(translator.translate(_input_lines(source, name))):
-            if nbest > 1:
-                hyps = result.hypotheses or [None] * nbest
-                texts = result.texts if result.hypotheses else [""] * nbest
-                for k, (hyp, text) in enumerate(zip(hyps, texts)):
-                    sink.write(f"{index}\t{hyp.score if hyp else 0.0:.4f}\t{text}{links(result, k)}\n")
-            elif scores:
-                hyp = result.hypotheses[0] if result.hypotheses else None
-                sink.write(f"{hyp.score if hyp else 0.0:.4f}\t{result.texts[0]}{links(result, 0)}\n")
-            else:
-                sink.write(result.texts[0] + links(result, 0) + "\n")
-            bar.update(1)
-        sink.flush()
+        try:
+            _write_translations(translator.translate(_input_lines(lines, name), ready), sink, bar, nbest=nbest,
+                                scores=scores, links=links, flush=output is None)
+        except BrokenPipeError:  # the reader went away (mt translate | head -1): stop quietly, as Unix tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+            raise typer.Exit(128 + 13)  # what a process ended by SIGPIPE reports
         if output is None:
             sink.detach()
+
+
+def _write_translations(results, sink, bar, *, nbest: int, scores: bool, links, flush: bool) -> None:
+    """One line per input line (N lines with --nbest N); with ``flush``, each as soon as it exists."""
+    for index, result in enumerate(results):
+        if nbest > 1:
+            hyps = result.hypotheses or [None] * nbest
+            texts = result.texts if result.hypotheses else [""] * nbest
+            for k, (hyp, text) in enumerate(zip(hyps, texts)):
+                sink.write(f"{index}\t{hyp.score if hyp else 0.0:.4f}\t{text}{links(result, k)}\n")
+        elif scores:
+            hyp = result.hypotheses[0] if result.hypotheses else None
+            sink.write(f"{hyp.score if hyp else 0.0:.4f}\t{result.texts[0]}{links(result, 0)}\n")
+        else:
+            sink.write(result.texts[0] + links(result, 0) + "\n")
+        bar.update(1)
+        if flush:
+            sink.flush()
+    sink.flush()
 
 
 @app.command("eval")

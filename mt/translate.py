@@ -8,6 +8,8 @@ longer than the model can hold are truncated with a warning.
 
 from __future__ import annotations
 
+import os
+import select
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
@@ -130,13 +132,15 @@ class Translator:
                 results[i] = Translation([], [""])
         return results
 
-    def translate(self, lines: Iterable[str]) -> Iterator[Translation]:
-        """One ``Translation`` per input line, in order; input is consumed in chunks."""
+    def translate(self, lines: Iterable[str], ready: Callable[[], bool] | None = None) -> Iterator[Translation]:
+        """One ``Translation`` per input line, in order; input is consumed in chunks of CHUNK_LINES,
+        or, with ``ready`` (is another line available without waiting?), of the lines that have
+        arrived when the input pauses: a line sent to a waiting filter is answered at once."""
         chunk: list[str] = []
         lineno = 1
         for line in lines:
             chunk.append(line)
-            if len(chunk) == CHUNK_LINES:
+            if len(chunk) == CHUNK_LINES or (ready is not None and not ready()):
                 yield from self._chunk(chunk, lineno)
                 lineno += len(chunk)
                 chunk = []
@@ -146,6 +150,45 @@ class Translator:
     def translate_lines(self, lines: Iterable[str]) -> list[str]:
         """Convenience: the best translation of each line."""
         return [t.texts[0] for t in self.translate(lines)]
+
+
+class LineStream:
+    """The lines of a file descriptor (``\n`` kept, split on ``\n`` only) as they arrive, read in
+    blocks; ``ready()`` says whether the next line can be had without waiting for the writer."""
+
+    BLOCK = 1 << 16
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self._buffer = bytearray()
+        self._eof = False
+
+    def ready(self) -> bool:
+        if b"\n" in self._buffer or self._eof:
+            return True
+        try:
+            return bool(select.select([self.fd], [], [], 0)[0])
+        except (OSError, ValueError):  # not selectable: a plain file, always ready
+            return True
+
+    def __iter__(self) -> Iterator[bytes]:
+        while True:
+            end = self._buffer.find(b"\n")
+            if end >= 0:
+                line = bytes(self._buffer[: end + 1])
+                del self._buffer[: end + 1]
+                yield line
+                continue
+            if self._eof:
+                if self._buffer:
+                    yield bytes(self._buffer)
+                    self._buffer.clear()
+                return
+            block = os.read(self.fd, self.BLOCK)
+            if block:
+                self._buffer += block
+            else:
+                self._eof = True
 
 
 def validation_bleu(model: Transformer, src: list[str], ref: list[str], src_tok: Tokenizer, tgt_tok: Tokenizer,

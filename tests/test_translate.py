@@ -248,3 +248,41 @@ def test_int8_translation_keeps_lines_and_mostly_agrees_with_fp32(run_dir):
     assert result.stdout.splitlines() == fast[:5]
     result = runner.invoke(app, ["translate", "-m", str(run_dir), "--dtype", "int4"], input="x\n")
     assert result.exit_code != 0 and "decode.dtype" in result.output and "int8" in result.output
+
+
+def test_translate_answers_each_line_while_stdin_stays_open(run_dir):
+    """A filter a program can talk to: each line sent is answered before the next is sent."""
+    import select
+    import subprocess
+    import sys
+
+    lines = head("test_2016_flickr.de.gz", 3)
+    expected = Translator.from_run(run_dir).translate_lines(lines)
+    proc = subprocess.Popen([sys.executable, "-m", "mt", "translate", "-m", str(run_dir)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for line, want in zip(lines, expected):
+            proc.stdin.write((line + "\n").encode())
+            proc.stdin.flush()
+            answered, _, _ = select.select([proc.stdout], [], [], 120)
+            assert answered, f"no answer to {line!r} while stdin stays open"
+            assert proc.stdout.readline().decode().rstrip("\n") == want
+        proc.stdin.close()
+        assert proc.wait(60) == 0 and proc.stdout.read() == b""
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_translate_into_a_closed_pipe_stops_quietly(run_dir, tmp_path):
+    import subprocess
+    import sys
+
+    lines = tmp_path / "in.de"
+    lines.write_text("\n".join(head("test_2016_flickr.de.gz", 12)) + "\n", encoding="utf-8")
+    # two lines are answered while the input pauses; head has left by the time the rest are
+    script = (f"(head -2 {lines}; sleep 2; cat {lines}) | {sys.executable} -m mt translate -m {run_dir} "
+              "| head -1; echo status=${PIPESTATUS[1]} >&2")
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
+    assert len(result.stdout.splitlines()) == 1
+    assert result.stderr.strip().splitlines() == ["status=141"], result.stderr
