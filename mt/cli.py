@@ -19,7 +19,6 @@ app = typer.Typer(
     name="mt",
     help="Train Transformer translation models on parallel text; translate and evaluate from the shell.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
 )
 tokenizer_app = typer.Typer(help="SentencePiece tokenizers.", no_args_is_help=True)
@@ -72,8 +71,19 @@ def _handles_errors(fn):
     return wrapper
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from mt import __version__
+
+        typer.echo(f"mt {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors (also MT_DEBUG=1).")] = False):
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors (also MT_DEBUG=1).")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print mt's version and exit.")] = False,
+):
     if debug:
         _state["debug"] = True
 

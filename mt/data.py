@@ -279,12 +279,15 @@ def _hub_dataset(corpus: CorpusConfig, cache_dir: str):
     # imported here: reading local files (every test, most users) never pays for importing datasets
     import datasets
 
-    datasets.logging.set_verbosity_error()
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity_error()  # its info lines, for this call only; progress bars stay the user's
     try:
         return datasets.load_dataset(corpus.hub, corpus.hub_config or None, split=corpus.split,
                                      cache_dir=str(Path(cache_dir) / "hub") if cache_dir else None)
     except Exception as e:  # network, unknown name, unknown split: all user-facing
         raise CorpusError(f"hub:{corpus.hub}: cannot load ({type(e).__name__}: {e})") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
 
 
 def _hub_pairs(corpus: CorpusConfig, src_lang: str, tgt_lang: str, cache_dir: str) -> Iterator[tuple[str, str]]:

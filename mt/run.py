@@ -7,6 +7,7 @@
     RUN/checkpoints/            step_00001000.pt ... (the newest train.keep_checkpoints), last.pt,
                                 best.pt, average.pt (training's average), average_lastN.pt (mt average)
     RUN/metrics.jsonl           one JSON row per training log, validation and end of training
+    RUN/train.log               everything training printed, each line with its time (appended on resume)
     RUN/decode.yaml             the decoding defaults chosen on the validation split
     RUN/tensorboard/            metrics.jsonl's rows as TensorBoard events (train.tensorboard: true)
     RUN/.mt-manifest.json       the files mt wrote here: a failed start removes those, and only those
@@ -216,6 +217,7 @@ class Run:
 
     CONFIG = "config.yaml"
     METRICS = "metrics.jsonl"
+    LOG = "train.log"
     DEFAULTS = "decode.yaml"
     MANIFEST = ".mt-manifest.json"
     LOCK = ".mt-lock"
@@ -271,7 +273,7 @@ class Run:
 
     def _written_names(self) -> list[Path]:
         """Every fixed path training writes (step checkpoints are matched by pattern)."""
-        names = [self.config_path, self.metrics_path, self.defaults_path, *self.tokenizer_paths(True),
+        names = [self.config_path, self.metrics_path, self.log_path, self.defaults_path, *self.tokenizer_paths(True),
                  *self.tokenizer_paths(False)]
         return names + [self.checkpoint_path(n) for n in self.NAMED]
 
@@ -389,6 +391,22 @@ class Run:
         if free < need:
             raise RunError(f"{self.path}: only {free / 2**20:.0f} MiB free on disk; checkpoints need about "
                            f"{need / 2**20:.0f} MiB")
+
+    @property
+    def log_path(self) -> Path:
+        return self.path / self.LOG
+
+    def logging_to_file(self, log: Callable[[str], None]) -> Callable[[str], None]:
+        """``log``, and each message also appended to RUN/train.log with the time it was logged."""
+        self.own(self.log_path)
+
+        def both(message: str) -> None:
+            log(message)
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write("".join(f"{stamp} {line}\n" for line in message.splitlines() or [""]))
+
+        return both
 
     def metrics_rows(self) -> list[dict]:
         """The rows of metrics.jsonl so far (read only)."""

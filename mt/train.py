@@ -570,7 +570,7 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
         run = Run(tc.run_dir)
         d.on_main(lambda: run.open_for_training(resume, in_place=tokenizers_in_place(cfg, run)))
         try:
-            result = _train(cfg, run, resume, log, progress, d, device)
+            result = _train(cfg, run, resume, run.logging_to_file(log) if d.main else log, progress, d, device)
         finally:
             if d.main:
                 run.close()

@@ -3,6 +3,8 @@ padding gets none, the decoder's are causal, and cross-attention aligns a revers
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 
@@ -126,3 +128,17 @@ def test_alignments_recover_the_reversed_positions_of_a_reversal_model():
         right += sum(by_target.get(j) == {n - 1 - j} for j in range(n))
         total += n
     assert right / total >= 0.9, f"{right}/{total} target words aligned to their reversed position"
+
+
+def test_gold_alignments_are_well_formed(repo_root, multi30k_head):
+    spec = importlib.util.spec_from_file_location("eval_align", repo_root / "scripts" / "eval_align.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    gold = module.read_gold()
+    assert sorted(gold) == list(range(1, 51))
+    de, en = multi30k_head("test_2016_flickr", "de", 50), multi30k_head("test_2016_flickr", "en", 50)
+    for n, (sure, possible) in gold.items():
+        src_words, tgt_words = len(de[n - 1].split()), len(en[n - 1].split())
+        assert sure and sure <= possible, f"line {n}"
+        assert all(i < src_words and j < tgt_words for i, j in possible), f"line {n}: a link out of range"
+        assert len({j for _, j in possible}) >= tgt_words // 2, f"line {n}: most English words are aligned"

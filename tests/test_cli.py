@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -135,6 +136,17 @@ def test_train_end_to_end(runner, tmp_path, monkeypatch, repo_root, multi30k):
     assert [r["step"] for r in rows if r["kind"] == "valid"] == [5, 10]
     assert rows[-1]["kind"] == "end" and rows[-1]["step"] == 10
     assert any(cache.iterdir())  # the datasets cache went where it was told
+    log = (run_dir / "train.log").read_text().splitlines()  # what training printed, with times
+    valid_lines = [line for line in log if re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d step (5|10): valid loss .*", line)]
+    assert len(valid_lines) == 2
+    assert all(line.split(" ", 2)[2] in result.stderr for line in log)
+
+
+def test_version(runner):
+    from importlib.metadata import version
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout == f"mt {version('mt')}\n"
 
 
 def test_python_dash_m_mt_help(repo_root):
