@@ -338,12 +338,15 @@ def _write_translations(results, sink, bar, *, nbest: int, scores: bool, links, 
 @app.command("eval")
 @_handles_errors
 def evaluate(
-    ref: Annotated[Path, typer.Option("--ref", "-r", help="Reference translations, one per line.")],
-    system: Annotated[Optional[Path], typer.Option("--sys", "-s", help="System output (default: stdin).")] = None,
-    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Translate --src with this run first.")] = None,
+    ref: Annotated[list[Path], typer.Option("--ref", "-r", help="Reference translations, one per line; repeat for several references.")],
+    system: Annotated[Optional[list[Path]], typer.Option("--sys", "-s", help="System output (default: stdin); repeat to compare systems, the first the baseline.")] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Translate --src with this run first (one more system).")] = None,
     src: Annotated[Optional[Path], typer.Option("--src", help="Source file to translate (with -m).")] = None,
+    language_pair: Annotated[Optional[str], typer.Option("--language-pair", "-l", help="SRC-TGT, e.g. en-zh: BLEU tokenizes as the target language needs (zh, ja-mecab, ko-mecab; else 13a), as sacrebleu -l. Default with -m: the run's data.src_lang-data.tgt_lang.")] = None,
     metrics: Annotated[str, typer.Option("--metrics", help="Comma-separated: bleu, chrf, ter.")] = "bleu,chrf,ter",
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list (sacreBLEU's fields).")] = False,
+    paired_bs: Annotated[bool, typer.Option("--paired-bs", help="Compare the systems with the first by paired bootstrap resampling (sacrebleu --paired-bs).")] = False,
+    paired_bs_n: Annotated[int, typer.Option("--paired-bs-n", help="Bootstrap resamples for --paired-bs.")] = 1000,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (sacreBLEU's fields).")] = False,
     width: Annotated[int, typer.Option("--width", "-w", help="Decimals, as sacrebleu -w.")] = 1,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="With -m: also write the translations here.")] = None,
     checkpoint: Checkpoint = None,
@@ -360,31 +363,47 @@ def evaluate(
 ):
     """Score translations with sacreBLEU (BLEU, chrF, TER with signatures).
 
-    Either score a system output (-s FILE or stdin) against -r REF, or translate --src with -m RUN
-    first. The numbers equal the sacrebleu command line's on the same files.
+    Score a system output (-s FILE or stdin) against -r REF (several -r: several references), or
+    translate --src with -m RUN first; several systems (-s A -s B, or -s A -m RUN) print a table,
+    with --paired-bs a significance test against the first. The numbers equal the sacrebleu command
+    line's on the same files.
     """
     import json
     import sys
 
-    from mt.evaluate import decode_lines, parse_metrics, read_text, score
+    from mt.evaluate import compare, decode_lines, parse_metrics, read_text, score
     from mt.files import atomic_write
 
     names = parse_metrics(metrics)
-    references = read_text(ref)
+    tgt_lang = ""
+    if language_pair is not None:
+        parts = language_pair.split("-")
+        if len(parts) != 2 or not all(parts):
+            _fail(f"--language-pair {language_pair!r}: give SRC-TGT, e.g. de-en")
+        tgt_lang = parts[1]
+    references = [read_text(path) for path in ref]
+    systems = [(str(path), read_text(path)) for path in system or []]
     if model is not None:
         if src is None:
             _fail("-m needs --src (the source side to translate)")
         translator = _translator(model, checkpoint, average, device, greedy, 1, beam, lenpen, max_len_a,
                                  max_len_b, min_len, batch_tokens, dtype)
+        if language_pair is None:
+            from mt.run import Run
+
+            tgt_lang = Run(model).load_config().data.tgt_lang
         hypotheses = translator.translate_lines(read_text(src))
         if output is not None:
             with atomic_write(output) as f:
                 f.write("".join(h + "\n" for h in hypotheses))
-    elif system is not None:
-        hypotheses = read_text(system)
-    else:
-        hypotheses = decode_lines(sys.stdin.buffer.read().split(b"\n"), "<stdin>")
-    results = score(hypotheses, references, names, width=width)
+        systems.append((str(model), hypotheses))
+    elif not systems:
+        systems.append(("<stdin>", decode_lines(sys.stdin.buffer.read().split(b"\n"), "<stdin>")))
+    if len(systems) > 1 or paired_bs:
+        typer.echo(compare(systems, references, names, paired_bs=paired_bs, samples=paired_bs_n, width=width,
+                           tgt_lang=tgt_lang, as_json=as_json), nl=False)
+        return
+    results = score(systems[0][1], references, names, width=width, tgt_lang=tgt_lang)
     if as_json:
         typer.echo(json.dumps([r.as_dict() for r in results], indent=1))
     else:

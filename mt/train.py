@@ -34,6 +34,7 @@ from mt.config import Config, ConfigError, parse_duration
 from mt.data import ParallelData, TokenBatchSampler, same_content
 from mt.device import autocast, pick_device, slow_bf16_warning
 from mt.distributed import Dist, quiet_unless_main
+from mt.evaluate import bleu
 from mt.errors import MtError
 from mt.loss import linear_label_smoothed_loss
 from mt.model import Transformer
@@ -416,7 +417,7 @@ class Trainer:
             if tc.valid_beam:
                 result["bleu"] = validation_bleu(self.model, valid_data.src_text, valid_data.tgt_text,
                                                  self.data.src_tok, self.data.tgt_tok,
-                                                 replace(self.cfg.decode, beam=tc.valid_beam))
+                                                 replace(self.cfg.decode, beam=tc.valid_beam), self.cfg.data.tgt_lang)
             return result
 
         result = self.dist.on_main(run_validation)  # rank 0 validates; every rank gets its numbers
@@ -562,6 +563,8 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
     if not (tc.max_steps or tc.max_epochs or tc.max_time or (tc.patience and cfg.data.valid.is_set)):
         raise ConfigError("training would never stop: set train.max_steps, train.max_epochs, train.max_time "
                           "or train.patience (with data.valid)")
+    if tc.valid_beam or cfg.decode.tune_beam or cfg.decode.tune_lenpen:
+        bleu(cfg.data.tgt_lang)  # a target whose BLEU tokenizer is missing fails now, not at the first validation
     if tc.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("train.tensorboard: true needs the tensorboard package: pip install tensorboard")
     device = pick_device(d.device(tc.device))

@@ -15,11 +15,10 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from sacrebleu.metrics import BLEU
-
 from mt import attention
 from mt.batch import pad
 from mt.config import ConfigError, DecodeConfig
+from mt.evaluate import bleu
 from mt.model import Transformer
 from mt.run import Run
 from mt.search import Hypothesis, beam_search, greedy_search
@@ -192,12 +191,12 @@ class LineStream:
 
 
 def validation_bleu(model: Transformer, src: list[str], ref: list[str], src_tok: Tokenizer, tgt_tok: Tokenizer,
-                    decode: DecodeConfig) -> float:
-    """Corpus BLEU (sacreBLEU defaults) of translating ``src`` with greedy (beam 1) or beam search,
-    against ``ref``; the model keeps its dtype and its training mode afterwards."""
+                    decode: DecodeConfig, tgt_lang: str = "") -> float:
+    """Corpus BLEU (sacreBLEU defaults, the tokenizer for ``tgt_lang``) of translating ``src`` with
+    greedy (beam 1) or beam search, against ``ref``; the model keeps its dtype and its training mode."""
     was_training = model.training
     model.eval()
     translator = Translator(model, src_tok, tgt_tok, decode, greedy=decode.beam == 1)
     hypotheses = translator.translate_lines(src)
     model.train(was_training)
-    return BLEU(force=True).corpus_score(hypotheses, [ref]).score  # force: no tokenized-input warning
+    return bleu(tgt_lang, force=True).corpus_score(hypotheses, [ref]).score  # force: no tokenized-input warning

@@ -47,7 +47,7 @@ def choose_defaults(cfg: Config, run: Run, valid_src: list[str], valid_ref: list
     def score(name: str, beam: int, lenpen: float) -> float:
         m = loaded[name]
         bleu = validation_bleu(m.model, valid_src, valid_ref, m.src_tok, m.tgt_tok,
-                               replace(decode, beam=beam, lenpen=lenpen))
+                               replace(decode, beam=beam, lenpen=lenpen), cfg.data.tgt_lang)
         tried.append({"checkpoint": name, "beam": beam, "lenpen": lenpen, "bleu": round(bleu, 2)})
         return bleu
 

@@ -202,7 +202,7 @@ def main() -> None:
             seconds = statistics.median(timings[name])
             assert len(outputs[name]) == len(lines)
             tokens = sum(len(ids) for ids in tok.encode(outputs[name]))  # pieces + </s>
-            bleu = score(outputs[name], refs, ["bleu"])[0].score
+            bleu = score(outputs[name], [refs], ["bleu"])[0].score
             rows.append((name, seconds, len(lines) / seconds, tokens / seconds, bleu))
             print(f"{name}: {seconds:.2f}s, {len(lines) / seconds:.1f} sentences/s, BLEU {bleu:.2f}", flush=True)
     base = {r[0]: r[2] for r in rows}.get("hf")

@@ -286,3 +286,76 @@ def test_translate_into_a_closed_pipe_stops_quietly(run_dir, tmp_path):
     result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
     assert len(result.stdout.splitlines()) == 1
     assert result.stderr.strip().splitlines() == ["status=141"], result.stderr
+
+
+def _sacrebleu(*args: str) -> str:
+    """The sacrebleu command line's stdout (colours off)."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "sacrebleu", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "NO_COLOR": "1"})
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def _systems(tmp_path):
+    refs = head("test_2016_flickr.en.gz", 150)
+    other = head("val.en.gz", 150)
+    files = {"ref.en": refs, "ref2.en": [r if i % 2 else o for i, (r, o) in enumerate(zip(refs, other))],
+             "base.en": [" ".join(r.split()[:-2]) if i % 3 else r.lower() for i, r in enumerate(refs)],
+             "sys.en": [" ".join(r.split()[1:]) if i % 4 else r for i, r in enumerate(refs)]}
+    for name, lines in files.items():
+        (tmp_path / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return {name: str(tmp_path / name) for name in files}
+
+
+def test_eval_with_several_references_and_a_target_language_equals_sacrebleu_cli(tmp_path):
+    f = _systems(tmp_path)
+    for extra_mt, extra_cli in (([], []), (["-l", "en-zh"], ["-l", "en-zh"])):
+        result = runner.invoke(app, ["eval", "-r", f["ref.en"], "-r", f["ref2.en"], "-s", f["base.en"], "--json",
+                                     "-w", "3", *extra_mt])
+        assert result.exit_code == 0, result.output
+        got = json.loads(result.stdout)
+        expected = json.loads(_sacrebleu(f["ref.en"], f["ref2.en"], "-i", f["base.en"], "-m", "bleu", "chrf", "ter",
+                                         "-f", "json", "-w", "3", *extra_cli))
+        assert [(g["name"], round(g["score"], 3)) for g in got] == [(e["name"], e["score"]) for e in expected]
+        assert [g["signature"] for g in got] == [e["signature"] for e in expected]
+        assert "nrefs:2" in got[0]["signature"]
+        assert ("tok:zh" in got[0]["signature"]) == bool(extra_mt)
+        text = runner.invoke(app, ["eval", "-r", f["ref.en"], "-r", f["ref2.en"], "-s", f["base.en"], *extra_mt]).stdout
+        cli = _sacrebleu(f["ref.en"], f["ref2.en"], "-i", f["base.en"], "-m", "bleu", "chrf", "ter", "-f", "text", *extra_cli)
+        assert [line.split() for line in text.splitlines()] == [line.split() for line in cli.splitlines()]  # CLI aligns on "="
+
+
+def test_eval_paired_bootstrap_equals_sacrebleu_cli(tmp_path):
+    f = _systems(tmp_path)
+    result = runner.invoke(app, ["eval", "-r", f["ref.en"], "-s", f["base.en"], "-s", f["sys.en"], "--paired-bs",
+                                 "--metrics", "bleu,chrf", "-w", "2"])
+    assert result.exit_code == 0, result.output
+    expected = _sacrebleu(f["ref.en"], "-i", f["base.en"], f["sys.en"], "--paired-bs", "-m", "bleu", "chrf", "-w", "2",
+                          "-f", "text")
+    assert result.stdout == expected
+    assert "p = " in result.stdout and f"Baseline: {f['base.en']}" in result.stdout
+    rows = json.loads(runner.invoke(app, ["eval", "-r", f["ref.en"], "-s", f["base.en"], "-s", f["sys.en"],
+                                          "--paired-bs", "--metrics", "bleu", "--json"]).stdout)
+    assert [r["system"] for r in rows] == [f"Baseline: {f['base.en']}", f["sys.en"]]
+    assert rows[1]["BLEU"]["p_value"] is not None and rows[0]["BLEU"]["p_value"] is None
+    result = runner.invoke(app, ["eval", "-r", f["ref.en"], "-s", f["base.en"], "--paired-bs"])
+    assert result.exit_code == 1 and "at least two" in result.stderr
+
+
+def test_eval_for_a_japanese_target_needs_mecab_or_says_what_to_install(tmp_path):
+    import importlib.util
+
+    (tmp_path / "r.ja").write_text("猫が好きです。\n", encoding="utf-8")
+    result = runner.invoke(app, ["eval", "-r", str(tmp_path / "r.ja"), "-s", str(tmp_path / "r.ja"), "-l", "en-ja",
+                                 "--metrics", "bleu"])
+    if importlib.util.find_spec("MeCab") is None:
+        assert result.exit_code == 1 and result.stderr == "mt: error: BLEU for a 'ja' target needs its tokenizer: " \
+                                                          "pip install 'sacrebleu[ja]'\n"
+    else:
+        assert result.exit_code == 0 and "tok:ja-mecab" in result.stdout
+    result = runner.invoke(app, ["eval", "-r", str(tmp_path / "r.ja"), "-s", str(tmp_path / "r.ja"), "-l", "ja"])
+    assert result.exit_code == 1 and "--language-pair 'ja': give SRC-TGT" in result.stderr
