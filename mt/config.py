@@ -288,6 +288,12 @@ class TrainConfig:
     """Also translate the validation source and report BLEU: 0 off, 1 greedy, k beam search of size k."""
     best_metric: Literal["nll", "bleu"] = "nll"
     """What picks best.pt and drives early stopping: nll (validation NLL) or bleu (needs valid_beam)."""
+    init_from: str = ""
+    """Fine-tune: start from the weights of this run directory (its checkpoint chosen on validation,
+    else best.pt) or checkpoint file, with its tokenizer and a fresh optimizer, schedule and step. The
+    model's shape must be the parent's (dropout may differ). Ignored when resuming."""
+    init_keep_optimizer: bool = False
+    """With init_from: keep the parent's optimizer state (Adam's moments) instead of a fresh one."""
     dist_timeout: str = "2h"
     """Under torchrun: how long a rank waits for the others (rank 0 prepares data and validates alone)."""
 

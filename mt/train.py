@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from mt import checkpoint as ckpt
-from mt import tune
+from mt import finetune, tune
 from mt.batch import Batch
 from mt.config import Config, ConfigError, parse_duration
 from mt.data import ParallelData, TokenBatchSampler, same_content
@@ -603,6 +603,10 @@ def _train(cfg: Config, run: Run, resume: bool, log: Callable[[str], None], prog
     # a resumed run keeps its seed for the weighted mixture too (the sampler adopts the saved one)
     saved = resumed.state.get("sampler") if resumed else None
     seed = saved["seed"] if isinstance(saved, dict) and isinstance(saved.get("seed"), int) else tc.seed
+    parent = None
+    if tc.init_from and resumed is None:  # fine-tuning; a resumed run already holds what it started from
+        parent = finetune.find_parent(tc.init_from)
+        cfg = finetune.adopt(cfg, parent)  # the parent's tokenizer, once its model shape is checked
 
     def prepare_here() -> Prepared:
         data = prepare(cfg, run, log, check=resumed.check_tokenizers(run, cfg) if resumed else None,
@@ -622,6 +626,10 @@ def _train(cfg: Config, run: Run, resume: bool, log: Callable[[str], None], prog
         torch.manual_seed(tc.seed + d.rank)  # the same initial weights, dropout of its own on each rank
     trainer = Trainer(cfg, run, model, data, device, log, progress, d)
     s = trainer.state
+    if parent is not None:
+        finetune.load_into(parent, model, trainer.optimizer if tc.init_keep_optimizer else None)
+        log(f"initialised from {parent.path} (its step {parent.state.get('trainer', {}).get('step', '?')}); "
+            + ("its optimizer state kept" if tc.init_keep_optimizer else "a fresh optimizer") + ", step 0")
     if resumed is not None:
         trainer.load_state_dict(resumed.state, resumed.path)
         trainer.metrics.truncate_after(s.step)  # rows a killed run logged after its last checkpoint
