@@ -17,18 +17,17 @@ import hashlib
 import json
 import itertools
 import os
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from mt import cache
 from mt.batch import Batch, collate
 from mt.config import CorpusConfig
 from mt.errors import MtError
+from mt.progress import bar
 from mt.tokenizer import Tokenizer
 
 CACHE_KEY_VERSION = "3"  # bump when reading or tokenizing changes what a cache holds
@@ -334,10 +333,9 @@ def tokenized(corpus: CorpusConfig, src_lang: str, tgt_lang: str, src_tok: Token
     processes; a cache left by a killed build is never used)."""
     path = cache_path(corpus, src_lang, tgt_lang, src_tok, tgt_tok, cache_dir, dedup)
     if not (path / "meta.json").exists():
-        with tqdm(desc=f"tokenizing {corpus.describe()}", unit=" pairs", unit_scale=True, file=sys.stderr,
-                  disable=progress is False if progress is not None else None, dynamic_ncols=True) as bar:
+        with bar(progress, desc=f"tokenizing {corpus.describe()}", unit=" pairs", unit_scale=True) as shown:
             cache.build(read_pairs(corpus, src_lang, tgt_lang, cache_dir), path, src_tok, tgt_tok,
-                        num_proc=num_proc, dedup=dedup, source=corpus.describe(), progress=bar.update)
+                        num_proc=num_proc, dedup=dedup, source=corpus.describe(), progress=shown.update)
         if log is not None:
             log(f"tokenized {corpus.describe()} into {path}")
     return cache.TokenizedCorpus(path)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from mt.config import Config, ConfigError, CorpusConfig
 from mt.data import CorpusError, ParallelData, Part, clean, content_key, read_all, read_pairs, tokenized
+from mt.progress import bar
 from mt.run import Run
 from mt.tokenizer import Tokenizer, cores, train_sentencepiece
 
@@ -36,7 +37,8 @@ def tokenizers_in_place(cfg: Config, run: Run) -> tuple[Path, ...]:
     return tuple(p for p in named if p.resolve() in ours)
 
 
-def prepare_tokenizers(cfg: Config, run: Run, log: Callable[[str], None]) -> tuple[Tokenizer, Tokenizer]:
+def prepare_tokenizers(cfg: Config, run: Run, log: Callable[[str], None],
+                       progress: bool | None = None) -> tuple[Tokenizer, Tokenizer]:
     """Reuse the run's tokenizer, copy the configured one in, or train SentencePiece on the training
     corpus."""
     tok = cfg.tokenizer
@@ -54,16 +56,24 @@ def prepare_tokenizers(cfg: Config, run: Run, log: Callable[[str], None]) -> tup
     options = dict(vocab_size=tok.vocab_size, model_type=tok.type, character_coverage=tok.character_coverage,
                    input_sentence_size=tok.input_sentence_size, seed=cfg.train.seed)
     t0 = time.time()
+
+    def shown(sentences: Iterator[str], what: str) -> Iterator[str]:
+        with bar(progress, desc=f"reading {what} for SentencePiece", unit=" sentences", unit_scale=True,
+                 leave=False) as counter:
+            for sentence in sentences:
+                counter.update(1)
+                yield sentence
+
     if tok.joint:
         def both() -> Iterator[str]:
             yield from _sentences(cfg, 0)
             yield from _sentences(cfg, 1)
         run.own(src_path)
-        train_sentencepiece(both(), src_path, **options)
+        train_sentencepiece(shown(both(), "both sides"), src_path, **options)
     else:
         run.own(src_path, tgt_path)
-        train_sentencepiece(_sentences(cfg, 0), src_path, **options)
-        train_sentencepiece(_sentences(cfg, 1), tgt_path, **options)
+        train_sentencepiece(shown(_sentences(cfg, 0), "the source side"), src_path, **options)
+        train_sentencepiece(shown(_sentences(cfg, 1), "the target side"), tgt_path, **options)
     log(f"trained SentencePiece {tok.type} ({'joint' if tok.joint else 'separate'}, {tok.vocab_size} pieces) "
         f"in {time.time() - t0:.1f}s -> {src_path.name}" + ("" if tok.joint else f", {tgt_path.name}"))
     return Tokenizer(src_path), Tokenizer(tgt_path)
@@ -132,7 +142,7 @@ def prepare(cfg: Config, run: Run, log: Callable[[str], None],
     data = cfg.data
     require_training_corpus(cfg)
     corpus_key = [content_key(corpus) for corpus in data.train]
-    src_tok, tgt_tok = prepare_tokenizers(cfg, run, log)
+    src_tok, tgt_tok = prepare_tokenizers(cfg, run, log, progress)
     if check is not None:
         check(src_tok, tgt_tok)
     train = load_split(cfg, "train", src_tok, tgt_tok, progress, log, seed)

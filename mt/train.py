@@ -34,11 +34,12 @@ from mt.config import Config, ConfigError, parse_duration
 from mt.data import ParallelData, TokenBatchSampler, same_content
 from mt.device import autocast, pick_device, slow_bf16_warning
 from mt.distributed import Dist, quiet_unless_main
-from mt.evaluate import bleu
 from mt.errors import MtError
+from mt.evaluate import bleu
 from mt.loss import linear_label_smoothed_loss
 from mt.model import Transformer
 from mt.prepare import Prepared, prepare, tokenizers_in_place
+from mt.progress import bar as progress_bar
 from mt.run import Run, check_weights, checkpoint_config
 from mt.signals import StopSignals
 from mt.tokenizer import PAD_ID, Tokenizer
@@ -417,7 +418,8 @@ class Trainer:
             if tc.valid_beam:
                 result["bleu"] = validation_bleu(self.model, valid_data.src_text, valid_data.tgt_text,
                                                  self.data.src_tok, self.data.tgt_tok,
-                                                 replace(self.cfg.decode, beam=tc.valid_beam), self.cfg.data.tgt_lang)
+                                                 replace(self.cfg.decode, beam=tc.valid_beam), self.cfg.data.tgt_lang,
+                                                 progress=self.progress)
             return result
 
         result = self.dist.on_main(run_validation)  # rank 0 validates; every rank gets its numbers
@@ -459,8 +461,7 @@ class Trainer:
         (after a signal: saved at once, validating could take long)."""
         tc, s, model, optimizer, d = self.tc, self.state, self.model, self.optimizer, self.dist
         stream = batch_stream(self.sampler, s, tc.max_epochs)
-        bar = tqdm(total=tc.max_steps or None, initial=s.step, file=sys.stderr, dynamic_ncols=True, unit="step",
-                   disable=self.progress is False if self.progress is not None else None)
+        bar = progress_bar(self.progress, total=tc.max_steps or None, initial=s.step, unit="step")
         model.train()
         self._tick = self._window_start = time.time()  # the time budget counts training, not preparation
         bad_updates = 0
@@ -658,6 +659,7 @@ def _train(cfg: Config, run: Run, resume: bool, log: Callable[[str], None], prog
         if s.step != initial_step:  # the model changed: an earlier choice no longer holds
             run.drop_tuning()
         if data.valid is not None and wants_tuning and not run.has_defaults() and not trainer.signal:
-            tune.choose_defaults(cfg, run, data.valid.src_text, data.valid.tgt_text, str(device), log)
+            tune.choose_defaults(cfg, run, data.valid.src_text, data.valid.tgt_text, str(device), log,
+                                 progress=trainer.progress)
     return TrainResult(step=s.step, epoch=s.epoch + 1, best=s.best, stopped=stopped, run_dir=run.path,
                        signal=trainer.signal)

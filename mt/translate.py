@@ -20,6 +20,7 @@ from mt.batch import pad
 from mt.config import ConfigError, DecodeConfig
 from mt.evaluate import bleu
 from mt.model import Transformer
+from mt.progress import bar
 from mt.run import Run
 from mt.search import Hypothesis, beam_search, greedy_search
 from mt.tokenizer import EOS_ID, Tokenizer
@@ -191,12 +192,16 @@ class LineStream:
 
 
 def validation_bleu(model: Transformer, src: list[str], ref: list[str], src_tok: Tokenizer, tgt_tok: Tokenizer,
-                    decode: DecodeConfig, tgt_lang: str = "") -> float:
+                    decode: DecodeConfig, tgt_lang: str = "", progress: bool | None = False) -> float:
     """Corpus BLEU (sacreBLEU defaults, the tokenizer for ``tgt_lang``) of translating ``src`` with
     greedy (beam 1) or beam search, against ``ref``; the model keeps its dtype and its training mode."""
     was_training = model.training
     model.eval()
     translator = Translator(model, src_tok, tgt_tok, decode, greedy=decode.beam == 1)
-    hypotheses = translator.translate_lines(src)
+    with bar(progress, total=len(src), desc="validation BLEU", unit=" lines", leave=False) as shown:
+        hypotheses = []
+        for result in translator.translate(src):
+            hypotheses.append(result.texts[0])
+            shown.update(1)
     model.train(was_training)
     return bleu(tgt_lang, force=True).corpus_score(hypotheses, [ref]).score  # force: no tokenized-input warning

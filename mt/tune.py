@@ -21,12 +21,13 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from mt.config import Config
+from mt.progress import bar
 from mt.run import Run
 from mt.translate import validation_bleu
 
 
 def choose_defaults(cfg: Config, run: Run, valid_src: list[str], valid_ref: list[str], device: str,
-                    log: Callable[[str], None]) -> dict:
+                    log: Callable[[str], None], progress: bool | None = None) -> dict:
     """Pick checkpoint, beam and length penalty by validation BLEU; write and return them. Models are
     read as ``mt translate`` reads them (``Run.load_for_inference``, the run's ``decode.dtype``) on
     ``device``."""
@@ -43,24 +44,31 @@ def choose_defaults(cfg: Config, run: Run, valid_src: list[str], valid_ref: list
         device = "auto"
     loaded = {name: run.load_for_inference(which, decode.dtype, device) for name, which in candidates.items()}
     tried = []
-
-    def score(name: str, beam: int, lenpen: float) -> float:
-        m = loaded[name]
-        bleu = validation_bleu(m.model, valid_src, valid_ref, m.src_tok, m.tgt_tok,
-                               replace(decode, beam=beam, lenpen=lenpen), cfg.data.tgt_lang)
-        tried.append({"checkpoint": name, "beam": beam, "lenpen": lenpen, "bleu": round(bleu, 2)})
-        return bleu
-
-    by_checkpoint = {name: score(name, decode.beam, decode.lenpen) for name in loaded}
-    chosen = max(by_checkpoint, key=lambda name: (by_checkpoint[name], name == "average"))
-    best = (by_checkpoint[chosen], decode.beam, decode.lenpen)
-    seen_greedy = decode.beam == 1
+    grid, seen_greedy = [], decode.beam == 1
     for beam, lenpen in itertools.product(decode.tune_beam or [decode.beam], decode.tune_lenpen or [decode.lenpen]):
         if beam == 1:  # greedy: the length penalty changes scores, never the output
             if seen_greedy:
                 continue
             seen_greedy = True
         if (beam, lenpen) != (decode.beam, decode.lenpen):
+            grid.append((beam, lenpen))
+    shown = bar(progress, total=len(loaded) + len(grid), desc="choosing decoding defaults on validation",
+                unit=" trials", leave=False)
+
+    def score(name: str, beam: int, lenpen: float) -> float:
+        m = loaded[name]
+        bleu = validation_bleu(m.model, valid_src, valid_ref, m.src_tok, m.tgt_tok,
+                               replace(decode, beam=beam, lenpen=lenpen), cfg.data.tgt_lang)
+        tried.append({"checkpoint": name, "beam": beam, "lenpen": lenpen, "bleu": round(bleu, 2)})
+        shown.set_postfix_str(f"{name}, beam {beam}, lenpen {lenpen}: BLEU {bleu:.2f}")
+        shown.update(1)
+        return bleu
+
+    with shown:
+        by_checkpoint = {name: score(name, decode.beam, decode.lenpen) for name in loaded}
+        chosen = max(by_checkpoint, key=lambda name: (by_checkpoint[name], name == "average"))
+        best = (by_checkpoint[chosen], decode.beam, decode.lenpen)
+        for beam, lenpen in grid:
             bleu = score(chosen, beam, lenpen)
             if bleu > best[0]:
                 best = (bleu, beam, lenpen)

@@ -180,3 +180,31 @@ def test_data_prepare_fills_the_cache_that_training_then_reads(runner, tmp_path,
     result = runner.invoke(app, ["train", str(config), f"tokenizer.src_model={spm_model}", "-o", str(tmp_path / "run"),
                                  "-q"])
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("progress", [True, None])
+def test_long_phases_show_progress_only_when_asked_or_on_a_terminal(tmp_path, multi30k_head, capsys, progress):
+    from mt.config import config_from_dict
+    from mt.train import train
+
+    for split, n in (("train", 300), ("val", 20)):
+        for lang in ("de", "en"):
+            write(tmp_path / f"{split}.{lang}", multi30k_head(split, lang, n))
+    cfg = config_from_dict({
+        "data": {"train": {"src": str(tmp_path / "train.de"), "tgt": str(tmp_path / "train.en")},
+                 "valid": {"src": str(tmp_path / "val.de"), "tgt": str(tmp_path / "val.en")},
+                 "cache_dir": str(tmp_path / "cache")},
+        "tokenizer": {"vocab_size": 300},
+        "model": {"d_model": 16, "n_heads": 2, "ffn_dim": 32, "encoder_layers": 1, "decoder_layers": 1, "dropout": 0.0},
+        "train": {"run_dir": str(tmp_path / "run"), "max_steps": 4, "valid_every": 4, "valid_beam": 1,
+                  "warmup_steps": 2, "num_threads": 1},
+        "decode": {"beam": 1, "max_len_b": 5, "tune_beam": [1, 2]},
+    })
+    train(cfg, log=lambda _: None, progress=progress)
+    err = capsys.readouterr().err
+    phases = ["reading both sides for SentencePiece", "tokenizing", "step", "validation BLEU",
+              "choosing decoding defaults on validation"]
+    if progress:
+        assert all(phase in err for phase in phases), err
+    else:  # stderr is not a terminal here: nothing
+        assert err == ""
