@@ -27,11 +27,10 @@ import torch
 from mt.batch import collate
 from mt.errors import MtError
 from mt.model import MultiHeadAttention, Transformer
-from mt.tokenizer import EOS_ID, Tokenizer
+from mt.tokenizer import EOS_ID, WORD_START, Tokenizer
 
 KINDS = ("cross", "self-enc", "self-dec")
 ALIGN_LAYER = -1  # counted from the decoder's last layer (-1); see the module docstring
-WORD_START = "\u2581"  # SentencePiece's ▁: the piece begins a word
 SPECIALS = frozenset({"<s>", "</s>", "<pad>"})
 
 

@@ -25,7 +25,7 @@ from mt.config import Config, config_from_dict
 from mt.errors import MtError
 from mt.files import atomic_copy, atomic_write
 from mt.run import Run
-from mt.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
+from mt.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, WORD_START, Tokenizer
 
 
 class ExportError(MtError):
@@ -138,6 +138,7 @@ def to_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str | None = Non
     )
     hf.save_pretrained(out_dir, safe_serialization=True)
     atomic_copy(run.tokenizer_paths(joint=True)[0], out_dir / "sentencepiece.model")
+    hf_tokenizer(out_dir / "sentencepiece.model", out_dir, cfg.model.max_positions)
     record = {"source": str(run_dir), "checkpoint": checkpoint, "average": average,
               "special_ids": {"bos": BOS_ID, "pad": PAD_ID, "eos": EOS_ID, "unk": UNK_ID},
               "decode": {"beam": d.beam, "lenpen": d.lenpen, "max_len_a": d.max_len_a, "max_len_b": d.max_len_b}}
@@ -146,9 +147,60 @@ def to_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str | None = Non
     return out_dir
 
 
+def hf_tokenizer(spm_path: Path, out_dir: Path, max_length: int) -> None:
+    """``tokenizer.json`` and ``tokenizer_config.json`` for ``AutoTokenizer.from_pretrained(out_dir)``:
+    our SentencePiece model as a ``tokenizers`` pipeline that encodes and decodes as ``mt`` does
+    (SentencePiece's normalisation table, its pieces and scores, ``</s>`` appended, no language codes;
+    ids < 3 are special and skipped on decoding, ``<unk>`` decodes to " ⁇ " as SentencePiece's)."""
+    _require("tokenizers")
+    from sentencepiece import sentencepiece_model_pb2  # needs protobuf (in mt[export])
+    from tokenizers import AddedToken, Regex, decoders, normalizers, processors
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers.models import BPE, Unigram
+
+    proto = sentencepiece_model_pb2.ModelProto.FromString(spm_path.read_bytes())
+    trainer, norm = proto.trainer_spec, proto.normalizer_spec
+    names = [p.piece for p in proto.pieces]
+    normal_pieces = [p.type for p in proto.pieces[4:]] == [1] * (len(names) - 4)  # no user-defined or byte pieces
+    if (names[:4] != ["<s>", "<pad>", "</s>", "<unk>"] or trainer.byte_fallback or not normal_pieces
+            or not (norm.add_dummy_prefix and norm.remove_extra_whitespaces and norm.escape_whitespaces)
+            or trainer.treat_whitespace_as_suffix or proto.denormalizer_spec.precompiled_charsmap):
+        raise ExportError(f"{spm_path}: SentencePiece options the Hugging Face tokenizer cannot reproduce "
+                          "(train it with mt tokenizer train)")
+    if trainer.model_type == 1:  # unigram: the same pieces, ids and scores
+        model = Unigram([(p.piece, p.score) for p in proto.pieces], unk_id=UNK_ID, byte_fallback=False)
+    elif trainer.model_type == 2:  # bpe: each merge ranked by the score of the piece it makes
+        rank = {p.piece: (-p.score, i) for i, p in enumerate(proto.pieces) if p.type == 1}
+        merges = sorted((rank[t], t[:k], t[k:]) for t in rank for k in range(1, len(t)) if t[:k] in rank and t[k:] in rank)
+        model = BPE({n: i for i, n in enumerate(names)}, [(a, b) for _, a, b in merges], unk_token="<unk>",
+                    fuse_unk=True, byte_fallback=False)
+    else:
+        raise ExportError(f"{spm_path}: only unigram and bpe SentencePiece models can be exported")
+    tok = HFTokenizer(model)
+    steps = [normalizers.Precompiled(norm.precompiled_charsmap)] if norm.precompiled_charsmap else []
+    tok.normalizer = normalizers.Sequence(steps + [  # SentencePiece's own order
+        normalizers.Replace(Regex(r"\A +| +\z"), ""), normalizers.Replace(Regex(" {2,}"), " "),
+        normalizers.Replace(" ", WORD_START), normalizers.Prepend(WORD_START)])
+    unk_surface = trainer.unk_surface if trainer.HasField("unk_surface") else " \u2047 "
+    tok.decoder = decoders.Sequence([decoders.Replace(Regex(r"\A<unk>\z"), unk_surface), decoders.Fuse(),
+                                     decoders.Strip(content=WORD_START, left=1 << 20, right=0),
+                                     decoders.Replace(WORD_START, " ")])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<s>", "<pad>", "</s>")])
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", EOS_ID)])
+    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+                "pad_token": "<pad>", "unk_token": None, "padding_side": "right", "truncation_side": "right",
+                "clean_up_tokenization_spaces": False, "split_special_tokens": True, "model_max_length": max_length,
+                "model_input_names": ["input_ids", "attention_mask"]}
+    with atomic_write(out_dir / "tokenizer.json") as f:
+        f.write(tok.to_str())
+    with atomic_write(out_dir / "tokenizer_config.json") as f:
+        f.write(json.dumps(settings, indent=1) + "\n")
+
+
 class _Vocabulary:
     """What CTranslate2's M2M100 loader reads from a tokenizer, taken from our SentencePiece model
-    (our export has no HF tokenizer: M2M100's would add language codes beyond our vocabulary)."""
+    (the converter would otherwise load M2M100's tokenizer, whose language codes lie beyond our vocabulary)."""
 
     bos_token, eos_token, unk_token, pad_token = "<s>", "</s>", "<unk>", "<pad>"
     unk_token_id = UNK_ID

@@ -21,6 +21,7 @@ from mt.errors import MtError
 from mt.files import atomic_write
 
 BOS_ID, PAD_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+WORD_START = "\u2581"  # SentencePiece's ▁: the piece begins a word
 SPECIAL_PIECES = {"bos": "<s>", "pad": "<pad>", "eos": "</s>", "unk": "<unk>"}
 
 
