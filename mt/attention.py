@@ -32,6 +32,7 @@ from mt.tokenizer import EOS_ID, WORD_START, Tokenizer
 KINDS = ("cross", "self-enc", "self-dec")
 ALIGN_LAYER = -1  # counted from the decoder's last layer (-1); see the module docstring
 SPECIALS = frozenset({"<s>", "</s>", "<pad>"})
+UNKNOWN = "<unk>"
 
 
 class AttentionError(MtError):
@@ -65,7 +66,8 @@ def recording(mods: Sequence[MultiHeadAttention]) -> Iterator[list[list[torch.Te
 def forced(model: Transformer, src_ids: Sequence[Sequence[int]], out_ids: Sequence[Sequence[int]],
            mods: Sequence[MultiHeadAttention]) -> list[torch.Tensor]:
     """One teacher-forced pass (eval mode) over sentences ``src_ids`` with outputs ``out_ids`` (``</s>``
-    last); the weights (B, H, T, S) each of ``mods`` computed, in fp32, padding included (its columns 0)."""
+    last); the weights (B, H, T, S) each of ``mods`` computed, fp32 on the CPU, padding included (its
+    columns 0)."""
     device = next(model.parameters()).device
     batch = collate(src_ids, out_ids, np.arange(len(src_ids)))
     was_training = model.training
@@ -75,7 +77,7 @@ def forced(model: Transformer, src_ids: Sequence[Sequence[int]], out_ids: Sequen
             model.decode_hidden(batch.tgt_in.to(device), model.encode(batch.src.to(device)))
     finally:
         model.train(was_training)
-    return [calls[0] for calls in recorded]
+    return [calls[0].float().cpu() for calls in recorded]
 
 
 @dataclass
@@ -107,16 +109,19 @@ def inspect(model: Transformer, src_tok: Tokenizer, tgt_tok: Tokenizer, source: 
     source = source.strip()
     if not source:
         raise AttentionError("--src is empty")
-    src_ids = src_tok.encode([source])[0]
+    limit = model.cfg.max_positions
+
+    def fits(name: str, ids: list[int]) -> list[int]:
+        if len(ids) > limit:
+            raise AttentionError(f"{name}: {len(ids)} pieces; the model holds {limit}")
+        return ids
+
+    src_ids = fits("--src", src_tok.encode([source])[0])
     if target is None:
         out_ids, target = translate(source)
         out_ids = list(out_ids) + [EOS_ID]
     else:
-        out_ids = tgt_tok.encode([target.strip()])[0]
-    limit = model.cfg.max_positions
-    for name, ids in (("--src", src_ids), ("--tgt", out_ids)):
-        if len(ids) > limit:
-            raise AttentionError(f"{name}: {len(ids)} pieces; the model holds {limit}")
+        out_ids = fits("--tgt", tgt_tok.encode([target.strip()])[0])
     mods = {kind: modules(model, kind) for kind in kinds}
     weights = forced(model, [src_ids], [out_ids], [m for kind in kinds for m in mods[kind]])
     src_pieces, out_pieces = src_tok.pieces(src_ids), tgt_tok.pieces(out_ids)
@@ -131,19 +136,23 @@ def inspect(model: Transformer, src_tok: Tokenizer, tgt_tok: Tokenizer, source: 
     return Inspection(source, target, maps)
 
 
-def word_index(pieces: Sequence[str]) -> list[int]:
+def word_index(pieces: Sequence[str], unknown_is_word: bool = False) -> list[int]:
     """The word (0, 1, ...) of each piece, -1 for specials: a piece starting with ▁ starts a word, the
-    pieces after it continue it; a piece that is only ▁ belongs to the word after it."""
+    pieces after it continue it; a piece that is only ▁ belongs to the word after it. With
+    ``unknown_is_word`` (an output: decoding prints ``<unk>`` as " ⁇ "), ``<unk>`` is a word of its
+    own and the piece after it starts another."""
     out, word, opening = [], -1, True
     for piece in pieces:
         if piece in SPECIALS:
             out.append(-1)
             continue
-        if piece.startswith(WORD_START):
+        unknown = unknown_is_word and piece == UNKNOWN
+        if piece.startswith(WORD_START) or unknown:
             opening = True
         if opening and piece.strip(WORD_START):
             word, opening = word + 1, False
         out.append(word + 1 if opening else word)
+        opening = opening or unknown
     return [w if w <= word else -1 for w in out]  # a trailing ▁ opens no word
 
 
@@ -168,7 +177,8 @@ def align(model: Transformer, src_tok: Tokenizer, tgt_tok: Tokenizer, src_ids: S
     mod = modules(model, "cross")[layer]
     (weights,) = forced(model, src_ids, out_ids, [mod])
     mean = weights.mean(1)  # (B, T, S)
-    return [links(mean[b, : len(t), : len(s)], word_index(src_tok.pieces(s)), word_index(tgt_tok.pieces(t)))
+    return [links(mean[b, : len(t), : len(s)], word_index(src_tok.pieces(s)),
+                  word_index(tgt_tok.pieces(t), unknown_is_word=True))
             for b, (s, t) in enumerate(zip(src_ids, out_ids))]
 
 

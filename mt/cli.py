@@ -271,10 +271,9 @@ def translate(
     import io
     import sys
 
-    from tqdm import tqdm
-
     from mt.attention import ALIGN_LAYER, format_links
     from mt.files import atomic_write
+    from mt.progress import bar as progress_bar
     from mt.translate import LineStream
 
     if align_layer is not None and not align:
@@ -305,7 +304,7 @@ def translate(
             sink = io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8", newline="\n", write_through=True)
         else:  # appears only when complete
             sink = stack.enter_context(atomic_write(output))
-        bar = stack.enter_context(tqdm(disable=None, unit=" lines", file=sys.stderr, leave=False))
+        bar = stack.enter_context(progress_bar(None, unit=" lines", leave=False))
         try:
             _write_translations(translator.translate(_input_lines(lines, name), ready), sink, bar, nbest=nbest,
                                 scores=scores, links=links, flush=output is None)
@@ -516,6 +515,7 @@ def attention(
     chosen = [n - 1 for n in layer] if layer else None
     if as_json:
         data = maps.as_dict()
+        data["layer_numbers"] = [i + 1 for i in (chosen if chosen is not None else range(count))]
         if chosen is not None:
             data["layers"] = [data["layers"][i] for i in chosen]
         typer.echo(json.dumps({"source": seen.source, "target": seen.target, **data}))

@@ -32,11 +32,11 @@ class ExportError(MtError):
     """The run cannot be exported; the message says which setting prevents it."""
 
 
-def _require(module: str):
+def _require(module: str, package: str = ""):
     try:
         return __import__(module)
     except ImportError:
-        raise ExportError(f"exporting needs the '{module}' package: pip install 'mt[export]'") from None
+        raise ExportError(f"exporting needs the '{package or module}' package: pip install 'mt[export]'") from None
 
 
 def check_exportable(cfg: Config, src_vocab: int, tgt_vocab: int) -> None:
@@ -123,6 +123,8 @@ def to_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str | None = Non
     state = ckpt.load(run.resolve(checkpoint))  # check the settings before building anything
     check_exportable(config_from_dict(state["config"]), state["vocab"]["src"], state["vocab"]["tgt"])
     model, cfg, src_tok, tgt_tok = run.load_for_inference(checkpoint, "fp32", "cpu", average)
+    spm_path = run.tokenizer_paths(joint=True)[0]
+    tokenizer_files = hf_tokenizer(spm_path, cfg.model.max_positions)  # one that cannot be made stops us here
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     hf = transformers.M2M100ForConditionalGeneration(hf_config(cfg, tgt_tok.vocab_size))
@@ -137,8 +139,10 @@ def to_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str | None = Non
         num_beams=d.beam, length_penalty=d.lenpen, early_stopping=True, max_length=cfg.model.max_positions,
     )
     hf.save_pretrained(out_dir, safe_serialization=True)
-    atomic_copy(run.tokenizer_paths(joint=True)[0], out_dir / "sentencepiece.model")
-    hf_tokenizer(out_dir / "sentencepiece.model", out_dir, cfg.model.max_positions)
+    atomic_copy(spm_path, out_dir / "sentencepiece.model")
+    for name, text in tokenizer_files.items():
+        with atomic_write(out_dir / name) as f:
+            f.write(text)
     record = {"source": str(run_dir), "checkpoint": checkpoint, "average": average,
               "special_ids": {"bos": BOS_ID, "pad": PAD_ID, "eos": EOS_ID, "unk": UNK_ID},
               "decode": {"beam": d.beam, "lenpen": d.lenpen, "max_len_a": d.max_len_a, "max_len_b": d.max_len_b}}
@@ -147,13 +151,14 @@ def to_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str | None = Non
     return out_dir
 
 
-def hf_tokenizer(spm_path: Path, out_dir: Path, max_length: int) -> None:
-    """``tokenizer.json`` and ``tokenizer_config.json`` for ``AutoTokenizer.from_pretrained(out_dir)``:
-    our SentencePiece model as a ``tokenizers`` pipeline that encodes and decodes as ``mt`` does
+def hf_tokenizer(spm_path: Path, max_length: int) -> dict[str, str]:
+    """``tokenizer.json`` and ``tokenizer_config.json`` (name -> text) for ``AutoTokenizer``: our
+    SentencePiece model as a ``tokenizers`` pipeline that encodes and decodes as ``mt`` does
     (SentencePiece's normalisation table, its pieces and scores, ``</s>`` appended, no language codes;
     ids < 3 are special and skipped on decoding, ``<unk>`` decodes to " ⁇ " as SentencePiece's)."""
     _require("tokenizers")
-    from sentencepiece import sentencepiece_model_pb2  # needs protobuf (in mt[export])
+    _require("google.protobuf", "protobuf")  # what sentencepiece_model_pb2 reads the model with
+    from sentencepiece import sentencepiece_model_pb2
     from tokenizers import AddedToken, Regex, decoders, normalizers, processors
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers.models import BPE, Unigram
@@ -192,10 +197,7 @@ def hf_tokenizer(spm_path: Path, out_dir: Path, max_length: int) -> None:
                 "pad_token": "<pad>", "unk_token": None, "padding_side": "right", "truncation_side": "right",
                 "clean_up_tokenization_spaces": False, "split_special_tokens": True, "model_max_length": max_length,
                 "model_input_names": ["input_ids", "attention_mask"]}
-    with atomic_write(out_dir / "tokenizer.json") as f:
-        f.write(tok.to_str())
-    with atomic_write(out_dir / "tokenizer_config.json") as f:
-        f.write(json.dumps(settings, indent=1) + "\n")
+    return {"tokenizer.json": tok.to_str(), "tokenizer_config.json": json.dumps(settings, indent=1) + "\n"}
 
 
 class _Vocabulary:

@@ -50,7 +50,8 @@ def find_parent(spec: str) -> Parent:
     for side, file in zip(("src", "tgt"), tokenizers):
         if not file.is_file():
             raise ConfigError(f"train.init_from: {file}: missing; the parent's weights need its tokenizer")
-        if trained_with.get(side) and Tokenizer(file).fingerprint != trained_with[side]:
+        tok = Tokenizer(file)
+        if tok.vocab_size != state["vocab"][side] or trained_with.get(side, tok.fingerprint) != tok.fingerprint:
             raise ConfigError(f"train.init_from: {file} is not the tokenizer {path} was trained with")
     return Parent(path, state, cfg, tokenizers)
 

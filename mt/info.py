@@ -17,8 +17,8 @@ from mt.run import Run, RunError
 
 def machine() -> dict:
     """CUDA devices (with bf16 support), native bf16 on this CPU, int8 decoding."""
-    cuda = [{"name": torch.cuda.get_device_name(i), "bf16": torch.cuda.is_bf16_supported()}
-            for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    cuda = [{"name": torch.cuda.get_device_name(i), "bf16": torch.cuda.get_device_capability(i) >= (8, 0)}
+            for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []  # bf16: Ampere on
     int8 = int8_unavailable()
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cuda": cuda,
             "cpu_bf16": not slow_bf16_warning(torch.device("cpu")), "int8": not int8,
@@ -32,7 +32,8 @@ def describe(run_dir: str | Path) -> dict:
         raise RunError(f"{run.path}: no {Run.CONFIG}: not a run directory written by mt train")
     cfg = run.load_config()
     src_tok, tgt_tok = run.tokenizers(cfg)
-    model = Transformer(cfg.model, src_tok.vocab_size, tgt_tok.vocab_size, joint=cfg.tokenizer.joint)
+    with torch.device("meta"):  # shapes only: nothing allocated, whatever the model's size
+        model = Transformer(cfg.model, src_tok.vocab_size, tgt_tok.vocab_size, joint=cfg.tokenizer.joint)
     m = cfg.model
     info = {
         "run": str(run.path),
@@ -51,7 +52,7 @@ def describe(run_dir: str | Path) -> dict:
     }
     last = run.checkpoint_path("last")
     if last.is_file():
-        trainer = ckpt.load(last).get("trainer", {})
+        trainer = ckpt.load(last, mmap=True).get("trainer", {})
         info["training"].update(steps=trainer.get("step", 0), epoch=trainer.get("epoch", 0) + 1,
                                 seconds=round(trainer.get("elapsed", 0.0), 1))
     else:

@@ -7,10 +7,13 @@ import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mt.attention import Maps
 from mt.errors import MtError
 from mt.files import atomic_write
+
+if TYPE_CHECKING:  # mt plot needs no torch
+    from mt.attention import Maps
 
 NAMES = {"cross": "cross-attention", "self-enc": "encoder self-attention", "self-dec": "decoder self-attention"}
 STACKS = {"cross": "decoder", "self-enc": "encoder", "self-dec": "decoder"}

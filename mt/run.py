@@ -273,7 +273,8 @@ class Run:
 
     def _written_names(self) -> list[Path]:
         """Every fixed path training writes (step checkpoints are matched by pattern)."""
-        names = [self.config_path, self.metrics_path, self.log_path, self.defaults_path, *self.tokenizer_paths(True),
+        names = [self.config_path, self.metrics_path, self.log_path, self.tensorboard_dir, self.defaults_path,
+                 *self.tokenizer_paths(True),
                  *self.tokenizer_paths(False)]
         return names + [self.checkpoint_path(n) for n in self.NAMED]
 
@@ -361,8 +362,11 @@ class Run:
                            "or choose another run directory with -o")
         owned = self.owned()
         for name in owned:  # a start that died before its first checkpoint
-            if (self.path / name).resolve() not in in_place:
-                (self.path / name).unlink(missing_ok=True)
+            path = self.path / name
+            if path.is_dir():  # RUN/tensorboard: mt writes all of it (a foreign one is refused below)
+                shutil.rmtree(path)
+            elif path.resolve() not in in_place:
+                path.unlink(missing_ok=True)
         if owned:
             self._set_owned(set())
         foreign = [p for p in self._written_names() + [p for _, p in self.step_checkpoints()]
@@ -418,7 +422,7 @@ class Run:
 
     def metrics(self, tensorboard: bool = False) -> MetricsLog:
         """The run's metrics.jsonl; with ``tensorboard``, its rows also go to RUN/tensorboard."""
-        self.own(self.metrics_path)
+        self.own(self.metrics_path, *([self.tensorboard_dir] if tensorboard else []))
         return MetricsLog(self.metrics_path, self.tensorboard_dir if tensorboard else None)
 
     def save_checkpoint(self, state: dict, step: int, *, best: bool, keep: int) -> Path:
@@ -607,14 +611,17 @@ class MetricsLog:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         if self.tensorboard is not None and row.get("kind") in ("train", "valid"):
-            if self._writer is None:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._writer = SummaryWriter(str(self.tensorboard), purge_step=self._purge_step)
+            self._open_writer()
             for name, value in row.items():
                 if name not in ("kind", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._writer.add_scalar(f"{row['kind']}/{name}", value, row["step"])
             self._writer.flush()
+
+    def _open_writer(self) -> None:
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.tensorboard), purge_step=self._purge_step)
 
     def close(self) -> None:
         if self._writer is not None:
@@ -638,6 +645,8 @@ class MetricsLog:
     def truncate_after(self, step: int) -> None:
         """Drop rows logged after ``step`` (by a run killed after its last checkpoint), atomically."""
         self._purge_step = step + 1  # TensorBoard hides the events a killed run logged after ``step``
+        if self.tensorboard is not None:
+            self._open_writer()  # now: even a resume that logs nothing more hides them
         if not self.path.exists():
             return
         kept = [line if line.endswith("\n") else line + "\n" for line, row in self._lines() if row.get("step", 0) <= step]

@@ -564,6 +564,10 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
     if not (tc.max_steps or tc.max_epochs or tc.max_time or (tc.patience and cfg.data.valid.is_set)):
         raise ConfigError("training would never stop: set train.max_steps, train.max_epochs, train.max_time "
                           "or train.patience (with data.valid)")
+    parent = None
+    if tc.init_from and not resume:  # fine-tuning; a resumed run already holds what it started from
+        parent = finetune.find_parent(tc.init_from)
+        cfg = finetune.adopt(cfg, parent)  # the parent's tokenizer, once its model shape is checked
     if tc.valid_beam or cfg.decode.tune_beam or cfg.decode.tune_lenpen:
         bleu(cfg.data.tgt_lang)  # a target whose BLEU tokenizer is missing fails now, not at the first validation
     if tc.tensorboard and importlib.util.find_spec("tensorboard") is None:
@@ -574,7 +578,8 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
         run = Run(tc.run_dir)
         d.on_main(lambda: run.open_for_training(resume, in_place=tokenizers_in_place(cfg, run)))
         try:
-            result = _train(cfg, run, resume, run.logging_to_file(log) if d.main else log, progress, d, device)
+            result = _train(cfg, run, resume, run.logging_to_file(log) if d.main else log, progress, d, device,
+                            parent)
         finally:
             if d.main:
                 run.close()
@@ -585,7 +590,7 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
 
 
 def _train(cfg: Config, run: Run, resume: bool, log: Callable[[str], None], progress: bool | None,
-           d: Dist, device: torch.device) -> TrainResult:
+           d: Dist, device: torch.device, parent: finetune.Parent | None) -> TrainResult:
     tc = cfg.train
     resumed: Resumed | None = None
 
@@ -604,10 +609,6 @@ def _train(cfg: Config, run: Run, resume: bool, log: Callable[[str], None], prog
     # a resumed run keeps its seed for the weighted mixture too (the sampler adopts the saved one)
     saved = resumed.state.get("sampler") if resumed else None
     seed = saved["seed"] if isinstance(saved, dict) and isinstance(saved.get("seed"), int) else tc.seed
-    parent = None
-    if tc.init_from and resumed is None:  # fine-tuning; a resumed run already holds what it started from
-        parent = finetune.find_parent(tc.init_from)
-        cfg = finetune.adopt(cfg, parent)  # the parent's tokenizer, once its model shape is checked
 
     def prepare_here() -> Prepared:
         data = prepare(cfg, run, log, check=resumed.check_tokenizers(run, cfg) if resumed else None,

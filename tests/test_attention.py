@@ -77,6 +77,9 @@ def test_word_index_merges_pieces_and_skips_specials():
     assert attention.word_index(pieces) == [0, 1, 1, 2, 2, 3, 3, 3, -1]
     assert attention.word_index(["a", "b", "▁c", "▁", "</s>"]) == [0, 0, 1, -1, -1]  # a trailing ▁ opens no word
     assert attention.word_index(["<s>", "▁x", "</s>"]) == [-1, 0, -1]
+    # an output's <unk> is printed " ⁇ ": a word of its own, and what follows it another
+    assert attention.word_index(["▁a", "<unk>", "s", "▁b", "</s>"], unknown_is_word=True) == [0, 1, 2, 3, -1]
+    assert attention.word_index(["▁a", "<unk>", "s", "▁b", "</s>"]) == [0, 0, 0, 1, -1]  # a source's: inside its word
 
 
 def test_links_take_the_most_attended_real_piece_and_merge_words():

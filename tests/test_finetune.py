@@ -7,9 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from mt import checkpoint as ckpt
+from mt import finetune
 from mt.config import ConfigError, config_from_dict
+from mt.model import Transformer
 from mt.tokenizer import train_sentencepiece
 from mt.train import train
 
@@ -73,12 +76,25 @@ def test_fine_tuning_starts_from_the_parent_and_lowers_the_loss_on_the_new_task(
 
 def test_init_keep_optimizer_continues_the_parents_moments(setup):
     tmp, child_data = setup
+    parent_path = tmp / "parent" / "checkpoints" / "last.pt"
     train(config_from_dict(config(tmp, "child_keep", child_data, max_steps=5, valid_every=5,
-                                  init_from=str(tmp / "parent" / "checkpoints" / "last.pt"),
-                                  init_keep_optimizer=True, lr=1e-3)), log=lambda _: None, progress=False)
+                                  init_from=str(parent_path), init_keep_optimizer=True, betas=[0.8, 0.95],
+                                  weight_decay=0.01)), log=lambda _: None, progress=False)
     state = ckpt.load(tmp / "child_keep" / "checkpoints" / "last.pt")
     assert max(s["step"] for s in state["optimizer"]["state"].values()) == 60 + 5
-    assert state["optimizer"]["param_groups"][0]["lr"] <= 1e-3  # this run's schedule, not the parent's
+    group = state["optimizer"]["param_groups"][0]
+    assert tuple(group["betas"]) == (0.8, 0.95) and group["weight_decay"] == 0.01  # this run's settings
+
+    # what is loaded: the parent's moments themselves, under this run's settings
+    parent = finetune.find_parent(str(parent_path))
+    model = Transformer(parent.config.model, 400, 400)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.8, 0.95), weight_decay=0.01)
+    finetune.load_into(parent, model, optimizer)
+    saved = parent.state["optimizer"]["state"]
+    for n, p in enumerate(model.parameters()):
+        assert torch.equal(optimizer.state[p]["exp_avg"], saved[n]["exp_avg"])
+    assert optimizer.param_groups[0]["betas"] == (0.8, 0.95) and optimizer.param_groups[0]["lr"] == 1e-4
+    assert torch.equal(model.state_dict()["tgt_embed.weight"], parent.state["model"]["tgt_embed.weight"])
 
 
 def test_another_tokenizer_or_model_shape_is_refused(setup, multi30k_head):

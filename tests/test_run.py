@@ -56,6 +56,10 @@ def test_files_mt_did_not_write_are_never_replaced_or_deleted(tmp_path, multi30k
         train(cfg, log=quiet, progress=False)
     assert (run / "metrics.jsonl").read_text() == "my own notes\n"
     assert not (run / "config.yaml").exists() and not (run / ".mt-lock").exists()
+    (run / "metrics.jsonl").rename(run / "train.log")  # the log and TensorBoard's directory too
+    with pytest.raises(RunError, match=r"run/train.log: not written by mt train here"):
+        train(cfg, log=quiet, progress=False)
+    (run / "train.log").rename(run / "metrics.jsonl")
 
     # a start that fails after writing files of its own: the next start removes those, and only those
     (run / "metrics.jsonl").unlink()
@@ -64,9 +68,13 @@ def test_files_mt_did_not_write_are_never_replaced_or_deleted(tmp_path, multi30k
     with pytest.raises(Exception, match="missing.de"):
         train(cfg, log=quiet, progress=False)
     assert (run / "spm.model").exists() and "spm.model" in Run(run).owned()  # copied in before the failure
+    assert "train.log" in Run(run).owned()
+    with open(run / "train.log", "a") as f:
+        f.write("the failed start's line\n")
     cfg = load_config(config_file(tmp_path, multi30k_head, spm_model, max_steps=2, valid_every=2))
     cfg.train.run_dir = str(run)
     train(cfg, log=quiet, progress=False)
+    assert "the failed start's line" not in (run / "train.log").read_text()  # its log went with it
     assert (run / "notes.txt").read_text() == "keep me\n"
     assert {"config.yaml", "spm.model", "metrics.jsonl", "checkpoints/last.pt"} <= Run(run).owned()
 
