@@ -9,10 +9,11 @@ values from the encoder output). Row t of a cross-attention map belongs to the t
 decoder has read ``<s> y1 … y(t-1)`` there and predicts y_t.
 
 ``align`` gives word alignments as fairseq's ``--print-alignment`` does over pieces: each target piece
-links to the source piece it attends to most in one decoder layer (heads averaged), specials excluded
-on both sides; then pieces merge into words (a ▁ starts one), and source word i and target word j are
-linked when any of their pieces are. ``ALIGN_LAYER`` aligned best on hand-annotated Multi30k sentences
-(tests/data/gold_align_de_en.txt, scripts/eval_align.py; the README gives the error rates).
+links to the source piece it attends to most, specials excluded on both sides; then pieces merge into
+words (a ▁ starts one), and source word i and target word j are linked when any of their pieces are.
+By default the cross-attention of all decoder layers and heads is averaged: on hand-annotated Multi30k
+sentences that aligned better than any one layer (AER 32.8% against 36.1% for the best layer, in both
+halves of the set; tests/data/gold_align_de_en.txt, scripts/eval_align.py, benchmarks/alignment.md).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from mt.model import MultiHeadAttention, Transformer
 from mt.tokenizer import EOS_ID, WORD_START, Tokenizer
 
 KINDS = ("cross", "self-enc", "self-dec")
-ALIGN_LAYER = -1  # counted from the decoder's last layer (-1); see the module docstring
 SPECIALS = frozenset({"<s>", "</s>", "<pad>"})
 UNKNOWN = "<unk>"
 
@@ -169,14 +169,15 @@ def links(weights: torch.Tensor, src_words: Sequence[int], tgt_words: Sequence[i
 
 
 def align(model: Transformer, src_tok: Tokenizer, tgt_tok: Tokenizer, src_ids: Sequence[Sequence[int]],
-          out_ids: Sequence[Sequence[int]], layer: int = ALIGN_LAYER) -> list[list[tuple[int, int]]]:
-    """Word links of each pair of ``src_ids`` and output ids (``</s>`` last), from decoder layer
-    ``layer``'s cross-attention with its heads averaged, in one batched pass."""
+          out_ids: Sequence[Sequence[int]], layer: int | None = None) -> list[list[tuple[int, int]]]:
+    """Word links of each pair of ``src_ids`` and output ids (``</s>`` last), in one batched pass, from
+    the cross-attention of all decoder layers and heads averaged, or of decoder layer ``layer`` alone
+    (0-based; negative: from the last) with its heads averaged."""
     if not src_ids:
         return []
-    mod = modules(model, "cross")[layer]
-    (weights,) = forced(model, src_ids, out_ids, [mod])
-    mean = weights.mean(1)  # (B, T, S)
+    mods = modules(model, "cross")
+    weights = forced(model, src_ids, out_ids, mods if layer is None else [mods[layer]])  # (B, H, T, S) each
+    mean = torch.stack(weights).mean((0, 2))  # (B, T, S)
     return [links(mean[b, : len(t), : len(s)], word_index(src_tok.pieces(s)),
                   word_index(tgt_tok.pieces(t), unknown_is_word=True))
             for b, (s, t) in enumerate(zip(src_ids, out_ids))]

@@ -220,13 +220,14 @@ RunDir = Annotated[Path, typer.Option("--model", "-m", help="Run directory writt
 
 
 def _translator(run_dir, checkpoint, average, device, greedy, nbest, beam, lenpen, max_len_a, max_len_b,
-                min_len, batch_tokens, dtype, align=None):
+                min_len, batch_tokens, dtype, align=False, align_layer=None):
     from mt.translate import Translator
 
     if nbest > 1 and greedy:
         _fail("--nbest needs beam search; drop --greedy")
     return Translator.from_run(run_dir, checkpoint=checkpoint, average=average, device=device, greedy=greedy,
-                               nbest=nbest, align=align, beam=beam, lenpen=lenpen, max_len_a=max_len_a,
+                               nbest=nbest, align=align, align_layer=align_layer, beam=beam, lenpen=lenpen,
+                               max_len_a=max_len_a,
                                max_len_b=max_len_b, min_len=min_len, batch_tokens=batch_tokens, dtype=dtype)
 
 
@@ -257,7 +258,7 @@ def translate(
     nbest: Annotated[int, typer.Option("--nbest", help="Print the N best as index<TAB>score<TAB>hypothesis.")] = 1,
     scores: Annotated[bool, typer.Option("--scores", help="Print score<TAB>hypothesis.")] = False,
     align: Annotated[bool, typer.Option("--align", help="Append <TAB>word alignments: source-target word index pairs (0-based, words split on spaces), as fairseq's --print-alignment.")] = False,
-    align_layer: Annotated[Optional[int], typer.Option("--align-layer", help="With --align: the decoder layer (1-based) whose cross-attention aligns. Default: the one that aligned best on hand-annotated Multi30k (the last; see README).")] = None,
+    align_layer: Annotated[Optional[int], typer.Option("--align-layer", help="With --align: align with this decoder layer's cross-attention alone (1-based). Default: all layers and heads averaged, which aligned best on hand-annotated Multi30k (see README).")] = None,
     batch_tokens: BatchTokens = None,
     greedy: Greedy = False,
     device: Device = "auto",
@@ -271,7 +272,7 @@ def translate(
     import io
     import sys
 
-    from mt.attention import ALIGN_LAYER, format_links
+    from mt.attention import format_links
     from mt.files import atomic_write
     from mt.progress import bar as progress_bar
     from mt.translate import LineStream
@@ -282,7 +283,7 @@ def translate(
         _fail(f"--align-layer {align_layer}: layers count from 1")
     translator = _translator(model, checkpoint, average, device, greedy, nbest, beam, lenpen, max_len_a,
                              max_len_b, min_len, batch_tokens, dtype,
-                             align=(ALIGN_LAYER if align_layer is None else align_layer - 1) if align else None)
+                             align=align, align_layer=None if align_layer is None else align_layer - 1)
 
     def links(result, k: int) -> str:
         return "\t" + format_links(result.alignments[k] if result.alignments else []) if align else ""

@@ -44,9 +44,10 @@ class Translator:
 
     def __init__(self, model: Transformer, src_tok: Tokenizer, tgt_tok: Tokenizer,
                  decode: DecodeConfig | None = None, *, greedy: bool = False, nbest: int = 1,
-                 warn: Callable[[str], None] | None = None, use_cache: bool = True, align: int | None = None):
-        """``align``: also give word alignments from this decoder layer's cross-attention (negative:
-        counted from the last; ``mt.attention.ALIGN_LAYER`` aligns best)."""
+                 warn: Callable[[str], None] | None = None, use_cache: bool = True, align: bool = False,
+                 align_layer: int | None = None):
+        """``align``: also give word alignments (``mt.attention.align``), from the cross-attention of
+        all decoder layers averaged, or of ``align_layer`` alone (0-based; negative: from the last)."""
         self.model, self.src_tok, self.tgt_tok = model, src_tok, tgt_tok
         self.decode = decode or DecodeConfig()
         self.greedy, self.nbest = greedy, nbest
@@ -58,18 +59,18 @@ class Translator:
         if nbest > self.decode.beam:
             raise ConfigError(f"--nbest {nbest} exceeds --beam {self.decode.beam}")
         layers = model.cfg.decoder_layers
-        if align is not None and not -layers <= align < layers:
-            raise ConfigError(f"--align-layer {align + 1 if align >= 0 else align}: the model has {layers} "
-                              f"decoder layers (1..{layers})")
-        self.align = align
+        if align_layer is not None and not -layers <= align_layer < layers:
+            raise ConfigError(f"--align-layer {align_layer + 1 if align_layer >= 0 else align_layer}: the model "
+                              f"has {layers} decoder layers (1..{layers})")
+        self.align, self.align_layer = align, align_layer
         self.warn = warn or _warn
         self.device = next(model.parameters()).device
         self.max_src = model.cfg.max_positions
 
     @classmethod
     def from_run(cls, run_dir: str | Path, *, checkpoint: str | None = None, average: int = 0,
-                 device: str = "auto", greedy: bool = False, nbest: int = 1, align: int | None = None,
-                 **decode_overrides) -> Translator:
+                 device: str = "auto", greedy: bool = False, nbest: int = 1, align: bool = False,
+                 align_layer: int | None = None, **decode_overrides) -> Translator:
         """Decoding options: ``decode_overrides`` (None: not given), else the run's tuned defaults
         (RUN/decode.yaml: beam, lenpen), else its config's ``decode`` section."""
         run = Run(run_dir)
@@ -79,7 +80,8 @@ class Translator:
         decode = replace(decode, **{k: v for k, v in decode_overrides.items() if v is not None})
         if decode_overrides.get("beam") is None and nbest > decode.beam:  # --nbest N alone: a beam of N
             decode = replace(decode, beam=nbest)
-        return cls(loaded.model, loaded.src_tok, loaded.tgt_tok, decode, greedy=greedy, nbest=nbest, align=align)
+        return cls(loaded.model, loaded.src_tok, loaded.tgt_tok, decode, greedy=greedy, nbest=nbest, align=align,
+                   align_layer=align_layer)
 
     def _search(self, ids: list[list[int]]) -> list[list[Hypothesis]]:
         src = pad(ids).to(self.device)
@@ -94,7 +96,7 @@ class Translator:
         """Word links of every hypothesis of every sentence, from one teacher-forced pass."""
         pairs = [(s, h.tokens + [EOS_ID]) for s, nbest in zip(src_ids, hyps) for h in nbest]
         flat = attention.align(self.model, self.src_tok, self.tgt_tok, [p[0] for p in pairs], [p[1] for p in pairs],
-                               self.align)
+                               self.align_layer)
         out, start = [], 0
         for nbest in hyps:
             out.append(flat[start: start + len(nbest)])
@@ -122,7 +124,7 @@ class Translator:
                 end += 1
             batch = order[start:end]
             hyps = self._search([encoded[k] for k in batch])
-            links = self._align([encoded[k] for k in batch], hyps) if self.align is not None else None
+            links = self._align([encoded[k] for k in batch], hyps) if self.align else None
             for n, (k, h) in enumerate(zip(batch, hyps)):
                 texts = [" ".join(t.split()) for t in self.tgt_tok.decode([x.tokens for x in h])]  # one line each
                 results[todo[k]] = Translation(h, texts, links[n] if links else [])

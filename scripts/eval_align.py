@@ -6,8 +6,9 @@ Forces each reference translation of the gold sentences (tests/data/gold_align_d
 test_2016_flickr lines 1-50) through the model and aligns it, every decoder layer with the heads
 averaged, and each head of each layer alone; prints AER (Och & Ney 2003: 1 - (|A∩S| + |A∩P|) / (|A| + |S|),
 S the sure links, P sure and possible), precision and recall, over all 50 sentences and over each half
-(the layer is chosen on all 50, so each half shows how stable the choice is). ``mt translate --align``
-uses the layer given by ``mt.attention.ALIGN_LAYER``.
+(the choice is made on all 50, so each half shows how stable it is). ``mt translate --align``
+averages all layers and heads (``mt.attention.align``), the best choice that does not depend on one
+model's heads.
 """
 
 from __future__ import annotations
@@ -110,7 +111,6 @@ def main() -> None:
     for name, predicted in rows:
         table.append((name, scores(predicted, gold_list), scores(predicted[:half], gold_list[:half]),
                       scores(predicted[half:], gold_list[half:])))
-    default = (attention.ALIGN_LAYER % L) + 1
     cpu = subprocess.run("lscpu | grep -o 'avx512_bf16\\|amx_bf16\\|avx2' | sort -u | tr '\\n' ' '",
                          shell=True, capture_output=True, text=True).stdout.strip()
     sure = sum(len(g[0]) for g in gold_list)
@@ -125,7 +125,9 @@ def main() -> None:
         "words. AER, precision and recall in %, lower AER is better. "
         f"Machine: {platform.machine()}, CPU flags `{cpu}`, torch {torch.__version__}.",
         "",
-        f"`mt translate --align` uses layer {default} of {L}, heads averaged (`mt.attention.ALIGN_LAYER`).",
+        "`mt translate --align` averages all layers and heads (`mt.attention.align`); `--align-layer N` uses "
+        "layer N alone, heads averaged. A single head can align better, but which one is a property of one "
+        "trained model, not a default for all.",
         "",
         f"| cross-attention of | AER (all {len(numbers)}) | precision | recall | AER lines 1-{half} | "
         f"AER lines {half + 1}-{len(numbers)} |",
