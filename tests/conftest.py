@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import gzip
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -18,8 +20,10 @@ MULTI30K_FILES = [f"{split}.{lang}.gz" for split in ("train", "val", "test_2016_
 THREADS = int(os.environ.get("MT_TEST_THREADS", "2"))
 torch.set_num_threads(THREADS)
 os.environ["OMP_NUM_THREADS"] = str(THREADS)
-# a run without data.cache_dir caches its tokenized corpora under $XDG_CACHE_HOME/mt: not the user's
+# a run without data.cache_dir caches its tokenized corpora under $XDG_CACHE_HOME/mt: not the user's,
+# and gone when the suite ends
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="mt-test-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 
 
 def head_lines(path: Path, n: int) -> list[str]:
