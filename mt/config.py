@@ -262,8 +262,11 @@ class TrainConfig:
     """Clip the gradient's global L2 norm to this; 0 disables clipping."""
     label_smoothing: float = 0.1
     """Share of the target probability spread uniformly over the vocabulary, in [0, 1)."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """fp32, bf16 or fp16 (autocast; weights and optimizer stay fp32; fp16, for GPUs without bf16, adds a dynamic loss scale)."""
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
+    """fp32, bf16 or fp16 (autocast; weights and optimizer stay fp32; fp16, for GPUs without bf16, adds a
+    dynamic loss scale), or auto: bf16 where the hardware has it natively (CPUs with AMX or AVX512-BF16,
+    GPUs from Ampere on), fp16 on older GPUs, fp32 elsewhere; the choice is logged, written into the
+    run's config.yaml and kept on resume."""
     device: str = "auto"
     """auto (CUDA when available), cpu, cuda or cuda:N."""
     num_threads: int = 0

@@ -25,19 +25,45 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")  # x86 AMX, x86 AVX-512, ARM
+
+
+def cpu_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+    """The CPU flag that gives native bf16 ('' when there is none), or None where /proc/cpuinfo
+    cannot be read (not Linux: cannot tell)."""
+    try:
+        flags = set(cpuinfo.read_text(errors="replace").split())
+    except OSError:
+        return None
+    return next((flag for flag in BF16_FLAGS if flag in flags), "")
+
+
 def slow_bf16_warning(device: torch.device, cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """A warning when bf16 would run emulated on this CPU (no AVX512-BF16/AMX or ARM BF16), else ''.
     Emulated bf16 matmuls are ~100x slower than fp32 (1.2 vs 109 GFLOP/s measured on an AVX2 CPU)."""
-    if device.type != "cpu":
-        return ""
-    try:
-        flags = cpuinfo.read_text(errors="replace").split()
-    except OSError:
-        return ""  # not Linux: cannot tell
-    if {"avx512_bf16", "amx_bf16", "bf16"} & set(flags):
+    if device.type != "cpu" or cpu_bf16(cpuinfo) != "":
         return ""
     return ("this CPU has no native bf16 instructions (no avx512_bf16/amx_bf16 in /proc/cpuinfo): bf16 runs "
             "emulated, far slower than fp32; use fp32")
+
+
+def choose_precision(requested: str, device: torch.device, cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[str, str]:
+    """The training precision for ``requested`` (fp32, bf16, fp16 or auto) on ``device``, and why.
+    auto: bf16 where it is native (CUDA from Ampere on; CPUs with AMX or AVX512-BF16: on an AMD EPYC
+    with AVX512-BF16, 1.3-1.9x fp32's training tokens/s, benchmarks/speed_train.md), fp16 with a loss
+    scale on older GPUs, fp32 elsewhere."""
+    if requested != "auto":
+        return requested, "train.precision"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        if torch.cuda.get_device_capability(device) >= (8, 0):
+            return "bf16", f"auto: {name} computes in bf16"
+        return "fp16", f"auto: {name} has no bf16 (before Ampere): fp16 with a dynamic loss scale"
+    flag = cpu_bf16(cpuinfo)
+    if flag:
+        return "bf16", f"auto: this CPU has native bf16 ({flag})"
+    return "fp32", ("auto: this CPU has no native bf16" if flag == "" else
+                    "auto: no /proc/cpuinfo to tell whether this CPU has native bf16")
 
 
 def autocast(device: torch.device, precision: str):

@@ -32,7 +32,7 @@ from mt import finetune, tune
 from mt.batch import Batch
 from mt.config import Config, ConfigError, parse_duration
 from mt.data import ParallelData, TokenBatchSampler, same_content
-from mt.device import autocast, pick_device, slow_bf16_warning
+from mt.device import autocast, choose_precision, pick_device, slow_bf16_warning
 from mt.distributed import Dist, quiet_unless_main
 from mt.errors import MtError
 from mt.evaluate import bleu
@@ -152,7 +152,10 @@ def resumable(cfg: Config, run: Run, log: Callable[[str], None]) -> Resumed:
         if corpus.is_set and not same_content(key, corpus):
             raise TrainingError(f"data.train: {corpus.describe()} is not the corpus {path} was trained on "
                                 "(its content changed); resume needs that corpus, or start a new run")
-    changed = _changed_keys(saved.to_dict(), cfg.to_dict())
+    mine = cfg.to_dict()
+    if mine["train"]["precision"] == "auto":  # keeps the precision the run started with
+        mine["train"]["precision"] = saved.train.precision
+    changed = _changed_keys(saved.to_dict(), mine)
     if changed:
         log("resuming with changed settings: " + ", ".join(changed))
     missing = [p for p in run.tokenizer_paths(cfg.tokenizer.joint) if not p.exists()]
@@ -602,6 +605,14 @@ def _train(cfg: Config, run: Run, resume: bool, log: Callable[[str], None], prog
     path = d.on_main(check_resume)
     if path is not None and not d.main:
         resumed = Resumed(path, ckpt.load(path), None)
+    if tc.precision == "auto":  # chosen once, when the run starts, and written into its config
+        if resumed is not None:
+            chosen, why = checkpoint_config(resumed.path, resumed.state).train.precision, "as the run started"
+        else:
+            chosen, why = choose_precision("auto", device)
+        cfg = replace(cfg, train=replace(tc, precision=chosen))
+        tc = cfg.train
+        log(f"precision: {chosen} ({why})")
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     random.seed(tc.seed)

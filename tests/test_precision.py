@@ -1,0 +1,62 @@
+"""The precision policy (train.precision: auto): bf16 where the hardware has it natively, fp16 on GPUs
+before Ampere, fp32 elsewhere; chosen once, logged, written into the run's config, kept on resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from mt.config import config_from_dict
+from mt.device import choose_precision
+from mt.train import train
+
+
+def cpuinfo(tmp_path: Path, flags: str) -> Path:
+    path = tmp_path / "cpuinfo"
+    path.write_text(f"processor\t: 0\nflags\t\t: fpu sse2 {flags}\n")
+    return path
+
+
+def test_auto_picks_bf16_only_where_it_is_native(tmp_path, monkeypatch):
+    cpu = torch.device("cpu")
+    assert choose_precision("auto", cpu, cpuinfo(tmp_path, "avx2 avx512f avx512_bf16")) == \
+        ("bf16", "auto: this CPU has native bf16 (avx512_bf16)")
+    assert choose_precision("auto", cpu, cpuinfo(tmp_path, "avx2 amx_bf16 amx_tile"))[0] == "bf16"
+    assert choose_precision("auto", cpu, cpuinfo(tmp_path, "avx2 fma")) == ("fp32", "auto: this CPU has no native bf16")
+    assert choose_precision("auto", cpu, tmp_path / "missing")[0] == "fp32"
+    assert choose_precision("fp16", cpu, cpuinfo(tmp_path, "avx512_bf16")) == ("fp16", "train.precision")  # asked
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: "a GPU")
+    for capability, want in (((8, 0), "bf16"), ((9, 0), "bf16"), ((7, 5), "fp16")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d, c=capability: c)
+        assert choose_precision("auto", torch.device("cuda"))[0] == want
+
+
+def test_auto_is_resolved_into_the_run_and_kept_on_resume(tmp_path, multi30k_head, monkeypatch):
+    for split, n in (("train", 300), ("val", 20)):
+        for lang in ("de", "en"):
+            (tmp_path / f"{split}.{lang}").write_text("\n".join(multi30k_head(split, lang, n)) + "\n")
+    raw = {"data": {"train": {"src": str(tmp_path / "train.de"), "tgt": str(tmp_path / "train.en")},
+                    "valid": {"src": str(tmp_path / "val.de"), "tgt": str(tmp_path / "val.en")},
+                    "cache_dir": str(tmp_path / "cache")},
+           "tokenizer": {"vocab_size": 300},
+           "model": {"d_model": 16, "n_heads": 2, "ffn_dim": 32, "encoder_layers": 1, "decoder_layers": 1,
+                     "dropout": 0.0},
+           "train": {"run_dir": str(tmp_path / "run"), "max_steps": 2, "valid_every": 2, "warmup_steps": 1,
+                     "num_threads": 1, "precision": "auto"}}
+    expected, why = choose_precision("auto", torch.device("cpu"))
+    messages: list[str] = []
+    train(config_from_dict(raw), log=messages.append, progress=False)
+    assert f"precision: {expected} ({why})" in messages
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["train"]["precision"] == expected  # the choice, not "auto"
+
+    other = "fp32" if expected == "bf16" else "bf16"  # a machine that would choose otherwise
+    monkeypatch.setattr("mt.train.choose_precision", lambda requested, device: (other, "auto: elsewhere"))
+    messages.clear()
+    raw["train"]["max_steps"] = 4
+    train(config_from_dict(raw), resume=True, log=messages.append, progress=False)
+    assert f"precision: {expected} (as the run started)" in messages
+    assert not any("changed settings" in m and "precision" in m for m in messages)
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["precision"] == expected
