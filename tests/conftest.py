@@ -67,6 +67,24 @@ def multi30k_head(multi30k):
 
 
 @pytest.fixture(scope="session")
+def small_corpus(multi30k_head):
+    """``small_corpus(directory, train, valid)``: the first ``train`` Multi30k de-en train pairs and
+    ``valid`` val pairs written into ``directory``; returns the config's ``data`` section for them
+    (with a cache inside ``directory``)."""
+
+    def write(directory: Path, train: int, valid: int) -> dict:
+        for split, count in (("train", train), ("val", valid)):
+            for lang in ("de", "en"):
+                lines = multi30k_head(split, lang, count)
+                (directory / f"{split}.{lang}").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return {"train": {"src": str(directory / "train.de"), "tgt": str(directory / "train.en")},
+                "valid": {"src": str(directory / "val.de"), "tgt": str(directory / "val.en")},
+                "cache_dir": str(directory / "cache")}
+
+    return write
+
+
+@pytest.fixture(scope="session")
 def spm_model(tmp_path_factory, multi30k_head) -> Path:
     """A joint unigram SentencePiece model (300 pieces) trained on the first 2000 Multi30k train pairs."""
     from mt.tokenizer import train_sentencepiece

@@ -183,17 +183,12 @@ def test_data_prepare_fills_the_cache_that_training_then_reads(runner, tmp_path,
 
 
 @pytest.mark.parametrize("progress", [True, None])
-def test_long_phases_show_progress_only_when_asked_or_on_a_terminal(tmp_path, multi30k_head, capsys, progress):
+def test_long_phases_show_progress_only_when_asked_or_on_a_terminal(tmp_path, small_corpus, capsys, progress):
     from mt.config import config_from_dict
     from mt.train import train
 
-    for split, n in (("train", 300), ("val", 20)):
-        for lang in ("de", "en"):
-            write(tmp_path / f"{split}.{lang}", multi30k_head(split, lang, n))
     cfg = config_from_dict({
-        "data": {"train": {"src": str(tmp_path / "train.de"), "tgt": str(tmp_path / "train.en")},
-                 "valid": {"src": str(tmp_path / "val.de"), "tgt": str(tmp_path / "val.en")},
-                 "cache_dir": str(tmp_path / "cache")},
+        "data": small_corpus(tmp_path, 300, 20),
         "tokenizer": {"vocab_size": 300},
         "model": {"d_model": 16, "n_heads": 2, "ffn_dim": 32, "encoder_layers": 1, "decoder_layers": 1, "dropout": 0.0},
         "train": {"run_dir": str(tmp_path / "run"), "max_steps": 4, "valid_every": 4, "valid_beam": 1,

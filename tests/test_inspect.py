@@ -20,16 +20,11 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, multi30k_head) -> Path:
+def run_dir(tmp_path_factory, small_corpus) -> Path:
     """A tiny de->en run (2+2 layers) trained for a few seconds, with TensorBoard events."""
     tmp = tmp_path_factory.mktemp("inspect")
-    for lang in ("de", "en"):
-        (tmp / f"train.{lang}").write_text("\n".join(multi30k_head("train", lang, 2000)) + "\n", encoding="utf-8")
-        (tmp / f"val.{lang}").write_text("\n".join(multi30k_head("val", lang, 50)) + "\n", encoding="utf-8")
     cfg = config_from_dict({
-        "data": {"train": {"src": str(tmp / "train.de"), "tgt": str(tmp / "train.en")},
-                 "valid": {"src": str(tmp / "val.de"), "tgt": str(tmp / "val.en")},
-                 "max_len": 64, "cache_dir": str(tmp / "cache")},
+        "data": {**small_corpus(tmp, 2000, 50), "max_len": 64},
         "tokenizer": {"vocab_size": 400},
         "model": {"d_model": 32, "n_heads": 2, "ffn_dim": 64, "encoder_layers": 2, "decoder_layers": 2,
                   "dropout": 0.0, "max_positions": 256},

@@ -33,13 +33,8 @@ def test_auto_picks_bf16_only_where_it_is_native(tmp_path, monkeypatch):
         assert choose_precision("auto", torch.device("cuda"))[0] == want
 
 
-def test_auto_is_resolved_into_the_run_and_kept_on_resume(tmp_path, multi30k_head, monkeypatch):
-    for split, n in (("train", 300), ("val", 20)):
-        for lang in ("de", "en"):
-            (tmp_path / f"{split}.{lang}").write_text("\n".join(multi30k_head(split, lang, n)) + "\n")
-    raw = {"data": {"train": {"src": str(tmp_path / "train.de"), "tgt": str(tmp_path / "train.en")},
-                    "valid": {"src": str(tmp_path / "val.de"), "tgt": str(tmp_path / "val.en")},
-                    "cache_dir": str(tmp_path / "cache")},
+def test_auto_is_resolved_into_the_run_and_kept_on_resume(tmp_path, small_corpus, monkeypatch):
+    raw = {"data": small_corpus(tmp_path, 300, 20),
            "tokenizer": {"vocab_size": 300},
            "model": {"d_model": 16, "n_heads": 2, "ffn_dim": 32, "encoder_layers": 1, "decoder_layers": 1,
                      "dropout": 0.0},

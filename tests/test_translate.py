@@ -30,16 +30,11 @@ def head(name: str, n: int) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
+def run_dir(tmp_path_factory, small_corpus) -> Path:
     """A tiny de->en run trained for a few seconds on 3,000 Multi30k pairs."""
     tmp = tmp_path_factory.mktemp("translate")
-    for lang in ("de", "en"):
-        (tmp / f"train.{lang}").write_text("\n".join(head(f"train.{lang}.gz", 3000)) + "\n", encoding="utf-8")
-        (tmp / f"val.{lang}").write_text("\n".join(head(f"val.{lang}.gz", 100)) + "\n", encoding="utf-8")
     cfg = config_from_dict({
-        "data": {"train": {"src": str(tmp / "train.de"), "tgt": str(tmp / "train.en")},
-                 "valid": {"src": str(tmp / "val.de"), "tgt": str(tmp / "val.en")},
-                 "max_len": 64, "cache_dir": str(tmp / "cache")},
+        "data": {**small_corpus(tmp, 3000, 100), "max_len": 64},
         "tokenizer": {"vocab_size": 500},
         "model": {"d_model": 32, "n_heads": 2, "ffn_dim": 64, "encoder_layers": 1, "decoder_layers": 1,
                   "dropout": 0.0, "max_positions": 256},

@@ -19,17 +19,12 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def tuned_run(tmp_path_factory, multi30k_head) -> Path:
+def tuned_run(tmp_path_factory, small_corpus) -> Path:
     """A tiny de->en run: checkpoints every 5 steps, validation every 15, the last 3 averaged, beam
     and length penalty tuned on 80 validation pairs."""
     tmp = tmp_path_factory.mktemp("tune")
-    for lang in ("de", "en"):
-        (tmp / f"train.{lang}").write_text("\n".join(multi30k_head("train", lang, 3000)) + "\n", encoding="utf-8")
-        (tmp / f"val.{lang}").write_text("\n".join(multi30k_head("val", lang, 80)) + "\n", encoding="utf-8")
     cfg = config_from_dict({
-        "data": {"train": {"src": str(tmp / "train.de"), "tgt": str(tmp / "train.en")},
-                 "valid": {"src": str(tmp / "val.de"), "tgt": str(tmp / "val.en")},
-                 "max_len": 64, "cache_dir": str(tmp / "cache")},
+        "data": {**small_corpus(tmp, 3000, 80), "max_len": 64},
         "tokenizer": {"vocab_size": 500},
         "model": {"d_model": 32, "n_heads": 2, "ffn_dim": 64, "encoder_layers": 1, "decoder_layers": 1,
                   "dropout": 0.0, "max_positions": 256},
