@@ -59,7 +59,7 @@ class _LinearLabelSmoothedCE(torch.autograd.Function):
             t = target[rows]  # (n,)
             keep = (t != ignore_index)[:, None]  # (n, 1)
             safe_t = t.masked_fill(~keep[:, 0], 0)[:, None]  # (n, 1): ignored rows point anywhere
-            log_probs = torch.log_softmax(torch.mm(h[rows], w.t()).float(), dim=1)  # (n, V)
+            log_probs = torch.log_softmax(torch.mm(h[rows], w.t()), dim=1, dtype=torch.float32)  # (n, V)
             token_nll = -log_probs.gather(1, safe_t).masked_fill_(~keep, 0.0)  # (n, 1)
             smooth = -log_probs.sum(1, keepdim=True).masked_fill_(~keep, 0.0)  # (n, 1): Σ_v -log p_v
             nll += token_nll.sum()
