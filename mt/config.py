@@ -262,7 +262,7 @@ class TrainConfig:
     """Clip the gradient's global L2 norm to this; 0 disables clipping."""
     label_smoothing: float = 0.1
     """Share of the target probability spread uniformly over the vocabulary, in [0, 1)."""
-    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "auto"
     """fp32, bf16 or fp16 (autocast; weights and optimizer stay fp32; fp16, for GPUs without bf16, adds a
     dynamic loss scale), or auto: bf16 where the hardware has it natively (CPUs with AMX or AVX512-BF16,
     GPUs from Ampere on), fp16 on older GPUs, fp32 elsewhere; the choice is logged, written into the
@@ -356,10 +356,11 @@ class DecodeConfig:
     """Minimum output tokens before </s>."""
     batch_tokens: int = 2048
     """Source tokens per translation batch (small batches stay in the CPU caches)."""
-    dtype: Literal["fp32", "bf16", "int8"] = "fp32"
-    """Weights and activations when translating: fp32; bf16 (about 1.5x faster on CPUs with bf16
-    instructions; scores are still computed in fp32); or int8 (CPU: linear layers in int8, one
-    scale per weight row and per token, see mt/int8.py)."""
+    dtype: Literal["auto", "fp32", "bf16", "int8"] = "auto"
+    """Weights and activations when translating: fp32; bf16 (faster on CPUs with bf16 instructions;
+    scores are still computed in fp32); int8 (CPU: linear layers in int8, one scale per weight row
+    and per token, see mt/int8.py); or auto: the fastest of them on this hardware (bf16 on GPUs from
+    Ampere on and on CPUs with AMX, int8 on other x86 CPUs, else fp32; mt/device.py ``choose_dtype``)."""
     tune_beam: list[int] = field(default_factory=list)
     """After training, try these beam sizes on the validation split and make the best the run's
     default (RUN/decode.yaml); empty: keep ``beam``."""

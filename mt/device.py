@@ -1,8 +1,14 @@
-"""Devices and precision: picking the device a user names, bf16 autocast, and the warning for CPUs
-that would only emulate bf16."""
+"""Devices and precision: picking the device a user names; what ``auto`` means for training
+(``train.precision``) and for translating (``decode.dtype``) on this hardware, and why; bf16
+autocast; the warning for CPUs that would only emulate bf16.
+
+``MT_AUTO_FP32=1`` in the environment makes ``auto`` mean fp32 everywhere (the test suite sets it,
+so that its golden values do not depend on the machine; a test of ``auto`` itself removes it).
+"""
 
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -26,6 +32,7 @@ def pick_device(name: str) -> torch.device:
 
 
 BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")  # x86 AMX, x86 AVX-512, ARM
+PIN = "MT_AUTO_FP32"
 
 
 def cpu_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
@@ -54,6 +61,8 @@ def choose_precision(requested: str, device: torch.device, cpuinfo: Path = Path(
     scale on older GPUs, fp32 elsewhere."""
     if requested != "auto":
         return requested, "train.precision"
+    if os.environ.get(PIN) == "1":
+        return "fp32", f"auto: {PIN}=1"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         if torch.cuda.get_device_capability(device) >= (8, 0):
@@ -64,6 +73,35 @@ def choose_precision(requested: str, device: torch.device, cpuinfo: Path = Path(
         return "bf16", f"auto: this CPU has native bf16 ({flag})"
     return "fp32", ("auto: this CPU has no native bf16" if flag == "" else
                     "auto: no /proc/cpuinfo to tell whether this CPU has native bf16")
+
+
+def choose_dtype(requested: str, device: torch.device, cpuinfo: Path = Path("/proc/cpuinfo"),
+                 int8_missing: str = "") -> tuple[str, str]:
+    """The translation dtype for ``requested`` (fp32, bf16, int8 or auto) on ``device``, and why.
+    auto: the fastest mode measured there, at the fp32 model's BLEU within 0.1 (benchmarks/
+    speed_decode.md): bf16 on CUDA GPUs from Ampere on and on CPUs with AMX (bf16 1.2x int8 on a
+    Xeon); int8 on other x86 CPUs where PyTorch's int8 kernels run (``int8_missing``: why they
+    cannot, '' when they can): 1.1x bf16 on an AMD EPYC with AVX512-BF16 and VNNI, 1.25x fp32 on
+    AVX2; else bf16 where native, else fp32."""
+    if requested != "auto":
+        return requested, "decode.dtype"
+    if os.environ.get(PIN) == "1":
+        return "fp32", f"auto: {PIN}=1"
+    if device.type == "cuda":
+        if torch.cuda.get_device_capability(device) >= (8, 0):
+            return "bf16", f"auto: {torch.cuda.get_device_name(device)} computes in bf16"
+        return "fp32", f"auto: {torch.cuda.get_device_name(device)} has no bf16"
+    if device.type != "cpu":
+        return "fp32", f"auto: {device.type}"
+    flag = cpu_bf16(cpuinfo)
+    if flag == "amx_bf16":
+        return "bf16", "auto: this CPU has AMX (bf16 matrix units)"
+    if not int8_missing:
+        return "int8", "auto: int8 kernels" + (f" (faster than bf16 without AMX, though {flag} is native)"
+                                                if flag else " (no native bf16 on this CPU)")
+    if flag:
+        return "bf16", f"auto: this CPU has native bf16 ({flag}) and no int8 kernels"
+    return "fp32", "auto: no native bf16 and no int8 kernels"
 
 
 def autocast(device: torch.device, precision: str):

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from mt import checkpoint as ckpt
-from mt.device import slow_bf16_warning
+from mt.device import choose_dtype, choose_precision, pick_device, slow_bf16_warning
 from mt.int8 import unavailable as int8_unavailable
 from mt.model import Transformer
 from mt.run import Run, RunError
@@ -20,9 +20,12 @@ def machine() -> dict:
     cuda = [{"name": torch.cuda.get_device_name(i), "bf16": torch.cuda.get_device_capability(i) >= (8, 0)}
             for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []  # bf16: Ampere on
     int8 = int8_unavailable()
+    device = pick_device("auto")
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cuda": cuda,
             "cpu_bf16": not slow_bf16_warning(torch.device("cpu")), "int8": not int8,
-            **({"int8_problem": int8} if int8 else {})}
+            **({"int8_problem": int8} if int8 else {}),
+            "auto": {"train": choose_precision("auto", device)[0],
+                     "translate": choose_dtype("auto", device, int8_missing=int8 if device.type == "cpu" else "")[0]}}
 
 
 def describe(run_dir: str | Path) -> dict:
@@ -47,7 +50,8 @@ def describe(run_dir: str | Path) -> dict:
                  "train": [{"src": c.src, "tgt": c.tgt, "weight": c.weight} for c in cfg.data.train],
                  "valid": {"src": cfg.data.valid.src, "tgt": cfg.data.valid.tgt} if cfg.data.valid.is_set else None},
         "training": {"precision": cfg.train.precision, "max_tokens": cfg.train.max_tokens},
-        "decoding": {"beam": cfg.decode.beam, "lenpen": cfg.decode.lenpen, **run.read_defaults()},
+        "decoding": {"beam": cfg.decode.beam, "lenpen": cfg.decode.lenpen, "dtype": cfg.decode.dtype,
+                     **run.read_defaults()},
         "machine": machine(),
     }
     last = run.checkpoint_path("last")
@@ -91,12 +95,13 @@ def format_info(info: dict) -> str:
     if best:
         lines.append(("best valid", ", ".join(f"{k.upper() if k == 'bleu' else k} {b['value']:.2f} (step {b['step']})"
                                               for k, b in best.items())))
-    chosen = ", ".join(f"{k} {d[k]}" for k in ("checkpoint", "beam", "lenpen") if k in d)
+    chosen = ", ".join(f"{k} {d[k]}" for k in ("checkpoint", "beam", "lenpen", "dtype") if k in d)
     lines.append(("decoding", chosen + (" (chosen on validation)" if "checkpoint" in d else " (the config's)")))
     mc = info["machine"]
     cuda = ", ".join(f"{g['name']}{' (bf16)' if g['bf16'] else ''}" for g in mc["cuda"]) or "none"
     lines.append(("this machine", f"torch {mc['torch']}, threads {mc['threads']}; CUDA: {cuda}; "
                                   f"CPU bf16: {'native' if mc['cpu_bf16'] else 'emulated (slow)'}; "
-                                  f"int8: {'yes' if mc['int8'] else 'no'}"))
+                                  f"int8: {'yes' if mc['int8'] else 'no'}; auto means: training "
+                                  f"{mc['auto']['train']}, translating {mc['auto']['translate']}"))
     width = max(len(k) for k, _ in lines)
     return "\n".join(f"{k:<{width}}  {value}" for k, value in lines)

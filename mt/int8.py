@@ -105,11 +105,5 @@ def quantize_int8(model: Transformer) -> Transformer:
         raise Int8Error(f"{reason}; use --dtype fp32")
     if next(model.parameters()).device.type != "cpu":
         raise Int8Error("int8 decoding runs on the CPU only: use --device cpu (or auto), or --dtype fp32/bf16")
-    model.eval()
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(module, name, Int8Linear(child.weight, child.bias))
-    if model.output_proj is None:
-        model.output_proj = Int8Linear(model.tgt_embed.weight, None)
+    model.replace_linears(Int8Linear)
     return model

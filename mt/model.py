@@ -450,9 +450,21 @@ class Transformer(nn.Module):
         """The output projection (V, D): the target embedding when they are tied."""
         return self.tgt_embed.weight if self.output_proj is None else self.output_proj.weight
 
+    def replace_linears(self, make) -> None:
+        """For inference (mt.int8, mt.packed), in place: every ``nn.Linear`` becomes
+        ``make(weight, bias)``, and a tied output projection gets one of its own,
+        ``make(target embedding, None)``."""
+        self.eval()
+        for module in list(self.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(module, name, make(child.weight, child.bias))
+        if self.output_proj is None:
+            self.output_proj = make(self.tgt_embed.weight, None)
+
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """Decoder states (..., D) -> logits (..., V)."""
-        if self.output_proj is not None:  # untied, or replaced for inference (mt.int8)
+        if self.output_proj is not None:  # untied, or replaced for inference (replace_linears)
             return self.output_proj(hidden)
         return F.linear(hidden, self.tgt_embed.weight)
 

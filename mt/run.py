@@ -42,11 +42,13 @@ import yaml
 from mt import checkpoint as ckpt
 from mt import config as configs
 from mt.config import Config, ConfigError, config_from_dict, save_config
-from mt.device import pick_device, slow_bf16_warning
+from mt.device import choose_dtype, pick_device, slow_bf16_warning
 from mt.errors import MtError
 from mt.files import atomic_copy, atomic_write, pid_namespace
 from mt.int8 import quantize_int8
+from mt.int8 import unavailable as int8_unavailable
 from mt.model import Transformer
+from mt.packed import available as packed_available, pack_fp32
 from mt.tokenizer import Tokenizer
 
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
@@ -558,12 +560,14 @@ class Run:
         return Tokenizer(src), Tokenizer(tgt)
 
     def load_for_inference(self, checkpoint: str | None = None, dtype: str | None = None, device: str = "auto",
-                           average: int = 0, warn: Callable[[str], None] | None = None) -> Loaded:
+                           average: int = 0, warn: Callable[[str], None] | None = None, pack: bool = True) -> Loaded:
         """A model in eval mode to translate with, from this directory alone. ``checkpoint`` None: the
         one chosen on validation (decode.yaml), else best; ``average`` N >= 2: the mean of the last N
         step checkpoints instead. ``dtype`` None: the run's ``decode.dtype``; fp32; bf16 (``warn`` is
         told when this CPU only emulates it); int8 (CPU kernels: ``device`` auto means the CPU, and
-        a CUDA device is refused)."""
+        a CUDA device is refused); auto: the fastest of them on the device (``choose_dtype``).
+        ``pack``: fp32 on a CPU gets its weights packed for MKL (``mt.packed``: faster decoding, the
+        same arithmetic); off for a model whose state dict is wanted (export)."""
         if average > 1:
             found = self.step_checkpoints()
             if len(found) < average:
@@ -587,6 +591,8 @@ class Run:
         model = Transformer(cfg.model, src_tok.vocab_size, tgt_tok.vocab_size, joint=cfg.tokenizer.joint)
         model.load_state_dict(state["model"])
         target = pick_device("cpu" if dtype == "int8" and device == "auto" else device)
+        if dtype == "auto":
+            dtype = choose_dtype(dtype, target, int8_missing=int8_unavailable() if target.type == "cpu" else "")[0]
         model.to(target).eval()
         if dtype == "bf16":
             model.to(torch.bfloat16)
@@ -595,6 +601,8 @@ class Run:
                 warn(f"{warning} (--dtype fp32)")
         elif dtype == "int8":
             quantize_int8(model)
+        elif pack and target.type == "cpu" and packed_available():
+            pack_fp32(model)
         return Loaded(model, cfg, src_tok, tgt_tok)
 
 

@@ -605,14 +605,15 @@ def _train(cfg: Config, run: Run, resume: bool, log: Callable[[str], None], prog
     path = d.on_main(check_resume)
     if path is not None and not d.main:
         resumed = Resumed(path, ckpt.load(path), None)
+    chose = ""
     if tc.precision == "auto":  # chosen once, when the run starts, and written into its config
         if resumed is not None:
             chosen, why = checkpoint_config(resumed.path, resumed.state).train.precision, "as the run started"
-        else:
-            chosen, why = choose_precision("auto", device)
+        else:  # rank 0's choice for all (nodes of a run might differ)
+            chosen, why = d.on_main(lambda: choose_precision("auto", device))
         cfg = replace(cfg, train=replace(tc, precision=chosen))
         tc = cfg.train
-        log(f"precision: {chosen} ({why})")
+        chose = f"precision: {chosen} ({why})"  # said once the data is known to be usable
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     random.seed(tc.seed)
@@ -639,6 +640,8 @@ def _train(cfg: Config, run: Run, resume: bool, log: Callable[[str], None], prog
         torch.manual_seed(tc.seed + d.rank)  # the same initial weights, dropout of its own on each rank
     trainer = Trainer(cfg, run, model, data, device, log, progress, d)
     s = trainer.state
+    if chose:
+        log(chose)
     if parent is not None:
         finetune.load_into(parent, model, trainer.optimizer if tc.init_keep_optimizer else None)
         log(f"initialised from {parent.path} (its step {parent.state.get('trainer', {}).get('step', '?')}); "

@@ -1,7 +1,8 @@
-"""Decoding speed side by side: `mt translate` (with and without its KV cache), Hugging Face
-``generate()`` on the exported weights, and CTranslate2 (float32, int8) on the converted weights.
+"""Decoding speed side by side: `mt translate` (fp32, bf16, int8; optionally without its KV cache),
+Hugging Face ``generate()`` on the exported weights, and CTranslate2 on the converted weights in
+every compute type this CPU supports.
 
-    python scripts/bench_decode.py -m RUN_DIR [--beam 5] [--repeats 3] [--engines mt,mt-int8,mt-nocache,hf,ct2,ct2-int8]
+    python scripts/bench_decode.py -m RUN_DIR [--beam 5] [--repeats 3] [--engines mt,mt-bf16,mt-int8,hf,ct2]
 
 Every engine translates the same file (default: Multi30k test_2016_flickr, 1,000 lines) on
 ``--threads`` CPU threads with the same beam size, length penalty and per-batch length limit
@@ -9,15 +10,19 @@ Every engine translates the same file (default: Multi30k test_2016_flickr, 1,000
 detokenized lines (SentencePiece encoding, batching, search, decoding), models already loaded; one
 warm-up pass over 100 lines, then the median of ``--repeats`` passes, taken round robin across the
 engines (this machine's speed drifts by 10-20% over minutes; interleaving spreads that evenly). Each
-engine runs in its own worker process, so that no engine's thread pool slows another's. Reports sentences/s, target
-tokens/s, the ratio against HF and BLEU. Writes a markdown table to ``--out``.
+engine runs in its own worker process, so that no engine's thread pool slows another's. ``ct2``
+stands for every CTranslate2 compute type of ``ctranslate2.get_supported_compute_types("cpu")``
+among float32, int8, int8_float32, int8_bfloat16 and bfloat16 (or name one: ``ct2-int8``).
+Reports sentences/s, target tokens/s, the ratio against HF, BLEU, and the share of the machine's
+GEMM ceiling in the row's precision (``scripts/machine.py``, measured in the same run): the matmul
+FLOPs of mt's own fp32 search on this input (counted once with ``torch.utils.flop_counter``; the
+same work for every row) per second. Writes a markdown table to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing
-import platform
 import statistics
 import sys
 import tempfile
@@ -34,10 +39,21 @@ from mt.batch import pad  # noqa: E402
 from mt.evaluate import read_text, score  # noqa: E402
 from mt.int8 import unavailable as int8_unavailable  # noqa: E402
 from mt.tokenizer import EOS_ID, PAD_ID  # noqa: E402
-from mt.device import slow_bf16_warning  # noqa: E402
+from mt.device import choose_dtype, slow_bf16_warning  # noqa: E402
 from mt.translate import Translator  # noqa: E402
+from machine import cpu, matmul_ceiling  # noqa: E402
 
 Engine = Callable[[list[str]], list[str]]
+
+
+CT2_TYPES = ("float32", "int8", "int8_float32", "int8_bfloat16", "bfloat16")
+
+
+def precision(engine: str) -> str:
+    """The precision whose GEMM ceiling an engine's row is compared with."""
+    if engine.endswith("int8") or "int8_" in engine:
+        return "int8"
+    return "bf16" if engine.endswith(("bf16", "bfloat16")) else "fp32"
 
 
 def mt_engine(run_dir: str, beam: int, batch_tokens: int, use_cache: bool, dtype: str = "fp32") -> Engine:
@@ -113,8 +129,7 @@ def _serve(conn, name: str, args: argparse.Namespace, dirs: dict[str, Path]) -> 
         elif name == "hf":
             engine = hf_engine(dirs["hf"], tok, args.beam, *limits, args.batch)
         else:
-            compute = "int8" if name == "ct2-int8" else "float32"
-            engine = ct2_engine(dirs["ct2"], tok, args.beam, *limits, args.batch, compute, args.threads)
+            engine = ct2_engine(dirs["ct2"], tok, args.beam, *limits, args.batch, name[4:], args.threads)
         engine(lines[:100])  # warm-up
         conn.send("ready")
         while conn.recv() is not None:
@@ -146,7 +161,7 @@ def main() -> None:
     parser.add_argument("--batch-tokens", type=int, default=2048, help="source tokens per batch for mt")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--engines", default="mt,mt-bf16,mt-int8,mt-nocache,hf,ct2,ct2-int8")
+    parser.add_argument("--engines", default="mt,mt-bf16,mt-int8,hf,ct2")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/speed_decode.md"))
     args = parser.parse_args()
 
@@ -154,7 +169,15 @@ def main() -> None:
     lines, refs = read_text(args.src), read_text(args.ref)
     translator = Translator.from_run(args.model, device="cpu", beam=args.beam)
     tok, d = translator.tgt_tok, translator.decode
-    names = args.engines.split(",")
+    names = []
+    for name in args.engines.split(","):
+        if name == "ct2":  # every compute type this CPU supports
+            import ctranslate2
+
+            supported = ctranslate2.get_supported_compute_types("cpu")
+            names += [f"ct2-{t}" for t in CT2_TYPES if t in supported]
+        else:
+            names.append(name)
     notes = []
     if "mt-bf16" in names and slow_bf16_warning(torch.device("cpu")):
         names.remove("mt-bf16")  # emulated bf16 would take hours and say nothing about mt
@@ -162,6 +185,11 @@ def main() -> None:
     if "mt-int8" in names and int8_unavailable():
         names.remove("mt-int8")
         notes.append(f"mt --dtype int8 not measured: {int8_unavailable()}.")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:  # the work: mt's fp32 search on this input
+        mt_engine(args.model, args.beam, args.batch_tokens, use_cache=True)(lines)
+    work = counter.get_total_flops()
     with tempfile.TemporaryDirectory() as tmp:
         dirs = {}
         if "hf" in names or any(n.startswith("ct2") for n in names):
@@ -206,27 +234,35 @@ def main() -> None:
             rows.append((name, seconds, len(lines) / seconds, tokens / seconds, bleu))
             print(f"{name}: {seconds:.2f}s, {len(lines) / seconds:.1f} sentences/s, BLEU {bleu:.2f}", flush=True)
     base = {r[0]: r[2] for r in rows}.get("hf")
-    labels = {"mt": "mt translate (fp32, KV cache)", "mt-bf16": "mt translate --dtype bf16",
+    labels = {"mt": "mt translate --dtype fp32 (KV cache)", "mt-bf16": "mt translate --dtype bf16",
               "mt-int8": "mt translate --dtype int8",
               "mt-nocache": "mt, no cache (full prefix each step)",
-              "hf": "HF generate() (fp32)", "ct2": "CTranslate2 float32", "ct2-int8": "CTranslate2 int8"}
+              "hf": "HF generate() (fp32)", **{f"ct2-{t}": f"CTranslate2 {t}" for t in CT2_TYPES}}
+    auto, why = choose_dtype("auto", torch.device("cpu"), int8_missing=int8_unavailable())
+    precisions = sorted({precision(name) for name in names})
+    ceilings = {p: matmul_ceiling(p, args.threads) for p in precisions}
     table = [
         f"# Decoding speed: beam {args.beam}, length penalty {d.lenpen}, length limit {d.max_len_a}·src + {d.max_len_b}",
         "",
         f"Command: `python scripts/bench_decode.py -m {args.model} --beam {args.beam} --repeats {args.repeats} "
         f"--engines {args.engines}`  ",
-        f"Input: {Path(args.src).name} ({len(lines)} lines). Machine: {platform.machine()}, {args.threads} threads, "
-        f"torch {torch.__version__}. Timed for every engine: text lines to detokenized lines (models loaded), "
+        f"Input: {Path(args.src).name} ({len(lines)} lines). Machine: {cpu()}; {args.threads} threads, "
+        f"torch {torch.__version__}; `--dtype auto` here: {auto} ({why.removeprefix('auto: ')}). GEMM ceiling "
+        "(this run): " + ", ".join(f"{p} {c:.0f} G{'OP' if p == 'int8' else 'FLOP'}/s" for p, c in ceilings.items())
+        + f"; the work counted: {work / 1e9:.0f} GFLOP (mt's fp32 search on this input). "
+        "Timed for every engine: text lines to detokenized lines (models loaded), "
         f"median of {args.repeats} passes after a warm-up; each engine in its own process, the engines' passes "
         f"interleaved round robin. mt batches by {args.batch_tokens} source tokens; "
         f"HF and CTranslate2 by {args.batch} length-sorted sentences." + "".join(f" {n}" for n in notes),
         "",
-        "| engine | seconds | sentences/s | target tokens/s | vs HF | BLEU |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| engine | seconds | sentences/s | target tokens/s | vs HF | BLEU | share of ceiling |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, seconds, sps, tps, bleu in rows:
         ratio = f"{sps / base:.2f}x" if base else "-"
-        table.append(f"| {labels[name]} | {seconds:.2f} | {sps:.1f} | {tps:.0f} | {ratio} | {bleu:.2f} |")
+        share = work / seconds / 1e9 / ceilings[precision(name)]
+        table.append(f"| {labels[name]} | {seconds:.2f} | {sps:.1f} | {tps:.0f} | {ratio} | {bleu:.2f} | "
+                     f"{share:.1%} ({precision(name)}) |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(table) + "\n", encoding="utf-8")
     print("\n".join(table))

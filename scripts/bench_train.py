@@ -1,20 +1,24 @@
-"""Training speed: `mt` vs Hugging Face transformers on the same model shape, batches and precision.
+"""Training speed: `mt` vs Hugging Face transformers on the same model shape, batches and precision,
+and each against the machine's matmul ceiling in that precision.
 
     python scripts/bench_train.py [--config configs/multi30k_de_en.yaml] [--steps 8] [--repeats 3]
 
 The peer is ``M2M100ForConditionalGeneration`` built from ``mt.export.hf_config`` (the same pre-norm
 encoder-decoder, random init, SDPA attention). Both run a full training step on the same
 token-bucketed Multi30k batches: forward, label-smoothed cross-entropy, backward, gradient clipping,
-AdamW step. Each engine and precision runs in its own process (so peak RSS is its own), does
-``--warmup`` steps, then ``--repeats`` timed passes over the same ``--steps`` batches; the table gives
-the median target tokens/s, the ratio mt / HF and the peak RSS. Threads: ``torch.set_num_threads``.
+AdamW step. Each timed pass is a process of its own (so peak RSS is its own) that does ``--warmup``
+steps, then one pass over the same ``--steps`` batches; the engines' passes alternate, ``--repeats``
+each, so that the machine's drift over the minutes of a run hits both alike; the table gives the
+median target tokens/s, the ratio mt / HF, the peak RSS, and the share of the matmul ceiling: the
+step's matmul FLOPs (counted from the model's shape and the batches' padded sizes, the same for both
+engines) per second over the best ``torch.mm`` GFLOP/s of that precision on this machine
+(``scripts/machine.py``, measured in the same run). Threads: ``torch.set_num_threads``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -32,6 +36,20 @@ sys.path.insert(0, str(ROOT))
 from mt.config import load_config  # noqa: E402
 from mt.batch import Batch  # noqa: E402
 from mt.tokenizer import PAD_ID  # noqa: E402
+from machine import cpu, matmul_ceiling  # noqa: E402
+
+
+def step_flops(m, vocab: int, src: torch.Tensor, tgt_out: torch.Tensor) -> float:
+    """Matmul FLOPs of one training step on a batch: forward (projections, feed-forward, attention
+    scores and sums over the padded shapes, the output projection over real target tokens) times 3
+    (the backward pass computes two products for each one of the forward)."""
+    (B, S), T = src.shape, tgt_out.shape[1]
+    d, f = m.d_model, m.ffn_dim
+    encoder = B * S * (4 * d * d + 2 * d * f) + 2 * B * S * S * d
+    decoder = B * T * (6 * d * d + 2 * d * f) + B * S * 2 * d * d + 2 * B * T * T * d + 2 * B * T * S * d
+    output = int((tgt_out != PAD_ID).sum()) * vocab * d
+    macs = m.encoder_layers * encoder + m.decoder_layers * decoder + output
+    return 3 * 2 * macs
 
 
 def prepare_batches(config: str, count: int, workdir: Path, max_tokens: int = 0) -> Path:
@@ -103,8 +121,9 @@ def worker(engine: str, precision: str, batches_file: str, warmup: int, steps: i
         for batch in timed:
             step(batch)
         rates.append(tokens / (time.perf_counter() - start))
+    flops = sum(step_flops(cfg.model, vocab, b.src, b.tgt_out) for b in timed)
     return {"tokens_per_s": rates, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "tokens": tokens, "steps": len(timed)}
+            "tokens": tokens, "steps": len(timed), "flops": flops}
 
 
 def main() -> None:
@@ -137,42 +156,49 @@ def main() -> None:
     if not precisions:
         sys.exit("bench_train.py: nothing to measure: " + " ".join(notes))
     budgets = [int(b) for b in args.max_tokens.split(",") if b] or [load_config(args.config).train.max_tokens]
+    ceilings = {p: matmul_ceiling(p, args.threads) for p in precisions}
+    print("matmul ceiling: " + ", ".join(f"{p} {c:.0f} GFLOP/s" for p, c in ceilings.items()), flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for budget in budgets:
             batches = prepare_batches(args.config, args.warmup + args.steps, Path(tmp), budget)
             for precision in precisions:
-                result = {}
-                for engine in ("mt", "hf"):
-                    cmd = [sys.executable, __file__, "--worker", engine, "--precision", precision, "--batches",
-                           str(batches), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                           "--repeats", str(args.repeats), "--threads", str(args.threads)]
-                    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-                    result[engine] = json.loads(out.strip().splitlines()[-1])
-                    r = result[engine]
-                    print(f"{engine} {precision}: {statistics.median(r['tokens_per_s']):.0f} target tokens/s "
-                          f"(runs: {', '.join(f'{x:.0f}' for x in r['tokens_per_s'])}), peak RSS {r['peak_rss_mb']:.0f} MB",
-                          flush=True)
+                result = {"mt": [], "hf": []}
+                for r in range(args.repeats):  # one process per pass, the engines alternating
+                    for engine in ("mt", "hf") if r % 2 == 0 else ("hf", "mt"):
+                        cmd = [sys.executable, __file__, "--worker", engine, "--precision", precision, "--batches",
+                               str(batches), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                               "--repeats", "1", "--threads", str(args.threads)]
+                        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                        result[engine].append(json.loads(out.strip().splitlines()[-1]))
+                        print(f"{budget} {precision} pass {r + 1} {engine}: "
+                              f"{result[engine][-1]['tokens_per_s'][0]:.0f} target tokens/s", flush=True)
                 rows.append((budget, precision, result))
     table = [
         "# Training speed: mt vs Hugging Face transformers (M2M100), same shape, batches and precision",
         "",
         f"Command: `python scripts/bench_train.py --config {Path(args.config).relative_to(ROOT)} --steps {args.steps} "
         f"--repeats {args.repeats}" + (f" --max-tokens {args.max_tokens}" if args.max_tokens else "") + "`  ",
-        f"Machine: {platform.machine()}, {args.threads} threads, torch {torch.__version__}. A step is forward + "
-        f"label-smoothed CE + backward + clip + AdamW on the same token-bucketed Multi30k batches ({args.steps} "
-        f"batches of each budget, after {args.warmup} warm-up batches); median of {args.repeats} passes; each engine in its own process."
-        + "".join(f" {n}" for n in notes),
+        f"Machine: {cpu()}; {args.threads} threads, torch {torch.__version__}. Matmul ceiling (best `torch.mm`, "
+        "this run): " + ", ".join(f"{p} {c:.0f} GFLOP/s" for p, c in ceilings.items()) + ". "
+        f"A step is forward + label-smoothed CE + backward + clip + AdamW on the same token-bucketed Multi30k "
+        f"batches ({args.steps} batches of each budget, after {args.warmup} warm-up batches); median of "
+        f"{args.repeats} passes, each a process of its own, the engines alternating. bf16 is autocast (weights and "
+        "AdamW in fp32). Share of ceiling: the step's matmul FLOPs per second (from the model shape and the "
+        "padded batch sizes) over the ceiling of that precision." + "".join(f" {n}" for n in notes),
         "",
         "| batch budget (tokens) | target tokens | precision | mt tokens/s | HF tokens/s | mt / HF | "
-        "mt peak RSS (MB) | HF peak RSS (MB) |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|",
+        "mt share of ceiling | HF share of ceiling | mt peak RSS (MB) | HF peak RSS (MB) |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for budget, precision, result in rows:
-        mt_rate = statistics.median(result["mt"]["tokens_per_s"])
-        hf_rate = statistics.median(result["hf"]["tokens_per_s"])
-        table.append(f"| {budget} | {result['mt']['tokens']} | {precision} | {mt_rate:.0f} | {hf_rate:.0f} | {mt_rate / hf_rate:.2f}x | "
-                     f"{result['mt']['peak_rss_mb']:.0f} | {result['hf']['peak_rss_mb']:.0f} |")
+        rate = {e: statistics.median(p["tokens_per_s"][0] for p in result[e]) for e in ("mt", "hf")}
+        first = result["mt"][0]
+        share = {e: rate[e] * first["flops"] / first["tokens"] / 1e9 / ceilings[precision] for e in rate}
+        rss = {e: max(p["peak_rss_mb"] for p in result[e]) for e in rate}
+        table.append(f"| {budget} | {first['tokens']} | {precision} | {rate['mt']:.0f} | {rate['hf']:.0f} | "
+                     f"{rate['mt'] / rate['hf']:.2f}x | {share['mt']:.0%} | {share['hf']:.0%} | {rss['mt']:.0f} | "
+                     f"{rss['hf']:.0f} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(table) + "\n", encoding="utf-8")
     print("\n".join(table))

@@ -20,6 +20,9 @@ MULTI30K_FILES = [f"{split}.{lang}.gz" for split in ("train", "val", "test_2016_
 THREADS = int(os.environ.get("MT_TEST_THREADS", "2"))
 torch.set_num_threads(THREADS)
 os.environ["OMP_NUM_THREADS"] = str(THREADS)
+# train.precision and decode.dtype "auto" mean fp32 in the tests (golden values must not depend on the
+# CPU); the tests of auto itself remove this (monkeypatch.delenv)
+os.environ["MT_AUTO_FP32"] = "1"
 # a run without data.cache_dir caches its tokenized corpora under $XDG_CACHE_HOME/mt: not the user's,
 # and gone when the suite ends
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="mt-test-cache-")

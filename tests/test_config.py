@@ -234,7 +234,7 @@ def test_override_into_an_empty_yaml_section(tmp_path):
     ("train.seed=-1", "train.seed: must be >= 0, got -1"),
     ("train.betas=[0.9, 1.0]", r"train.betas: must be two numbers in \[0, 1\), got \[0.9, 1.0\]"),
     ("train.optimizer=sgd", "train.optimizer: 'sgd' is not one of adam, adamw"),
-    ("decode.dtype=int4", "decode.dtype: 'int4' is not one of fp32, bf16, int8"),
+    ("decode.dtype=int4", "decode.dtype: 'int4' is not one of auto, fp32, bf16, int8"),
 ])
 def test_bad_values_give_one_error_line_before_any_data_is_read(tmp_path, override, message):
     import re

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from mt.config import config_from_dict
-from mt.device import choose_precision
+from mt.device import choose_dtype, choose_precision
 from mt.train import train
 
 
@@ -21,6 +21,9 @@ def cpuinfo(tmp_path: Path, flags: str) -> Path:
 
 def test_auto_picks_bf16_only_where_it_is_native(tmp_path, monkeypatch):
     cpu = torch.device("cpu")
+    assert choose_precision("auto", cpu, cpuinfo(tmp_path, "avx512_bf16")) == ("fp32", "auto: MT_AUTO_FP32=1")
+    assert choose_dtype("auto", cpu, cpuinfo(tmp_path, "avx512_bf16")) == ("fp32", "auto: MT_AUTO_FP32=1")
+    monkeypatch.delenv("MT_AUTO_FP32")  # the tests' pin: what auto means on a machine
     assert choose_precision("auto", cpu, cpuinfo(tmp_path, "avx2 avx512f avx512_bf16")) == \
         ("bf16", "auto: this CPU has native bf16 (avx512_bf16)")
     assert choose_precision("auto", cpu, cpuinfo(tmp_path, "avx2 amx_bf16 amx_tile"))[0] == "bf16"
@@ -31,6 +34,18 @@ def test_auto_picks_bf16_only_where_it_is_native(tmp_path, monkeypatch):
     for capability, want in (((8, 0), "bf16"), ((9, 0), "bf16"), ((7, 5), "fp16")):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d, c=capability: c)
         assert choose_precision("auto", torch.device("cuda"))[0] == want
+        assert choose_dtype("auto", torch.device("cuda"))[0] == ("fp32" if want == "fp16" else "bf16")
+
+
+def test_decoding_auto_takes_the_fastest_mode_measured_on_each_kind_of_cpu(tmp_path, monkeypatch):
+    monkeypatch.delenv("MT_AUTO_FP32")
+    cpu = torch.device("cpu")
+    assert choose_dtype("auto", cpu, cpuinfo(tmp_path, "avx2 avx512_bf16 amx_bf16"))[0] == "bf16"
+    assert choose_dtype("auto", cpu, cpuinfo(tmp_path, "avx2 avx512_vnni avx512_bf16"))[0] == "int8"
+    assert choose_dtype("auto", cpu, cpuinfo(tmp_path, "avx2 fma")) == ("int8", "auto: int8 kernels (no native bf16 on this CPU)")
+    assert choose_dtype("auto", cpu, cpuinfo(tmp_path, "avx2"), int8_missing="no FBGEMM")[0] == "fp32"
+    assert choose_dtype("auto", cpu, cpuinfo(tmp_path, "bf16 asimd"), int8_missing="no FBGEMM")[0] == "bf16"  # ARM
+    assert choose_dtype("int8", cpu, cpuinfo(tmp_path, "avx512_bf16")) == ("int8", "decode.dtype")  # asked
 
 
 def test_auto_is_resolved_into_the_run_and_kept_on_resume(tmp_path, small_corpus, monkeypatch):
@@ -40,6 +55,7 @@ def test_auto_is_resolved_into_the_run_and_kept_on_resume(tmp_path, small_corpus
                      "dropout": 0.0},
            "train": {"run_dir": str(tmp_path / "run"), "max_steps": 2, "valid_every": 2, "warmup_steps": 1,
                      "num_threads": 1, "precision": "auto"}}
+    monkeypatch.delenv("MT_AUTO_FP32")  # what auto means on this machine
     expected, why = choose_precision("auto", torch.device("cpu"))
     messages: list[str] = []
     train(config_from_dict(raw), log=messages.append, progress=False)

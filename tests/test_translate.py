@@ -227,6 +227,23 @@ def test_bf16_translation_keeps_lines_and_mostly_agrees_with_fp32(run_dir):
     exact = Translator.from_run(run_dir).translate_lines(lines + [""])
     assert len(fast) == 41 and fast[-1] == ""
     assert sum(a == b for a, b in zip(fast, exact)) >= 20  # bf16 rounding changes a few, not most
+    # alone, each of the first five lines translates as it did among forty
+    assert [bf16.translate_lines([line])[0] for line in lines[:5]] == fast[:5]
+
+
+def test_dtype_auto_is_what_the_policy_chooses_here(run_dir, monkeypatch):
+    from mt.device import choose_dtype
+
+    assert Translator.from_run(run_dir).model.src_embed.weight.dtype == torch.float32  # auto, pinned to fp32
+    monkeypatch.delenv("MT_AUTO_FP32")
+    chosen, _ = choose_dtype("auto", torch.device("cpu"), int8_missing=int8_unavailable())
+    model = Translator.from_run(run_dir, device="cpu").model
+    if chosen == "int8":
+        from mt.int8 import Int8Linear
+
+        assert isinstance(model.output_proj, Int8Linear)
+    else:
+        assert model.src_embed.weight.dtype == {"bf16": torch.bfloat16, "fp32": torch.float32}[chosen]
 
 
 @pytest.mark.skipif(bool(int8_unavailable()), reason=int8_unavailable() or "-")
