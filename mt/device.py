@@ -57,7 +57,7 @@ def slow_bf16_warning(device: torch.device, cpuinfo: Path = Path("/proc/cpuinfo"
 def choose_precision(requested: str, device: torch.device, cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[str, str]:
     """The training precision for ``requested`` (fp32, bf16, fp16 or auto) on ``device``, and why.
     auto: bf16 where it is native (CUDA from Ampere on; CPUs with AMX or AVX512-BF16: on an AMD EPYC
-    with AVX512-BF16, 1.3-1.9x fp32's training tokens/s, benchmarks/speed_train_avx512_bf16.md), fp16 with a loss
+    with AVX512-BF16, 2.5-2.8x fp32's training tokens/s, benchmarks/speed_train.md), fp16 with a loss
     scale on older GPUs, fp32 elsewhere."""
     if requested != "auto":
         return requested, "train.precision"

@@ -122,7 +122,7 @@ def to_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str | None = Non
     checkpoint = checkpoint or tuned.get("checkpoint", "best")
     state = ckpt.load(run.resolve(checkpoint))  # check the settings before building anything
     check_exportable(config_from_dict(state["config"]), state["vocab"]["src"], state["vocab"]["tgt"])
-    model, cfg, src_tok, tgt_tok = run.load_for_inference(checkpoint, "fp32", "cpu", average, pack=False)
+    model, cfg, src_tok, tgt_tok = run.load_for_inference(checkpoint, "fp32", "cpu", average)
     spm_path = run.tokenizer_paths(joint=True)[0]
     tokenizer_files = hf_tokenizer(spm_path, cfg.model.max_positions)  # one that cannot be made stops us here
     out_dir = Path(out_dir)

@@ -451,7 +451,7 @@ class Transformer(nn.Module):
         return self.tgt_embed.weight if self.output_proj is None else self.output_proj.weight
 
     def replace_linears(self, make) -> None:
-        """For inference (mt.int8, mt.packed), in place: every ``nn.Linear`` becomes
+        """For inference (mt.int8), in place: every ``nn.Linear`` becomes
         ``make(weight, bias)``, and a tied output projection gets one of its own,
         ``make(target embedding, None)``."""
         self.eval()

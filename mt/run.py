@@ -48,7 +48,6 @@ from mt.files import atomic_copy, atomic_write, pid_namespace
 from mt.int8 import quantize_int8
 from mt.int8 import unavailable as int8_unavailable
 from mt.model import Transformer
-from mt.packed import available as packed_available, pack_fp32
 from mt.tokenizer import Tokenizer
 
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
@@ -560,14 +559,12 @@ class Run:
         return Tokenizer(src), Tokenizer(tgt)
 
     def load_for_inference(self, checkpoint: str | None = None, dtype: str | None = None, device: str = "auto",
-                           average: int = 0, warn: Callable[[str], None] | None = None, pack: bool = True) -> Loaded:
+                           average: int = 0, warn: Callable[[str], None] | None = None) -> Loaded:
         """A model in eval mode to translate with, from this directory alone. ``checkpoint`` None: the
         one chosen on validation (decode.yaml), else best; ``average`` N >= 2: the mean of the last N
         step checkpoints instead. ``dtype`` None: the run's ``decode.dtype``; fp32; bf16 (``warn`` is
         told when this CPU only emulates it); int8 (CPU kernels: ``device`` auto means the CPU, and
-        a CUDA device is refused); auto: the fastest of them on the device (``choose_dtype``).
-        ``pack``: fp32 on a CPU gets its weights packed for MKL (``mt.packed``: faster decoding, the
-        same arithmetic); off for a model whose state dict is wanted (export)."""
+        a CUDA device is refused); auto: the fastest of them on the device (``choose_dtype``)."""
         if average > 1:
             found = self.step_checkpoints()
             if len(found) < average:
@@ -601,8 +598,6 @@ class Run:
                 warn(f"{warning} (--dtype fp32)")
         elif dtype == "int8":
             quantize_int8(model)
-        elif pack and target.type == "cpu" and packed_available():
-            pack_fp32(model)
         return Loaded(model, cfg, src_tok, tgt_tok)
 
 

@@ -51,7 +51,7 @@ def run_dir(tmp_path_factory, multi30k_head) -> Path:
 def exported(run_dir, tmp_path_factory):
     out = to_hf(run_dir, tmp_path_factory.mktemp("hf") / "model")
     hf = transformers.AutoModelForSeq2SeqLM.from_pretrained(out).eval()
-    model, cfg, src_tok, tgt_tok = Run(run_dir).load_for_inference(device="cpu", pack=False)  # as exported
+    model, cfg, src_tok, tgt_tok = Run(run_dir).load_for_inference(device="cpu")
     return out, hf, model, src_tok, tgt_tok
 
 

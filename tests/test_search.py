@@ -303,32 +303,3 @@ def test_batched_beam_equals_one_by_one_in_every_dtype_auto_can_choose(reversal_
         alone = beam_search(model, pad([src]), beam=4, nbest=2, max_len_b=8)[0]
         assert [h.tokens for h in hyps] == [h.tokens for h in alone]
 
-
-@pytest.mark.skipif(not __import__("mt.packed").packed.available(), reason="no MKL in this PyTorch build")
-def test_mkl_packed_fp32_model_searches_as_the_plain_one(reversal_model):
-    """fp32 decoding with weights packed once for MKL (mt/packed.py): the same linear layers (row
-    blocks too), the same hypotheses and scores as the plain model, alone or batched."""
-    import copy
-
-    from mt.packed import PackedFP32Linear, pack_fp32
-
-    gen = torch.Generator().manual_seed(0)
-    weight, bias = torch.randn(96, 32, generator=gen), torch.randn(96, generator=gen)
-    layer = PackedFP32Linear(weight, bias)
-    for rows in (1, 7, 300):
-        x = torch.randn(3, rows, 32, generator=gen)
-        exact = torch.nn.functional.linear(x, weight, bias)
-        torch.testing.assert_close(layer(x), exact, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(layer.rows(x, 32, 64), exact[..., 32:64], rtol=1e-5, atol=1e-5)
-    model = pack_fp32(copy.deepcopy(reversal_model))
-    assert not [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    assert isinstance(model.output_proj, PackedFP32Linear)  # the tied output projection too
-    srcs = sources(25, seed=11)
-    packed = beam_search(model, pad(srcs), beam=4, nbest=2, max_len_b=8)
-    plain = beam_search(reversal_model, pad(srcs), beam=4, nbest=2, max_len_b=8)
-    for p, q, src in zip(packed, plain, srcs):
-        assert [h.tokens for h in p] == [h.tokens for h in q]
-        for a, b in zip(p, q):
-            assert a.score == score_close(b.score, len(b.tokens) + 1)
-        assert [h.tokens for h in beam_search(model, pad([src]), beam=4, nbest=2, max_len_b=8)[0]] == \
-            [h.tokens for h in p]
