@@ -120,7 +120,7 @@ def _serve(conn, name: str, args: argparse.Namespace, dirs: dict[str, Path]) -> 
     torch.set_num_threads(args.threads)
     try:
         lines = read_text(args.src)
-        reference = Translator.from_run(args.model, device="cpu", beam=args.beam)
+        reference = Translator.from_run(args.model, device="cpu", beam=args.beam, dtype="fp32")  # its tokenizers and decoding settings
         d, tok = reference.decode, reference.tgt_tok
         limits = (d.lenpen, d.max_len_a, d.max_len_b)
         if name.startswith("mt"):
@@ -167,7 +167,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     lines, refs = read_text(args.src), read_text(args.ref)
-    translator = Translator.from_run(args.model, device="cpu", beam=args.beam)
+    translator = Translator.from_run(args.model, device="cpu", beam=args.beam, dtype="fp32")  # its tokenizers and decoding settings
     tok, d = translator.tgt_tok, translator.decode
     names = []
     for name in args.engines.split(","):

@@ -36,49 +36,41 @@ def cpu() -> str:
     return f"{name}, flags {' '.join(f for f in FLAGS if f in flags) or 'none of ' + '/'.join(FLAGS)}"
 
 
-def _gemm_rate(dtype: torch.dtype, shape: tuple[int, int, int], repeats: int = 5) -> float:
-    """GFLOP/s of (M, K) @ (K, N) in ``dtype``: the median of ``repeats`` timings after a warm-up."""
+def _rate(gemm, shape: tuple[int, int, int], repeats: int = 5) -> float:
+    """G(FL)OP/s of ``gemm()``, an (M, K) @ (K, N) product: the median of ``repeats`` timings of
+    ~20 GFLOP each, after a warm-up."""
     m, k, n = shape
-    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
-    calls = max(1, int(2e10 // (2 * m * k * n)))  # ~20 GFLOP per timing
-    for _ in range(2):
-        a @ b
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            a @ b
-        rates.append(2 * m * k * n * calls / (time.perf_counter() - start) / 1e9)
-    return statistics.median(rates)
-
-
-def _int8_rate(shape: tuple[int, int, int], repeats: int = 5) -> float:
-    """GOP/s of the int8 GEMM that ``mt --dtype int8`` calls (FBGEMM, fp32 in and out, the input
-    quantized inside) for (M, K) @ (K, N)."""
-    from mt.int8 import ACTIVATION_GRID, _LINEAR, _pack
-
-    m, k, n = shape
-    x, packed = torch.rand(m, k) * 2 - 1, _pack(torch.randn(n, k))
     calls = max(1, int(2e10 // (2 * m * k * n)))
     for _ in range(2):
-        _LINEAR(x, *ACTIVATION_GRID, packed)
+        gemm()
     rates = []
     for _ in range(repeats):
         start = time.perf_counter()
         for _ in range(calls):
-            _LINEAR(x, *ACTIVATION_GRID, packed)
+            gemm()
         rates.append(2 * m * k * n * calls / (time.perf_counter() - start) / 1e9)
     return statistics.median(rates)
+
+
+def _gemm(precision: str, shape: tuple[int, int, int]):
+    """(M, K) @ (K, N) as a call: ``torch.mm`` in fp32 or bf16, or the int8 GEMM that
+    ``mt --dtype int8`` calls (FBGEMM, fp32 in and out, the input quantized inside)."""
+    m, k, n = shape
+    if precision == "int8":
+        from mt.int8 import ACTIVATION_GRID, _LINEAR, _pack
+
+        x, packed = torch.rand(m, k) * 2 - 1, _pack(torch.randn(n, k))
+        return lambda: _LINEAR(x, *ACTIVATION_GRID, packed)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    return lambda: a @ b
 
 
 def matmul_ceiling(precision: str, threads: int) -> float:
     """The best GFLOP/s (GOP/s for int8) of a GEMM over ``SHAPES`` in fp32, bf16 (``torch.mm``) or
     int8 (FBGEMM's, as mt/int8.py calls it) with ``threads`` threads."""
     torch.set_num_threads(threads)
-    if precision == "int8":
-        return max(_int8_rate(shape) for shape in SHAPES)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
-    return max(_gemm_rate(dtype, shape) for shape in SHAPES)
+    return max(_rate(_gemm(precision, shape), shape) for shape in SHAPES)
 
 
 if __name__ == "__main__":
@@ -88,4 +80,4 @@ if __name__ == "__main__":
     args = parser.parse_args()
     print(cpu())
     for p in args.precisions.split(","):
-        print(f"{p}: {matmul_ceiling(p, args.threads):.0f} GFLOP/s on {args.threads} threads")
+        print(f"{p}: {matmul_ceiling(p, args.threads):.0f} G{'OP' if p == 'int8' else 'FLOP'}/s on {args.threads} threads")
