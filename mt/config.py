@@ -224,6 +224,33 @@ class ModelConfig:
 
 
 @dataclass
+class RegimeConfig:
+    """One item of ``train.regimes``: settings for a budget that affords at least ``min_epochs``."""
+
+    min_epochs: float = 0.0
+    """Taken when the budget affords at least this many epochs at the base settings (of the regimes
+    that qualify, the one with the largest min_epochs)."""
+    set: list[str] = field(default_factory=list)
+    """The settings, as on the command line: ``model.dropout=0.3``, ``train.max_tokens=4096`` (model and
+    train keys; not those the choice is made from: the budget, precision, device and threads)."""
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "regime")
+        _positive("regime.min_epochs", self.min_epochs, allow_zero=True)
+        for text in self.set:
+            keys, _ = parse_override(text)
+            if len(keys) != 2 or keys[0] not in ("model", "train"):
+                raise ConfigError(f"regime.set: {text!r} is not a model.KEY=VALUE or train.KEY=VALUE setting")
+            if keys[0] == "train" and keys[1] in REGIME_FIXED:
+                raise ConfigError(f"regime.set: {text!r}: train.{keys[1]} is what the regime is chosen by; "
+                                  f"a regime cannot set {', '.join('train.' + k for k in REGIME_FIXED)}")
+
+
+REGIME_FIXED = ("regimes", "probe_steps", "max_time", "max_steps", "max_epochs", "precision", "device",
+                "num_threads", "run_dir", "init_from", "dist_timeout")
+
+
+@dataclass
 class TrainConfig:
     """Optimisation, schedule, precision, validation and checkpointing."""
 
@@ -299,6 +326,14 @@ class TrainConfig:
     """With init_from: keep the parent's optimizer state (Adam's moments) instead of a fresh one."""
     dist_timeout: str = "2h"
     """Under torchrun: how long a rank waits for the others (rank 0 prepares data and validates alone)."""
+    regimes: list[RegimeConfig] = field(default_factory=list)
+    """Settings chosen from the machine's measured speed (mt/adapt.py): before training, probe_steps
+    updates at the base settings are timed, the epochs the budget affords at that pace are worked out,
+    and the regime with the largest min_epochs within them is applied (none: the base settings). The
+    choice is logged and written into the run's config.yaml (regimes then empty); resume keeps it."""
+    probe_steps: int = 20
+    """With regimes and max_time: the updates timed to measure the speed (after 3 untimed ones); their
+    seconds count against max_time."""
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # YAML gives a list
@@ -335,6 +370,10 @@ class TrainConfig:
             raise ConfigError("train.label_smoothing: must be in [0, 1)")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"train.betas: must be two numbers in [0, 1), got {list(self.betas)}")
+        _positive("train.probe_steps", self.probe_steps)
+        if self.regimes and not (self.max_time or self.max_steps or self.max_epochs):
+            raise ConfigError("train.regimes: are chosen by the budget; set train.max_time, train.max_steps "
+                              "or train.max_epochs")
         if self.schedule in ("cosine", "linear") and not (self.max_steps or self.max_time):
             raise ConfigError(f"train.schedule: {self.schedule} decays over the run's budget; "
                               "set train.max_steps or train.max_time")
@@ -401,8 +440,24 @@ class Config:
             raise ConfigError(f"data.max_len ({self.data.max_len}) exceeds model.max_positions "
                               f"({self.model.max_positions})")
 
+        for i, regime in enumerate(self.train.regimes):
+            try:
+                self.with_settings(regime.set)
+            except ConfigError as e:
+                raise ConfigError(f"train.regimes.{i}: {e}") from None
+
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
+
+    def with_settings(self, settings: list[str]) -> Config:
+        """This config with a regime's ``section.key=value`` settings applied (validated again as a
+        whole) and no regimes left to choose from."""
+        tree = self.to_dict()
+        for text in settings:
+            (section, key), value = parse_override(text)
+            tree[section][key] = value
+        tree["train"]["regimes"] = []
+        return _build(Config, tree, "")
 
 
 def _plain(value: Any) -> Any:
@@ -431,10 +486,11 @@ def _build(cls: type, values: dict, where: str) -> Any:
         return cls(**kwargs)
     except TypeError as e:  # pragma: no cover - fields all have defaults
         raise ConfigError(f"{where}: {e}") from None
-    except ConfigError as e:  # a corpus does not know where it sits: name it (data.train.1.weight)
+    except ConfigError as e:  # a corpus or regime does not know where it sits: name it (data.train.1.weight)
         message = str(e)
-        if cls is CorpusConfig and where and message.startswith("corpus"):
-            raise ConfigError(where + message[len("corpus"):]) from None
+        for named, placeholder in ((CorpusConfig, "corpus"), (RegimeConfig, "regime")):
+            if cls is named and where and message.startswith(placeholder):
+                raise ConfigError(where + message[len(placeholder):]) from None
         raise
 
 

@@ -22,7 +22,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from typing import TYPE_CHECKING
+
 from mt.tokenizer import PAD_ID
+
+if TYPE_CHECKING:
+    from mt.batch import Batch
+    from mt.model import Transformer
 
 CHUNK_ELEMENTS = 1 << 22  # logits per chunk (16 MB in fp32: 512 rows of an 8k vocabulary), cache-sized
 
@@ -106,3 +112,12 @@ def linear_label_smoothed_loss(hidden: torch.Tensor, weight: torch.Tensor, targe
     with torch.autocast(device, enabled=False):
         return _LinearLabelSmoothedCE.apply(hidden, weight, target, float(epsilon), ignore_index, compute_dtype,
                                             chunk_rows, grad_enabled)
+
+
+def batch_loss(model: Transformer, batch: Batch, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced summed label-smoothed loss and NLL of a batch. The output projection and the
+    loss run together, chunk by chunk, and only where there is a target token (padding costs no
+    vocabulary-sized matmul, and the (N, V) logits are never stored)."""
+    hidden = model.decode_hidden(batch.tgt_in, model.encode(batch.src))  # (B, T, D)
+    keep = batch.tgt_out != PAD_ID
+    return linear_label_smoothed_loss(hidden[keep], model.output_weight, batch.tgt_out[keep], epsilon)

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from mt import checkpoint as ckpt
-from mt import finetune, tune
+from mt import adapt, finetune, tune
 from mt.batch import Batch
 from mt.config import Config, ConfigError, parse_duration
 from mt.data import ParallelData, TokenBatchSampler, same_content
@@ -36,13 +36,13 @@ from mt.device import autocast, choose_precision, pick_device, slow_bf16_warning
 from mt.distributed import Dist, quiet_unless_main
 from mt.errors import MtError
 from mt.evaluate import bleu
-from mt.loss import linear_label_smoothed_loss
+from mt.loss import batch_loss
 from mt.model import Transformer
 from mt.prepare import Prepared, prepare, tokenizers_in_place
 from mt.progress import bar as progress_bar
 from mt.run import Run, check_weights, checkpoint_config
 from mt.signals import StopSignals
-from mt.tokenizer import PAD_ID, Tokenizer
+from mt.tokenizer import Tokenizer
 from mt.translate import validation_bleu
 
 MAX_BAD_UPDATES = 5  # consecutive non-finite updates before training gives up
@@ -54,15 +54,6 @@ class TrainingError(MtError):
 
 # --------------------------------------------------------------------------------------------------
 # Pieces
-
-
-def batch_loss(model: Transformer, batch: Batch, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher-forced summed label-smoothed loss and NLL of a batch. The output projection and the
-    loss run together, chunk by chunk, and only where there is a target token (padding costs no
-    vocabulary-sized matmul, and the (N, V) logits are never stored)."""
-    hidden = model.decode_hidden(batch.tgt_in, model.encode(batch.src))  # (B, T, D)
-    keep = batch.tgt_out != PAD_ID
-    return linear_label_smoothed_loss(hidden[keep], model.output_weight, batch.tgt_out[keep], epsilon)
 
 
 class TeacherForced(torch.nn.Module):
@@ -140,6 +131,7 @@ def resumable(cfg: Config, run: Run, log: Callable[[str], None]) -> Resumed:
     logged; ``max_steps`` or ``max_time`` may be raised on purpose."""
     path, state = run.resume_state(log)
     saved = checkpoint_config(path, state)
+    cfg = adapt.as_started(cfg, saved)  # the regime chosen when the run started
     if saved.model != cfg.model or saved.tokenizer.joint != cfg.tokenizer.joint:
         raise TrainingError(f"{path}: the model or tokenizer settings differ from the checkpoint's; "
                             "resume with the run's own config.yaml")
@@ -605,6 +597,9 @@ def _train(cfg: Config, run: Run, resume: bool, log: Callable[[str], None], prog
     path = d.on_main(check_resume)
     if path is not None and not d.main:
         resumed = Resumed(path, ckpt.load(path), None)
+    if resumed is not None:
+        cfg = adapt.as_started(cfg, checkpoint_config(resumed.path, resumed.state))
+        tc = cfg.train
     chose = ""
     if tc.precision == "auto":  # chosen once, when the run starts, and written into its config
         if resumed is not None:
@@ -633,6 +628,13 @@ def _train(cfg: Config, run: Run, resume: bool, log: Callable[[str], None], prog
     prepared: list[Prepared] = []
     d.on_main(lambda: prepared.append(prepare_here()))
     data = prepared[0] if d.main else prepare_here()
+    budget = None
+    if tc.regimes:  # a new run (a resumed one has its choice): the regime the measured speed affords
+        cfg, budget, regime, said = adapt.adapt(cfg, data, device, d)
+        tc = cfg.train
+        d.on_main(lambda: run.save_config(cfg))
+        random.seed(tc.seed)
+        torch.manual_seed(tc.seed)  # as if there had been no probe
 
     model = Transformer(cfg.model, data.src_tok.vocab_size, data.tgt_tok.vocab_size,
                         joint=cfg.tokenizer.joint).to(device)
@@ -642,6 +644,11 @@ def _train(cfg: Config, run: Run, resume: bool, log: Callable[[str], None], prog
     s = trainer.state
     if chose:
         log(chose)
+    if budget is not None:
+        log(said)
+        s.elapsed = budget.probe_seconds  # the probe's time counts against train.max_time
+        trainer.record("regime", regime=regime, epochs=budget.epochs, updates_per_epoch=budget.updates_per_epoch,
+                       seconds_per_update=budget.seconds_per_update, probe_seconds=budget.probe_seconds)
     if parent is not None:
         finetune.load_into(parent, model, trainer.optimizer if tc.init_keep_optimizer else None)
         log(f"initialised from {parent.path} (its step {parent.state.get('trainer', {}).get('step', '?')}); "

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mt import checkpoint as ckpt
-from mt.config import config_from_dict, save_config
+from mt.config import config_from_dict, load_config, save_config
 from mt.run import Run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,7 +85,6 @@ def test_two_ranks_train_exactly_like_one_process_accumulating_two(tmp_path, mul
 
 def odd_epoch_config(tmp: Path, multi30k_head, spm_model: Path, **train) -> Path:
     """A config whose training epoch has an odd number of batches (so 2 ranks end unevenly)."""
-    from mt.config import load_config
     from mt.prepare import load_split
     from mt.tokenizer import Tokenizer
 
@@ -199,3 +198,17 @@ def test_two_agents_on_localhost_train_as_one_run(tmp_path, multi30k_head, spm_m
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
     assert max((w0[k] - w[k]).abs().max().item() for k in w) <= 1e-6
     assert losses(tmp_path / "run") == pytest.approx(losses(tmp_path / "run1"), rel=1e-6)
+
+
+def test_two_ranks_probe_their_speed_together_and_take_the_same_regime(tmp_path, multi30k_head, spm_model):
+    regimes = "[{min_epochs: 0.01, set: [model.dropout=0.1, train.max_tokens=256]}]"
+    cfg = config(tmp_path, multi30k_head, spm_model, max_steps=4, max_time="1h", probe_steps=2)
+    two = run(tmp_path / "two", cfg, f"train.run_dir={tmp_path / 'run'}", f"train.regimes={regimes}")
+    assert two.returncode == 0, two.stderr
+    assert two.stderr.count("regime 1 of 1 (min_epochs 0.01): model.dropout=0.1, train.max_tokens=256") == 1  # rank 0 says it
+    w0, w1 = (torch.load(tmp_path / "two" / f"weights{r}.pt") for r in (0, 1))
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    written = load_config(tmp_path / "run" / "config.yaml")
+    assert (written.model.dropout, written.train.max_tokens, written.train.regimes) == (0.1, 256, [])
+    seen0, seen1 = (json.loads((tmp_path / "two" / f"seen{r}.json").read_text()) for r in (0, 1))
+    assert len(seen0) == len(seen1) == 4  # both ranks trained the 4 updates

@@ -1,0 +1,145 @@
+"""Settings chosen from the machine's measured speed (``train.regimes``).
+
+A recipe with a time budget is tuned for the number of epochs that budget buys, and that number
+follows the hardware: in the same 40 minutes a CPU with native bf16 makes three times the updates of
+an AVX2 one, and settings that are best over 12 epochs overfit over 40, while those that pay over 40
+(more dropout, larger batches) fall short over 12 (``benchmarks/recipe_budget.md``). So a recipe may
+list regimes, each a few settings for a budget of at least ``min_epochs`` epochs. Before training,
+``mt train`` times ``train.probe_steps`` updates at the base settings, on the run's own batches,
+device, precision and processes; from that pace it works out the epochs the budget affords
+(``max_time``, capped by ``max_steps`` and ``max_epochs``) and applies the regime with the largest
+``min_epochs`` within them. The probe's model is thrown away, so the run that follows is the one its
+settings give; its seconds count against ``max_time``. The choice is logged, written into the run's
+``config.yaml`` (whose ``regimes`` are then empty: nothing is left to choose), and kept on resume.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from mt.config import Config, config_from_dict, parse_duration, parse_override
+from mt.device import autocast
+from mt.distributed import Dist
+from mt.loss import batch_loss
+from mt.model import Transformer
+from mt.prepare import Prepared
+
+UNTIMED_UPDATES = 3  # the first updates allocate and warm the caches: not the pace of the run
+
+
+@dataclass
+class Budget:
+    """What the budget affords at the base settings."""
+
+    epochs: float
+    seconds_per_update: float  # measured by the probe (0: no probe, the budget is counted in updates)
+    probe_seconds: float  # the probe's wall time, untimed updates included
+    updates_per_epoch: float
+
+    def __str__(self) -> str:
+        pace = (f"{self.seconds_per_update:.3f} s per update over the probe's updates ({self.probe_seconds:.0f} s), "
+                if self.seconds_per_update else "")
+        return f"{pace}{self.updates_per_epoch:.0f} updates per epoch: the budget affords {self.epochs:.1f} epochs"
+
+
+def updates_per_epoch(cfg: Config, data: Prepared, d: Dist) -> float:
+    """Updates in an epoch at ``cfg``'s batch size, on ``d.world`` processes."""
+    batches = len(data.train.sampler(cfg.train.max_tokens, shuffle=False).batches(0))
+    return batches / (cfg.train.accum_steps * d.world)
+
+
+def time_updates(cfg: Config, data: Prepared, device: torch.device, d: Dist) -> tuple[float, float]:
+    """Seconds per update at ``cfg``'s settings (the slowest rank's), and the probe's wall time.
+
+    Each rank trains a model of its own (no gradient all-reduce) on its share of the first updates of
+    epoch 1: forward, backward, clipping and the optimizer step, as in training."""
+    tc = cfg.train
+    started = time.time()
+    model = Transformer(cfg.model, data.src_tok.vocab_size, data.tgt_tok.vocab_size, joint=cfg.tokenizer.joint).to(device)
+    model.train()
+    optimizer_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
+    optimizer = optimizer_cls(model.parameters(), lr=tc.lr / max(tc.warmup_steps, 1), betas=tc.betas,
+                              eps=tc.adam_eps, weight_decay=tc.weight_decay)
+    batches = data.train.sampler(tc.max_tokens, shuffle=True, seed=tc.seed).batches(0)
+    per_update = tc.accum_steps * d.world
+    updates = min(UNTIMED_UPDATES + tc.probe_steps, len(batches) // per_update)
+    timed_from, timed = time.time(), 0
+    for u in range(updates):
+        if u == UNTIMED_UPDATES:
+            _synchronize(device)
+            timed_from = time.time()
+        first = u * per_update + d.rank * tc.accum_steps
+        for i in range(first, first + tc.accum_steps):
+            batch = data.train.batch(batches[i]).to(device)
+            with autocast(device, tc.precision):
+                loss, _ = batch_loss(model, batch, tc.label_smoothing)
+            (loss / max(batch.num_tgt_tokens, 1)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        timed += u >= UNTIMED_UPDATES
+    _synchronize(device)
+    now = time.time()
+    per_update_s = (now - timed_from) / timed if timed else (now - started) / max(updates, 1)
+    slowest, wall = d.max([per_update_s, now - started])
+    return slowest, wall
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def afforded(cfg: Config, data: Prepared, device: torch.device, d: Dist) -> Budget:
+    """The epochs the budget affords at ``cfg``'s (base) settings; probes the speed when the budget
+    is a time."""
+    tc = cfg.train
+    per_epoch = updates_per_epoch(cfg, data, d)
+    seconds_per_update = probe = 0.0
+    updates = math.inf
+    if tc.max_time:
+        seconds_per_update, probe = time_updates(cfg, data, device, d)
+        updates = max(parse_duration(tc.max_time) - probe, 0.0) / max(seconds_per_update, 1e-9)
+    if tc.max_steps:
+        updates = min(updates, tc.max_steps)
+    epochs = min(updates / max(per_epoch, 1e-9), tc.max_epochs or math.inf)
+    return Budget(epochs=epochs, seconds_per_update=seconds_per_update, probe_seconds=probe, updates_per_epoch=per_epoch)
+
+
+def choose(cfg: Config, epochs: float) -> int:
+    """The index of the regime that ``epochs`` qualifies for (largest ``min_epochs``), or -1."""
+    fits = [(r.min_epochs, i) for i, r in enumerate(cfg.train.regimes) if epochs >= r.min_epochs]
+    return max(fits)[1] if fits else -1
+
+
+def adapt(cfg: Config, data: Prepared, device: torch.device, d: Dist) -> tuple[Config, Budget, int, str]:
+    """``cfg`` with the regime its budget affords applied (and no regimes left), that budget, the
+    regime's index (-1: the base settings) and a line that says so. Every rank calls it and takes
+    the same decision (the probe's pace is the slowest rank's)."""
+    budget = afforded(cfg, data, device, d)
+    chosen = choose(cfg, budget.epochs)
+    if chosen < 0:
+        lowest = min(r.min_epochs for r in cfg.train.regimes)
+        return cfg.with_settings([]), budget, chosen, f"regime: the base settings ({budget}; regimes start at {lowest:g})"
+    regime = cfg.train.regimes[chosen]
+    settings = ", ".join(regime.set) or "the base settings"
+    return (cfg.with_settings(regime.set), budget, chosen,
+            f"regime {chosen + 1} of {len(cfg.train.regimes)} (min_epochs {regime.min_epochs:g}): {settings} ({budget})")
+
+
+def as_started(cfg: Config, saved: Config) -> Config:
+    """For a resumed run: ``cfg`` with the choice the run made when it started, that is, every
+    setting any regime names as ``saved`` (the checkpoint's config) has it, and its regimes."""
+    if not cfg.train.regimes:
+        return cfg
+    tree, before = cfg.to_dict(), saved.to_dict()
+    for regime in cfg.train.regimes:
+        for text in regime.set:
+            (section, key), _ = parse_override(text)
+            tree[section][key] = before[section][key]
+    tree["train"]["regimes"] = before["train"]["regimes"]
+    return config_from_dict(tree)
