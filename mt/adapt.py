@@ -131,15 +131,20 @@ def adapt(cfg: Config, data: Prepared, device: torch.device, d: Dist) -> tuple[C
             f"regime {chosen + 1} of {len(cfg.train.regimes)} (min_epochs {regime.min_epochs:g}): {settings} ({budget})")
 
 
-def as_started(cfg: Config, saved: Config) -> Config:
-    """For a resumed run: ``cfg`` with the choice the run made when it started, that is, every
-    setting any regime names as ``saved`` (the checkpoint's config) has it, and its regimes."""
-    if not cfg.train.regimes:
-        return cfg
+def as_started(cfg: Config, saved: Config, regime: dict | None) -> tuple[Config, list[str]]:
+    """For a resumed run: ``cfg`` with the choice the run made when it started, and what that kept.
+    ``saved`` is the checkpoint's config, ``regime`` its record of the settings applied (absent
+    from runs without regimes). Every key that the run applied or that ``cfg``'s regimes name takes
+    the run's value, and no regimes are left to choose from."""
+    applied = list(regime.get("set", [])) if isinstance(regime, dict) else []
+    named = applied + [text for r in cfg.train.regimes for text in r.set]
+    if not named:
+        return cfg, []
     tree, before = cfg.to_dict(), saved.to_dict()
-    for regime in cfg.train.regimes:
-        for text in regime.set:
-            (section, key), _ = parse_override(text)
-            tree[section][key] = before[section][key]
-    tree["train"]["regimes"] = before["train"]["regimes"]
-    return config_from_dict(tree)
+    kept = []
+    for section, key in dict.fromkeys(tuple(parse_override(text)[0]) for text in named):
+        if tree[section][key] != before[section][key]:
+            kept.append(f"{section}.{key}={before[section][key]!r} (this config: {tree[section][key]!r})")
+        tree[section][key] = before[section][key]
+    tree["train"]["regimes"] = []
+    return config_from_dict(tree), kept

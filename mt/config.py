@@ -238,16 +238,20 @@ class RegimeConfig:
         _check_fields(self, "regime")
         _positive("regime.min_epochs", self.min_epochs, allow_zero=True)
         for text in self.set:
-            keys, _ = parse_override(text)
+            try:
+                keys, _ = parse_override(text)
+            except ConfigError:
+                raise ConfigError(f"regime.set: {text!r} is not a KEY=VALUE setting") from None
             if len(keys) != 2 or keys[0] not in ("model", "train"):
                 raise ConfigError(f"regime.set: {text!r} is not a model.KEY=VALUE or train.KEY=VALUE setting")
             if keys[0] == "train" and keys[1] in REGIME_FIXED:
-                raise ConfigError(f"regime.set: {text!r}: train.{keys[1]} is what the regime is chosen by; "
+                raise ConfigError(f"regime.set: {text!r}: the choice is made by, or after, train.{keys[1]}; "
                                   f"a regime cannot set {', '.join('train.' + k for k in REGIME_FIXED)}")
 
 
 REGIME_FIXED = ("regimes", "probe_steps", "max_time", "max_steps", "max_epochs", "precision", "device",
-                "num_threads", "run_dir", "init_from", "dist_timeout")
+                "num_threads", "run_dir", "init_from", "dist_timeout",  # what the choice is made by
+                "seed", "tensorboard", "valid_beam", "best_metric")  # what is used before the choice
 
 
 @dataclass
@@ -440,6 +444,9 @@ class Config:
             raise ConfigError(f"data.max_len ({self.data.max_len}) exceeds model.max_positions "
                               f"({self.model.max_positions})")
 
+        thresholds = [regime.min_epochs for regime in self.train.regimes]
+        if len(set(thresholds)) != len(thresholds):
+            raise ConfigError(f"train.regimes: two regimes have the same min_epochs ({', '.join(f'{t:g}' for t in thresholds)})")
         for i, regime in enumerate(self.train.regimes):
             try:
                 self.with_settings(regime.set)

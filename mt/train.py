@@ -131,7 +131,9 @@ def resumable(cfg: Config, run: Run, log: Callable[[str], None]) -> Resumed:
     logged; ``max_steps`` or ``max_time`` may be raised on purpose."""
     path, state = run.resume_state(log)
     saved = checkpoint_config(path, state)
-    cfg = adapt.as_started(cfg, saved)  # the regime chosen when the run started
+    cfg, kept = adapt.as_started(cfg, saved, state.get("regime"))  # the regime chosen when the run started
+    if kept:
+        log("the run's regime holds: " + ", ".join(kept))
     if saved.model != cfg.model or saved.tokenizer.joint != cfg.tokenizer.joint:
         raise TrainingError(f"{path}: the model or tokenizer settings differ from the checkpoint's; "
                             "resume with the run's own config.yaml")
@@ -299,6 +301,7 @@ class Trainer:
         self.metrics = run.metrics(tc.tensorboard) if self.dist.main else _NoMetrics()
         self.saved_step = -1  # the step whose state is in last.pt
         self.signal = 0  # the signal that stopped training, or 0
+        self.regime: dict | None = None  # the train.regimes choice: its index (-1: none) and settings
         self._tick = self._window_start = self._window_data = 0.0  # clocks, started by fit
 
     # state ----------------------------------------------------------------------------------------
@@ -344,6 +347,7 @@ class Trainer:
                 "tokenizer": {"src": src_tok.fingerprint, "tgt": tgt_tok.fingerprint},
                 "corpus": {"train": self.data.corpus_key}, "valid": valid or {},
                 "update_batches": self.tc.accum_steps * self.dist.world, **state,
+                **({"regime": self.regime} if self.regime is not None else {}),
             }
             self.run.save_checkpoint(checkpoint, self.state.step, best=best, keep=self.tc.keep_checkpoints)
 
@@ -563,6 +567,11 @@ def train(cfg: Config, *, resume: bool = False, log: Callable[[str], None] | Non
     if tc.init_from and not resume:  # fine-tuning; a resumed run already holds what it started from
         parent = finetune.find_parent(tc.init_from)
         cfg = finetune.adopt(cfg, parent)  # the parent's tokenizer, once its model shape is checked
+        for i, regime in enumerate(cfg.train.regimes):  # and the shape each regime would give
+            try:
+                finetune.adopt(cfg.with_settings(regime.set), parent)
+            except ConfigError as e:
+                raise ConfigError(f"train.regimes.{i}: {e}") from None
     if tc.valid_beam or cfg.decode.tune_beam or cfg.decode.tune_lenpen:
         bleu(cfg.data.tgt_lang)  # a target whose BLEU tokenizer is missing fails now, not at the first validation
     if tc.tensorboard and importlib.util.find_spec("tensorboard") is None:
@@ -598,7 +607,7 @@ def _train(cfg: Config, run: Run, resume: bool, log: Callable[[str], None], prog
     if path is not None and not d.main:
         resumed = Resumed(path, ckpt.load(path), None)
     if resumed is not None:
-        cfg = adapt.as_started(cfg, checkpoint_config(resumed.path, resumed.state))
+        cfg, _ = adapt.as_started(cfg, checkpoint_config(resumed.path, resumed.state), resumed.state.get("regime"))
         tc = cfg.train
     chose = ""
     if tc.precision == "auto":  # chosen once, when the run starts, and written into its config
@@ -628,11 +637,20 @@ def _train(cfg: Config, run: Run, resume: bool, log: Callable[[str], None], prog
     prepared: list[Prepared] = []
     d.on_main(lambda: prepared.append(prepare_here()))
     data = prepared[0] if d.main else prepare_here()
-    budget = None
-    if tc.regimes:  # a new run (a resumed one has its choice): the regime the measured speed affords
-        cfg, budget, regime, said = adapt.adapt(cfg, data, device, d)
+    if chose:
+        log(chose)  # the data is usable: say how it will be trained on
+    if tc.precision == "bf16" and (bf16_warning := slow_bf16_warning(device)):
+        log(f"warning: {bf16_warning} (train.precision=fp32)")
+    budget = regime = None
+    if tc.regimes:  # a new run (a resumed one keeps its choice): the regime the measured speed affords
+        if tc.max_time:
+            log(f"timing {adapt.UNTIMED_UPDATES + tc.probe_steps} updates at the base settings to choose "
+                "among train.regimes")
+        cfg, budget, index, said = adapt.adapt(cfg, data, device, d)
+        regime = {"index": index, "set": list(tc.regimes[index].set) if index >= 0 else []}
         tc = cfg.train
         d.on_main(lambda: run.save_config(cfg))
+        log(said)
         random.seed(tc.seed)
         torch.manual_seed(tc.seed)  # as if there had been no probe
 
@@ -642,19 +660,19 @@ def _train(cfg: Config, run: Run, resume: bool, log: Callable[[str], None], prog
         torch.manual_seed(tc.seed + d.rank)  # the same initial weights, dropout of its own on each rank
     trainer = Trainer(cfg, run, model, data, device, log, progress, d)
     s = trainer.state
-    if chose:
-        log(chose)
     if budget is not None:
-        log(said)
+        trainer.regime = regime
         s.elapsed = budget.probe_seconds  # the probe's time counts against train.max_time
-        trainer.record("regime", regime=regime, epochs=budget.epochs, updates_per_epoch=budget.updates_per_epoch,
-                       seconds_per_update=budget.seconds_per_update, probe_seconds=budget.probe_seconds)
+        trainer.record("regime", regime=regime["index"], epochs=budget.epochs,
+                       updates_per_epoch=budget.updates_per_epoch, seconds_per_update=budget.seconds_per_update,
+                       probe_seconds=budget.probe_seconds)
     if parent is not None:
         finetune.load_into(parent, model, trainer.optimizer if tc.init_keep_optimizer else None)
         log(f"initialised from {parent.path} (its step {parent.state.get('trainer', {}).get('step', '?')}); "
             + ("its optimizer state kept" if tc.init_keep_optimizer else "a fresh optimizer") + ", step 0")
     if resumed is not None:
         trainer.load_state_dict(resumed.state, resumed.path)
+        trainer.regime = resumed.state.get("regime")  # later checkpoints keep the run's choice
         trainer.metrics.truncate_after(s.step)  # rows a killed run logged after its last checkpoint
         epoch_size = len(trainer.sampler.batches(s.epoch))
         log(f"resumed from {resumed.path} at step {s.step} (epoch {s.epoch + 1}, batch {s.batch}/{epoch_size})")
@@ -666,9 +684,6 @@ def _train(cfg: Config, run: Run, resume: bool, log: Callable[[str], None], prog
         log(f"model: {model.num_parameters():,} parameters, {cfg.model.encoder_layers}+{cfg.model.decoder_layers} "
             f"layers, d_model {cfg.model.d_model}; device {device}, {tc.precision}"
             + (f"; {d.world} processes" if d.on else ""))
-    bf16_warning = slow_bf16_warning(device) if tc.precision == "bf16" else ""
-    if bf16_warning:
-        log(f"warning: {bf16_warning} (train.precision=fp32)")
     d.on_main(lambda: run.disk_check(model))
 
     initial_step = s.step

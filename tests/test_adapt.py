@@ -62,10 +62,31 @@ def test_the_regime_with_the_largest_min_epochs_within_the_budget_is_chosen():
     ("[{min_epochs: 5, set: [data.max_len=64]}]", "train.regimes.0.set: 'data.max_len=64' is not a model.KEY"),
     ("[{min_epochs: -1}]", "train.regimes.0.min_epochs: must be >= 0"),
     ("[{min_epochs: 5, set: [train.max_tokens=32]}]", r"data.max_len \(128\) exceeds train.max_tokens \(32\)"),
+    ("[{min_epochs: 5, set: [model.dropout]}]", "train.regimes.0.set: 'model.dropout' is not a KEY=VALUE setting"),
+    ("[{min_epochs: 5, set: [train.seed=3]}]", r"train.regimes.0.set: 'train.seed=3': the choice is made by, or after"),
+    ("[{min_epochs: 5}, {min_epochs: 5.0, set: [model.dropout=0.2]}]", "two regimes have the same min_epochs"),
 ])
 def test_a_bad_regime_is_refused_when_the_config_loads(regimes, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, ["train.max_steps=10", f"train.regimes={regimes}"])
+
+
+def test_the_budget_in_epochs_follows_the_measured_pace_and_the_caps(monkeypatch):
+    import mt.adapt as adapt
+    from mt.distributed import Dist
+
+    monkeypatch.setattr(adapt, "time_updates", lambda cfg, data, device, d: (0.1, 5.0))  # 10 updates/s, 5 s probe
+    monkeypatch.setattr(adapt, "updates_per_epoch", lambda cfg, data, d: 50.0)
+
+    def epochs(*settings: str) -> float:
+        return adapt.afforded(load_config(None, list(settings)), None, torch.device("cpu"), Dist()).epochs
+
+    assert epochs("train.max_time=105s") == pytest.approx(20.0)  # (105 - 5) s x 10 updates/s / 50 a epoch
+    assert epochs("train.max_time=105s", "train.max_steps=500") == pytest.approx(10.0)
+    assert epochs("train.max_time=105s", "train.max_epochs=3") == pytest.approx(3.0)
+    assert epochs("train.max_time=3s") == 0.0  # the probe took the whole budget
+    budget = adapt.afforded(load_config(None, ["train.max_steps=200"]), None, torch.device("cpu"), Dist())
+    assert (budget.epochs, budget.seconds_per_update, budget.probe_seconds) == (4.0, 0.0, 0.0)  # no time: no probe
 
 
 def test_regimes_need_a_budget():
@@ -97,18 +118,32 @@ def test_a_probed_run_trains_exactly_like_one_given_the_chosen_settings_and_resu
     assert a["trainer"]["step"] == b["trainer"]["step"] == 12
     # the probe leaves no trace but its time: the same weights as the run given those settings directly
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
-    assert a["trainer"]["elapsed"] >= probe[0]["probe_seconds"]
+    assert probe[0]["elapsed"] == pytest.approx(probe[0]["probe_seconds"], abs=1e-3)  # the clock starts there
+    assert a["regime"] == {"index": 0, "set": ["model.dropout=0.2", "train.max_tokens=512"]}
 
     # resumed with the recipe itself (regimes and the base settings): the run's choice holds, no new probe
     resumed: list[str] = []
     train(load_config(None, overrides(files, adapted_dir, cache_dir, spm_model, **{
         "train.max_time": "1h", "train.regimes": REGIMES, "train.max_steps": 14})),
         resume=True, log=resumed.append, progress=False)
-    assert not [m for m in resumed if m.startswith("regime")]
+    assert not [m for m in resumed if m.startswith(("regime", "timing"))]
+    assert "the run's regime holds: model.dropout=0.2 (this config: 0.0), train.max_tokens=512 (this config: 1024)" \
+        in resumed
     assert [m for m in resumed if "changed settings" in m] == ["resuming with changed settings: train.max_steps 12 -> 14"]
     assert load_config(adapted_dir / "config.yaml").model.dropout == 0.2
     assert ckpt.load(adapted_dir / "checkpoints" / "last.pt")["trainer"]["step"] == 14
     assert len([r for r in rows(adapted_dir) if r["kind"] == "regime"]) == 1
+
+    # resumed with other regimes: what the run applied still holds (its checkpoints record it), and the
+    # keys the new regimes name keep the run's values too
+    again: list[str] = []
+    train(load_config(None, overrides(files, adapted_dir, cache_dir, spm_model, **{
+        "train.max_time": "1h", "train.regimes": "[{min_epochs: 0, set: [train.lr=0.5]}]", "train.max_steps": 15})),
+        resume=True, log=again.append, progress=False)
+    assert "the run's regime holds: model.dropout=0.2 (this config: 0.0), train.max_tokens=512 (this config: 1024)" \
+        in again
+    last = ckpt.load(adapted_dir / "checkpoints" / "last.pt")
+    assert last["trainer"]["step"] == 15 and last["config"]["train"]["lr"] == 0.003 and last["regime"]["index"] == 0
 
 
 def test_a_slow_machine_keeps_the_base_settings(tmp_path, cache_dir, files, spm_model):

@@ -201,6 +201,9 @@ def test_two_agents_on_localhost_train_as_one_run(tmp_path, multi30k_head, spm_m
 
 
 def test_two_ranks_probe_their_speed_together_and_take_the_same_regime(tmp_path, multi30k_head, spm_model):
+    from mt.prepare import load_split
+    from mt.tokenizer import Tokenizer
+
     regimes = "[{min_epochs: 0.01, set: [model.dropout=0.1, train.max_tokens=256]}]"
     cfg = config(tmp_path, multi30k_head, spm_model, max_steps=4, max_time="1h", probe_steps=2)
     two = run(tmp_path / "two", cfg, f"train.run_dir={tmp_path / 'run'}", f"train.regimes={regimes}")
@@ -210,5 +213,9 @@ def test_two_ranks_probe_their_speed_together_and_take_the_same_regime(tmp_path,
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
     written = load_config(tmp_path / "run" / "config.yaml")
     assert (written.model.dropout, written.train.max_tokens, written.train.regimes) == (0.1, 256, [])
-    seen0, seen1 = (json.loads((tmp_path / "two" / f"seen{r}.json").read_text()) for r in (0, 1))
-    assert len(seen0) == len(seen1) == 4  # both ranks trained the 4 updates
+    # each rank trained on its share of the chosen regime's 256-token batches
+    tok = Tokenizer(spm_model)
+    batches = load_split(load_config(cfg), "train", tok, tok, progress=False).sampler(256, shuffle=True, seed=1).batches(0)
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / "two" / f"seen{rank}.json").read_text())
+        assert [sorted(b) for b in seen] == [sorted(int(i) for i in batches[2 * u + rank]) for u in range(4)]

@@ -102,7 +102,10 @@ def test_another_tokenizer_or_model_shape_is_refused(setup, multi30k_head):
     other = train_sentencepiece(multi30k_head("train", "de", 500), tmp / "other.model", vocab_size=400, num_threads=1)
     cases = [({"tokenizer": {"src_model": str(other)}}, "tokenizer.src_model: "),
              ({"tokenizer": {"vocab_size": 500}}, "tokenizer.vocab_size=500"),
-             ({"model": {"ffn_dim": 128}}, "model.ffn_dim=128 (parent: 64)")]
+             ({"model": {"ffn_dim": 128}}, "model.ffn_dim=128 (parent: 64)"),
+             ({"train": {"regimes": [{"min_epochs": 9, "set": ["model.dropout=0.1"]},  # a regime's shape too
+                                     {"min_epochs": 5, "set": ["model.ffn_dim=128"]}]}},
+              "train.regimes.1: train.init_from: the model differs from .*: model.ffn_dim=128 (parent: 64)")]
     for n, (change, message) in enumerate(cases):
         cfg = config(tmp, f"refused{n}", child_data, max_steps=5, init_from=str(tmp / "parent"))
         for section, values in change.items():
