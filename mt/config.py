@@ -330,6 +330,10 @@ class TrainConfig:
     """With init_from: keep the parent's optimizer state (Adam's moments) instead of a fresh one."""
     dist_timeout: str = "2h"
     """Under torchrun: how long a rank waits for the others (rank 0 prepares data and validates alone)."""
+    prefetch: int = -1
+    """Updates whose batches a background thread makes ahead (in pinned memory for a GPU) while one
+    trains; 0: none, each made when needed; -1: 2 on CUDA, 0 on a CPU (whose update is long next to
+    making its batch)."""
     regimes: list[RegimeConfig] = field(default_factory=list)
     """Settings chosen from the machine's measured speed (mt/adapt.py): before training, probe_steps
     updates at the base settings are timed, the epochs the budget affords at that pace are worked out,
@@ -375,6 +379,8 @@ class TrainConfig:
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"train.betas: must be two numbers in [0, 1), got {list(self.betas)}")
         _positive("train.probe_steps", self.probe_steps)
+        if self.prefetch < -1:
+            raise ConfigError(f"train.prefetch: must be -1 (auto), 0 (none) or the updates to make ahead, got {self.prefetch}")
         if self.regimes and not (self.max_time or self.max_steps or self.max_epochs):
             raise ConfigError("train.regimes: are chosen by the budget; set train.max_time, train.max_steps "
                               "or train.max_epochs")

@@ -55,13 +55,20 @@ def describe(run_dir: str | Path) -> dict:
         "machine": machine(),
     }
     last = run.checkpoint_path("last")
+    regime = None
     if last.is_file():
-        trainer = ckpt.load(last, mmap=True).get("trainer", {})
+        state = ckpt.load(last, mmap=True)
+        trainer, regime = state.get("trainer", {}), state.get("regime")
         info["training"].update(steps=trainer.get("step", 0), epoch=trainer.get("epoch", 0) + 1,
                                 seconds=round(trainer.get("elapsed", 0.0), 1))
     else:
         info["training"]["steps"] = 0
-    valid = [r for r in run.metrics_rows() if r.get("kind") == "valid"]
+    rows = run.metrics_rows()
+    probes = [r for r in rows if r.get("kind") == "regime"]
+    if isinstance(regime, dict) and probes:  # train.regimes: what the run chose, from what pace
+        info["regime"] = {"index": regime.get("index", -1), "set": regime.get("set", []),
+                          **{k: probes[-1].get(k) for k in ("epochs", "seconds_per_update", "updates_per_epoch")}}
+    valid = [r for r in rows if r.get("kind") == "valid"]
     best = {}
     for key, better in (("bleu", max), ("nll", min)):
         scored = [r for r in valid if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
@@ -91,6 +98,11 @@ def format_info(info: dict) -> str:
     if t.get("steps"):
         done += f" (in epoch {t['epoch']}), {t['seconds'] / 60:.1f} min"
     lines.append(("training", f"{done} ({t['precision']}, {t['max_tokens']:,}-token batches)"))
+    r = info.get("regime")
+    if r:
+        pace = f"{r['seconds_per_update']:.3f} s per update in the probe, " if r["seconds_per_update"] else ""
+        lines.append(("regime", (f"{r['index'] + 1}: {', '.join(r['set'])}" if r["index"] >= 0 else "the base settings")
+                      + f" ({pace}{r['epochs']:.1f} epochs in the budget)"))
     best = info["best"]
     if best:
         lines.append(("best valid", ", ".join(f"{k.upper() if k == 'bleu' else k} {b['value']:.2f} (step {b['step']})"

@@ -38,6 +38,7 @@ from mt.errors import MtError
 from mt.evaluate import bleu
 from mt.loss import batch_loss
 from mt.model import Transformer
+from mt.prefetch import Prefetcher
 from mt.prepare import Prepared, prepare, tokenizers_in_place
 from mt.progress import bar as progress_bar
 from mt.run import Run, check_weights, checkpoint_config
@@ -46,6 +47,7 @@ from mt.tokenizer import Tokenizer
 from mt.translate import validation_bleu
 
 MAX_BAD_UPDATES = 5  # consecutive non-finite updates before training gives up
+PREFETCH_DEPTH = 2  # updates made ahead on CUDA with train.prefetch=-1
 
 
 class TrainingError(MtError):
@@ -225,6 +227,15 @@ def batch_stream(sampler: TokenBatchSampler, state: TrainState, max_epochs: int 
         state.epoch, state.batch = state.epoch + 1, 0
 
 
+def update_indices(sampler: TokenBatchSampler, state: TrainState, max_epochs: int,
+                   per_update: int) -> Iterator[list[np.ndarray]]:
+    """Each update's batches (``per_update``: every rank's), from ``state``'s position, advancing it;
+    ends with the data (after ``max_epochs``). The last update of the data may hold fewer."""
+    stream = batch_stream(sampler, state, max_epochs)
+    while update := [i for _, i in zip(range(per_update), stream)]:
+        yield update
+
+
 class RngStates:
     """Every rank's Python and torch (CPU and its CUDA device) generators, which drive dropout: one
     stateful part, a list in rank order (gathering it is collective)."""
@@ -302,6 +313,8 @@ class Trainer:
         self.saved_step = -1  # the step whose state is in last.pt
         self.signal = 0  # the signal that stopped training, or 0
         self.regime: dict | None = None  # the train.regimes choice: its index (-1: none) and settings
+        # updates whose batches a thread makes ahead (mt/prefetch.py); 0: each made when needed
+        self.prefetch_depth = tc.prefetch if tc.prefetch >= 0 else PREFETCH_DEPTH if device.type == "cuda" else 0
         self._tick = self._window_start = self._window_data = 0.0  # clocks, started by fit
 
     # state ----------------------------------------------------------------------------------------
@@ -459,25 +472,27 @@ class Trainer:
         """Train until a stop condition holds; return it. The final state is validated and saved
         (after a signal: saved at once, validating could take long)."""
         tc, s, model, optimizer, d = self.tc, self.state, self.model, self.optimizer, self.dist
-        stream = batch_stream(self.sampler, s, tc.max_epochs)
+        # every rank reads the same stream: an update takes accum_steps batches per rank
+        per_update, share = tc.accum_steps * d.world, slice(d.rank * tc.accum_steps, (d.rank + 1) * tc.accum_steps)
+        updates = update_indices(self.sampler, s, tc.max_epochs, per_update)
+        ahead = (u[share] for u in update_indices(self.sampler, replace(s), tc.max_epochs, per_update))  # a copy's
         bar = progress_bar(self.progress, total=tc.max_steps or None, initial=s.step, unit="step")
         model.train()
         self._tick = self._window_start = time.time()  # the time budget counts training, not preparation
         bad_updates = 0
-        with StopSignals() as signals:
+        with StopSignals() as signals, Prefetcher(ahead, self.data.train.batch, depth=self.prefetch_depth,
+                                                  pin=self.device.type == "cuda") as batches:
             while not (stopped := self.stop_reason(signals)):
-                # every rank reads the same stream: an update takes accum_steps batches per rank
                 started = time.time()
-                update = [i for _, i in zip(range(tc.accum_steps * d.world), stream)]
-                if not update:
+                update = next(updates, None)
+                if update is None:
                     stopped = f"reached train.max_epochs={tc.max_epochs}"
                     break
                 s.step += 1
                 lr = self.learning_rate()
                 for param_group in optimizer.param_groups:
                     param_group["lr"] = lr
-                mine = update[d.rank * tc.accum_steps: (d.rank + 1) * tc.accum_steps]
-                group = [self.data.train.batch(i) for i in mine]
+                group = batches.get(update[share])
                 self._window_data += time.time() - started
                 tokens, loss_total, nll_total = self.accumulate(group)
                 scaler = self.scale.scaler

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from mt import checkpoint as ckpt
 from mt.adapt import choose
 from mt.config import ConfigError, load_config
+from mt.info import describe, format_info
 from mt.train import train
 
 REGIMES = "[{min_epochs: 1, set: [model.dropout=0.2, train.max_tokens=512]}, {min_epochs: 1000, set: [model.dropout=0.3]}]"
@@ -113,6 +115,14 @@ def test_a_probed_run_trains_exactly_like_one_given_the_chosen_settings_and_resu
     assert len(probe) == 1 and probe[0]["regime"] == 0 and probe[0]["step"] == 0
     assert probe[0]["seconds_per_update"] > 0 and probe[0]["probe_seconds"] > 0
     assert 1 <= probe[0]["epochs"] == pytest.approx(12 / probe[0]["updates_per_epoch"])
+
+    info = describe(adapted_dir)  # mt info says what the run chose, and from what
+    assert info["regime"] == {"index": 0, "set": ["model.dropout=0.2", "train.max_tokens=512"],
+                              "epochs": probe[0]["epochs"], "seconds_per_update": probe[0]["seconds_per_update"],
+                              "updates_per_epoch": probe[0]["updates_per_epoch"]}
+    assert re.search(r"^regime +1: model.dropout=0.2, train.max_tokens=512 \(0\.\d+ s per update in the probe, "
+                     r"\d+\.\d epochs in the budget\)$", format_info(info), re.M)
+    assert "regime" not in describe(direct_dir)
 
     a, b = (ckpt.load(d / "checkpoints" / "last.pt") for d in (adapted_dir, direct_dir))
     assert a["trainer"]["step"] == b["trainer"]["step"] == 12

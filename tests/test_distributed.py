@@ -61,7 +61,8 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 def test_two_ranks_train_exactly_like_one_process_accumulating_two(tmp_path, multi30k_head, spm_model):
     cfg = config(tmp_path, multi30k_head, spm_model, max_steps=6)
-    two = run(tmp_path / "two", cfg, f"train.run_dir={tmp_path / 'run2'}")
+    # the ranks make their batches ahead in a thread (train.prefetch, on by default only on CUDA); one process does not
+    two = run(tmp_path / "two", cfg, f"train.run_dir={tmp_path / 'run2'}", "train.prefetch=2")
     assert two.returncode == 0, two.stderr
     one = run(tmp_path / "one", cfg, f"train.run_dir={tmp_path / 'run1'}", "train.accum_steps=2", nproc=1)
     assert one.returncode == 0, one.stderr
@@ -99,7 +100,7 @@ def odd_epoch_config(tmp: Path, multi30k_head, spm_model: Path, **train) -> Path
 
 def test_an_uneven_last_update_does_not_hang_and_every_example_is_seen_once(tmp_path, multi30k_head, spm_model):
     cfg = odd_epoch_config(tmp_path, multi30k_head, spm_model, max_epochs=1)
-    result = run(tmp_path / "out", cfg, f"train.run_dir={tmp_path / 'run'}", timeout=120)
+    result = run(tmp_path / "out", cfg, f"train.run_dir={tmp_path / 'run'}", "train.prefetch=1", timeout=120)
     assert result.returncode == 0, result.stderr
     seen = [json.loads((tmp_path / "out" / f"seen{r}.json").read_text()) for r in (0, 1)]
     state = ckpt.load(Run(tmp_path / "run").checkpoint_path("last"))
