@@ -1,16 +1,18 @@
 """Settings chosen from the machine's measured speed (``train.regimes``).
 
 A recipe with a time budget is tuned for the number of epochs that budget buys, and that number
-follows the hardware: in the same 40 minutes a CPU with native bf16 makes three times the updates of
-an AVX2 one, and settings that are best over 12 epochs overfit over 40, while those that pay over 40
-(more dropout, larger batches) fall short over 12 (``benchmarks/recipe_budget.md``). So a recipe may
-list regimes, each a few settings for a budget of at least ``min_epochs`` epochs. Before training,
+follows the hardware: in the same 40 minutes an AVX512-BF16 CPU in bf16 makes about twice the
+updates of an AVX2 one in fp32, and the settings that suit 10 epochs gain nothing from 21 (their
+validation NLL rising), while those that pay over 39 (more dropout, larger batches) fall short over
+12 (``benchmarks/recipe_budget.md``). So a recipe may list regimes, each a few settings for a
+budget of at least ``min_epochs`` epochs. Before training,
 ``mt train`` times ``train.probe_steps`` updates at the base settings, on the run's own batches,
 device, precision and processes; from that pace it works out the epochs the budget affords
 (``max_time``, capped by ``max_steps`` and ``max_epochs``) and applies the regime with the largest
 ``min_epochs`` within them. The probe's model is thrown away, so the run that follows is the one its
 settings give; its seconds count against ``max_time``. The choice is logged, written into the run's
-``config.yaml`` (whose ``regimes`` are then empty: nothing is left to choose), and kept on resume.
+``config.yaml`` (whose ``regimes`` are then empty: nothing is left to choose) and into every
+checkpoint (``regime``: its index and settings), and kept on resume.
 """
 
 from __future__ import annotations
