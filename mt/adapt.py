@@ -118,18 +118,20 @@ def choose(cfg: Config, epochs: float) -> int:
     return max(fits)[1] if fits else -1
 
 
-def adapt(cfg: Config, data: Prepared, device: torch.device, d: Dist) -> tuple[Config, Budget, int, str]:
+def adapt(cfg: Config, data: Prepared, device: torch.device, d: Dist) -> tuple[Config, Budget, dict, str]:
     """``cfg`` with the regime its budget affords applied (and no regimes left), that budget, the
-    regime's index (-1: the base settings) and a line that says so. Every rank calls it and takes
-    the same decision (the probe's pace is the slowest rank's)."""
+    record checkpoints keep of the choice (``index``, -1 for the base settings, and ``set``) and a
+    line that says so. Every rank calls it and takes the same decision (the probe's pace is the
+    slowest rank's)."""
     budget = afforded(cfg, data, device, d)
     chosen = choose(cfg, budget.epochs)
     if chosen < 0:
         lowest = min(r.min_epochs for r in cfg.train.regimes)
-        return cfg.with_settings([]), budget, chosen, f"regime: the base settings ({budget}; regimes start at {lowest:g})"
+        return (cfg.with_settings([]), budget, {"index": -1, "set": []},
+                f"regime: the base settings ({budget}; regimes start at {lowest:g})")
     regime = cfg.train.regimes[chosen]
     settings = ", ".join(regime.set) or "the base settings"
-    return (cfg.with_settings(regime.set), budget, chosen,
+    return (cfg.with_settings(regime.set), budget, {"index": chosen, "set": list(regime.set)},
             f"regime {chosen + 1} of {len(cfg.train.regimes)} (min_epochs {regime.min_epochs:g}): {settings} ({budget})")
 
 

@@ -661,8 +661,7 @@ def _train(cfg: Config, run: Run, resume: bool, log: Callable[[str], None], prog
         if tc.max_time:
             log(f"timing {adapt.UNTIMED_UPDATES + tc.probe_steps} updates at the base settings to choose "
                 "among train.regimes")
-        cfg, budget, index, said = adapt.adapt(cfg, data, device, d)
-        regime = {"index": index, "set": list(tc.regimes[index].set) if index >= 0 else []}
+        cfg, budget, regime, said = adapt.adapt(cfg, data, device, d)
         tc = cfg.train
         d.on_main(lambda: run.save_config(cfg))
         log(said)
