@@ -567,4 +567,7 @@ def info(
 
 
 def main() -> None:
+    from mt.allocator import keep_freed_memory
+
+    keep_freed_memory()
     app()

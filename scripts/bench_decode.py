@@ -35,6 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mt.allocator import keep_freed_memory  # noqa: E402
 from mt.batch import pad  # noqa: E402
 from mt.evaluate import read_text, score  # noqa: E402
 from mt.int8 import unavailable as int8_unavailable  # noqa: E402
@@ -124,6 +125,7 @@ def _serve(conn, name: str, args: argparse.Namespace, dirs: dict[str, Path]) -> 
         d, tok = reference.decode, reference.tgt_tok
         limits = (d.lenpen, d.max_len_a, d.max_len_b)
         if name.startswith("mt"):
+            keep_freed_memory()  # as every mt command does (mt/allocator.py); the peers keep the C defaults
             dtype = {"mt-bf16": "bf16", "mt-int8": "int8"}.get(name, "fp32")
             engine = mt_engine(args.model, args.beam, args.batch_tokens, use_cache=name != "mt-nocache", dtype=dtype)
         elif name == "hf":

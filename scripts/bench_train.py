@@ -77,7 +77,10 @@ def worker(engine: str, precision: str, batches_file: str, warmup: int, steps: i
     vocab, eps = saved["vocab"], cfg.train.label_smoothing
     batches = [Batch(s, i, o, None) for s, i, o in saved["batches"]]
     if engine == "mt":
+        from mt.allocator import keep_freed_memory
         from mt.model import Transformer
+
+        keep_freed_memory()  # as every mt command does; HF keeps the C allocator's defaults
         from mt.train import batch_loss
 
         model = Transformer(cfg.model, vocab, vocab)
