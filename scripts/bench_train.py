@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -180,7 +181,7 @@ def main() -> None:
     table = [
         "# Training speed: mt vs Hugging Face transformers (M2M100), same shape, batches and precision",
         "",
-        f"Command: `python scripts/bench_train.py --config {Path(args.config).relative_to(ROOT)} --steps {args.steps} "
+        f"Command: `python scripts/bench_train.py --config {os.path.relpath(Path(args.config).resolve(), ROOT)} --steps {args.steps} "
         f"--repeats {args.repeats}" + (f" --max-tokens {args.max_tokens}" if args.max_tokens else "") + "`  ",
         f"Machine: {cpu()}; {args.threads} threads, torch {torch.__version__}. Matmul ceiling (best `torch.mm`, "
         "this run): " + ", ".join(f"{p} {c:.0f} GFLOP/s" for p, c in ceilings.items()) + ". "
