@@ -169,10 +169,13 @@ def test_cache_branches_one_row_into_beams_then_drops_a_sentence(model, batch):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("rows", [[0, 1, 2, 3, 4, 5], [0, 0, 2, 3, 3, 5], [1, 0, 2, 5, 4, 3], [2, 2, 2, 3, 3, 3]])
-def test_beam_reorder_copies_only_moved_rows_and_equals_a_full_gather(model, batch, rows):
-    """reorder_beams copies in place the rows that continue another row (few, in beam search) and
-    gathers everything into the spare buffer when most rows move; both give the rows asked for."""
+@pytest.mark.parametrize("rows, in_place", [([0, 1, 2, 3, 4, 5], True), ([0, 1, 1, 3, 4, 5], True),
+                                            ([0, 0, 2, 3, 3, 5], False), ([1, 0, 2, 5, 4, 3], False),
+                                            ([2, 2, 2, 3, 3, 3], False)])
+def test_beam_reorder_copies_only_moved_rows_and_equals_a_full_gather(model, batch, rows, in_place):
+    """reorder_beams copies in place the rows that continue another row when at most a quarter of
+    them do (most beam steps) and gathers everything into the spare buffer otherwise; both give the
+    rows asked for."""
     _, src, tgt_in = batch
     src, tgt_in, K = src[:2], tgt_in[:2], 3
     enc = model.encode(src)
@@ -181,8 +184,10 @@ def test_beam_reorder_copies_only_moved_rows_and_equals_a_full_gather(model, bat
     beams[:, 2] = torch.arange(4, 4 + 2 * K)  # every row its own prefix
     model.decode(beams[:, :3], cache=cache)
     keys = [layer.keys().clone() for layer in cache.layers]
+    active = [layer._active for layer in cache.layers]
     rows = torch.tensor(rows)
     cache.reorder_beams(rows)
+    assert [layer._active == a for layer, a in zip(cache.layers, active)] == [in_place] * len(active)
     for layer, before in zip(cache.layers, keys):
         torch.testing.assert_close(layer.keys(), before[rows], atol=0, rtol=0)
     out = model.decode(beams[rows, 3:5], cache=cache)
@@ -195,15 +200,18 @@ def test_in_place_reorder_right_after_branching_grows_the_spare_buffer(model, ba
     """After branching 3 rows into 3x3 the spare buffer still has 3 rows; the next reorder moves 4
     rows in place (through the spare buffer) and the cache grows its capacity afterwards."""
     _, src, tgt_in = batch
-    B, K = 3, 3
+    B, K = 3, 6
     enc = model.encode(src)
     cache = model.init_cache(enc, capacity=2)
     model.decode(tgt_in[:, :1], cache=cache)
     cache.reorder_beams(torch.arange(B).repeat_interleave(K))
     cont = torch.randint(4, V, (B * K, 4), generator=torch.Generator().manual_seed(6))
     model.decode(cont[:, :1], cache=cache)
-    rows = torch.tensor([0, 0, 0, 3, 3, 5, 6, 6, 8])  # 4 of 9 rows move
+    rows = torch.arange(B * K)
+    rows[[1, 2, 7, 13]] = torch.tensor([0, 0, 6, 12])  # 4 of 18 rows move: more than the spare buffer's 3
+    active = cache.layers[0]._active
     cache.reorder_beams(rows)
+    assert cache.layers[0]._active == active  # in place
     out = model.decode(cont[rows, 1:4], cache=cache)  # 2 + 3 positions: past the capacity of 2
     prefix = torch.cat([tgt_in.repeat_interleave(K, dim=0)[:, :1], cont[:, :1]], dim=1)[rows]
     rows_src = torch.arange(B).repeat_interleave(K)
@@ -214,17 +222,21 @@ def test_in_place_reorder_right_after_branching_grows_the_spare_buffer(model, ba
 
 @torch.no_grad()
 def test_dropping_a_sentence_in_place_keeps_every_beam(model, batch):
-    """select_sentences([0, 2]) moves sentence 2's beams (and cross-attention state) into sentence
-    1's place without gathering the rest; decoding then continues as for those sentences alone."""
+    """select_sentences([0, 1, 2, 4]) moves sentence 4's beams (and cross-attention state) into
+    sentence 3's place without gathering the rest; decoding then continues as for those sentences
+    alone."""
     _, src, tgt_in = batch
-    K, index = 2, torch.tensor([0, 2])
+    src, tgt_in = torch.cat([src, src[:2]]), torch.cat([tgt_in, tgt_in[:2]])  # 5 sentences
+    K, index = 2, torch.tensor([0, 1, 2, 4])
     enc = model.encode(src)
     cache = model.init_cache(enc, capacity=8, beam=K)
     beams = tgt_in.repeat_interleave(K, dim=0)
-    beams[:, 2] = torch.arange(4, 4 + 3 * K)  # every row its own prefix
+    beams[:, 2] = torch.arange(4, 4 + 5 * K)  # every row its own prefix
     model.decode(beams[:, :3], cache=cache)
+    active = cache.layers[0]._active
     cache.select_sentences(index)
-    assert cache.beam == K and cache.layers[0].cross[1].shape[0] == 2
+    assert cache.layers[0]._active == active  # in place
+    assert cache.beam == K and cache.layers[0].cross[1].shape[0] == 4
     rows = sentence_rows(index, K)
     out = model.decode(beams[rows, 3:6], cache=cache)
     full = model.decode(beams[rows, :6], EncoderOut(enc.memory[rows // K], enc.src_mask[rows // K]))
