@@ -409,7 +409,8 @@ class DecodeConfig:
     """Weights and activations when translating: fp32; bf16 (faster on CPUs with bf16 instructions;
     scores are still computed in fp32); int8 (CPU: linear layers in int8, one scale per weight row
     and per token, see mt/int8.py); or auto: the fastest of them on this hardware (bf16 on GPUs from
-    Ampere on and on CPUs with AMX, int8 on other x86 CPUs, else fp32; mt/device.py ``choose_dtype``)."""
+    Ampere on and on CPUs with native bf16 (AMX, AVX512-BF16), int8 on other x86 CPUs, else fp32;
+    mt/device.py ``choose_dtype``)."""
     tune_beam: list[int] = field(default_factory=list)
     """After training, try these beam sizes on the validation split and make the best the run's
     default (RUN/decode.yaml); empty: keep ``beam``."""

@@ -79,10 +79,10 @@ def choose_dtype(requested: str, device: torch.device, cpuinfo: Path = Path("/pr
                  int8_missing: str = "") -> tuple[str, str]:
     """The translation dtype for ``requested`` (fp32, bf16, int8 or auto) on ``device``, and why.
     auto: the fastest mode measured there, at the fp32 model's BLEU within 0.1 (benchmarks/
-    speed_decode.md): bf16 on CUDA GPUs from Ampere on and on CPUs with AMX (bf16 1.2x int8 on a
-    Xeon); int8 on other x86 CPUs where PyTorch's int8 kernels run (``int8_missing``: why they
-    cannot, '' when they can): 1.1x bf16 on an AMD EPYC with AVX512-BF16 and VNNI, 1.25x fp32 on
-    AVX2; else bf16 where native, else fp32."""
+    speed_decode.md): bf16 on CUDA GPUs from Ampere on and on CPUs with native bf16 (bf16 1.2x int8
+    on a Xeon with AMX; 1.02-1.04x on an AMD EPYC with AVX512-BF16, two runs); int8 on other x86
+    CPUs where PyTorch's int8 kernels run (``int8_missing``: why they cannot, '' when they can):
+    1.25x fp32 on AVX2; else fp32."""
     if requested != "auto":
         return requested, "decode.dtype"
     if os.environ.get(PIN) == "1":
@@ -94,13 +94,10 @@ def choose_dtype(requested: str, device: torch.device, cpuinfo: Path = Path("/pr
     if device.type != "cpu":
         return "fp32", f"auto: {device.type}"
     flag = cpu_bf16(cpuinfo)
-    if flag == "amx_bf16":
-        return "bf16", "auto: this CPU has AMX (bf16 matrix units)"
-    if not int8_missing:
-        return "int8", "auto: int8 kernels" + (f" (faster than bf16 without AMX, though {flag} is native)"
-                                                if flag else " (no native bf16 on this CPU)")
     if flag:
-        return "bf16", f"auto: this CPU has native bf16 ({flag}) and no int8 kernels"
+        return "bf16", f"auto: this CPU has native bf16 ({flag})"
+    if not int8_missing:
+        return "int8", "auto: int8 kernels" + (" (no native bf16 on this CPU)" if flag == "" else "")
     return "fp32", "auto: no native bf16 and no int8 kernels"
 
 

@@ -41,7 +41,8 @@ def test_decoding_auto_takes_the_fastest_mode_measured_on_each_kind_of_cpu(tmp_p
     monkeypatch.delenv("MT_AUTO_FP32")
     cpu = torch.device("cpu")
     assert choose_dtype("auto", cpu, cpuinfo(tmp_path, "avx2 avx512_bf16 amx_bf16"))[0] == "bf16"
-    assert choose_dtype("auto", cpu, cpuinfo(tmp_path, "avx2 avx512_vnni avx512_bf16"))[0] == "int8"
+    assert choose_dtype("auto", cpu, cpuinfo(tmp_path, "avx2 avx512_vnni avx512_bf16")) == (
+        "bf16", "auto: this CPU has native bf16 (avx512_bf16)")
     assert choose_dtype("auto", cpu, cpuinfo(tmp_path, "avx2 fma")) == ("int8", "auto: int8 kernels (no native bf16 on this CPU)")
     assert choose_dtype("auto", cpu, cpuinfo(tmp_path, "avx2"), int8_missing="no FBGEMM")[0] == "fp32"
     assert choose_dtype("auto", cpu, cpuinfo(tmp_path, "bf16 asimd"), int8_missing="no FBGEMM")[0] == "bf16"  # ARM
