@@ -76,7 +76,7 @@ def time_updates(cfg: Config, data: Prepared, device: torch.device, d: Dist) -> 
             timed_from = time.time()
         first = u * per_update + d.rank * tc.accum_steps
         for i in range(first, first + tc.accum_steps):
-            batch = data.train.batch(batches[i]).to(device)
+            batch = data.train.batch(batches[i], 0).to(device)  # epoch 1's, sampled as training will
             with autocast(device, tc.precision):
                 loss, _ = batch_loss(model, batch, tc.label_smoothing)
             (loss / max(batch.num_tgt_tokens, 1)).backward()

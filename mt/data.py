@@ -555,13 +555,39 @@ def _uses(part: Part, k: int, seed: int) -> np.ndarray:
     return np.concatenate([np.tile(positions, whole), np.sort(extra).astype(positions.dtype)])
 
 
+@dataclass
+class Sampling:
+    """Subword regularisation of the training batches (``data.sampling_alpha``): every batch's
+    sentences segmented anew each time the batch is drawn (``Tokenizer.sample``), with draws that
+    follow (seed, epoch, the batch's first example, side) alone, so that resuming, prefetching or
+    the number of ranks never changes them. Samples longer than ``limit`` (``data.max_len``) keep
+    the one best segmentation."""
+
+    src_tok: Tokenizer
+    tgt_tok: Tokenizer
+    alpha: float
+    nbest: int
+    seed: int
+    limit: int
+
+    def apply(self, src: list, tgt: list, epoch: int, first: int) -> tuple[list, list]:
+        def seed(side: str) -> int:
+            key = f"{self.seed} {epoch} {first} {side}".encode()
+            return int.from_bytes(hashlib.blake2b(key, digest_size=4).digest(), "little")
+
+        options = {"alpha": self.alpha, "nbest": self.nbest, "limit": self.limit}
+        return (self.src_tok.sample(src, seed=seed("src"), **options),
+                self.tgt_tok.sample(tgt, seed=seed("tgt"), **options))
+
+
 class ParallelData:
     """A cleaned split of one or more tokenized corpora: padded batches by example index (0 .. len - 1),
     the lengths the sampler packs by, and, for validation, the text of the kept pairs. Several
     training corpora are one list of examples, each corpus's pairs repeated by its weight."""
 
-    def __init__(self, parts: list[Part], text: tuple[list[str], list[str]] | None = None, seed: int = 1):
-        self.parts = parts
+    def __init__(self, parts: list[Part], text: tuple[list[str], list[str]] | None = None, seed: int = 1,
+                 sampling: Sampling | None = None):
+        self.parts, self.sampling = parts, sampling
         if len(parts) == 1 and parts[0].weight == 1.0:
             self.owner, self.rows, self.lengths = None, parts[0].rows, parts[0].lengths
         else:
@@ -591,19 +617,23 @@ class ParallelData:
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def batch(self, indices: np.ndarray) -> Batch:
+    def batch(self, indices: np.ndarray, epoch: int | None = None) -> Batch:
+        """The padded batch of examples ``indices``; with ``sampling`` and the ``epoch`` it is drawn
+        in, its sentences segmented anew (``Sampling``)."""
         rows = indices if self.rows is None else self.rows[indices]
         if self.owner is None:
             corpus = self.parts[0].corpus
-            return collate(corpus.rows("src", rows), corpus.rows("tgt", rows), indices)
-        owners = self.owner[indices]
-        src: list = [None] * len(indices)
-        tgt: list = [None] * len(indices)
-        for k in np.unique(owners):
-            where = np.flatnonzero(owners == k)
-            corpus = self.parts[k].corpus
-            for i, s_row, t_row in zip(where, corpus.rows("src", rows[where]), corpus.rows("tgt", rows[where])):
-                src[i], tgt[i] = s_row, t_row
+            src, tgt = corpus.rows("src", rows), corpus.rows("tgt", rows)
+        else:
+            owners = self.owner[indices]
+            src, tgt = [None] * len(indices), [None] * len(indices)
+            for k in np.unique(owners):
+                where = np.flatnonzero(owners == k)
+                corpus = self.parts[k].corpus
+                for i, s_row, t_row in zip(where, corpus.rows("src", rows[where]), corpus.rows("tgt", rows[where])):
+                    src[i], tgt[i] = s_row, t_row
+        if self.sampling is not None and epoch is not None and len(indices):
+            src, tgt = self.sampling.apply(src, tgt, epoch, int(indices[0]))
         return collate(src, tgt, indices)
 
     def sampler(self, max_tokens: int, *, shuffle: bool, seed: int = 1) -> TokenBatchSampler:

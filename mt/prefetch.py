@@ -24,9 +24,17 @@ from mt.batch import Batch
 _END = object()  # the shadow stream ran out of updates
 
 
+def _same(a, b) -> bool:
+    """Equal updates: lists or tuples of the same items, index arrays of the same indices."""
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return bool(np.array_equal(a, b))
+
+
 class Prefetcher:
     """``get(indices)``: the batches of the next update, made ahead by a thread from ``updates``
-    (an iterator of each update's list of this rank's index arrays, in the order the loop takes them);
+    (an iterator of each update's list of what ``make`` takes for each of this rank's batches, in
+    the order the loop takes them; in training, (epoch, example indices));
     with ``depth`` 0, made when asked for, in the caller's thread. A context manager: leaving it stops
     the thread."""
 
@@ -76,8 +84,7 @@ class Prefetcher:
         made, batches = self._queue.get()
         if isinstance(made, BaseException):
             raise made
-        if made is _END or len(made) != len(indices) or not all(
-                np.array_equal(a, b) for a, b in zip(made, indices)):
+        if made is _END or not _same(made, indices):
             raise RuntimeError("the prefetched batches are not the update's: the prefetcher lost its place")
         return batches
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mt.config import Config, ConfigError, CorpusConfig
-from mt.data import CorpusError, ParallelData, Part, clean, content_key, read_all, read_pairs, tokenized
+from mt.data import CorpusError, ParallelData, Part, Sampling, clean, content_key, read_all, read_pairs, tokenized
 from mt.progress import bar
 from mt.run import Run
 from mt.tokenizer import Tokenizer, cores, train_sentencepiece
@@ -108,9 +108,14 @@ def load_split(cfg: Config, which: str, src_tok: Tokenizer, tgt_tok: Tokenizer,
             parts.append(_part(cfg, corpus, True, src_tok, tgt_tok, progress, log))
             say(f"train {corpus.describe()}: {parts[-1].report}"
                 + (f", weight {corpus.weight:g}" if len(data.train) > 1 or corpus.weight != 1 else ""))
-        split = ParallelData(parts, seed=cfg.train.seed if seed is None else seed)
+        sampling = Sampling(src_tok, tgt_tok, data.sampling_alpha, data.sampling_nbest, cfg.train.seed,
+                            data.max_len) if data.sampling_alpha else None
+        split = ParallelData(parts, seed=cfg.train.seed if seed is None else seed, sampling=sampling)
         if len(parts) > 1:
             say(f"train: {len(split):,} examples an epoch from {len(parts)} corpora")
+        if sampling is not None:
+            say(f"train: subword regularisation: each batch segmented anew by sampling (alpha {sampling.alpha:g}, "
+                f"nbest {sampling.nbest})")
         return split
     corpus = getattr(data, which)
     part = _part(cfg, corpus, False, src_tok, tgt_tok, progress, log)

@@ -11,7 +11,7 @@ import hashlib
 import io
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +134,7 @@ class Tokenizer:
             except OSError as e:
                 raise TokenizerError(f"{model}: cannot read SentencePiece model ({e.strerror})") from None
         self._proto = bytes(model)
+        self._scores: np.ndarray | None = None  # each piece's log-probability, for sampling
         self._load()
 
     def _load(self) -> None:
@@ -152,7 +153,7 @@ class Tokenizer:
         return {"proto": self._proto}
 
     def __setstate__(self, state: dict) -> None:
-        self._proto = state["proto"]
+        self._proto, self._scores = state["proto"], None
         self._load()
 
     @property
@@ -171,6 +172,37 @@ class Tokenizer:
     def decode(self, ids: list[list[int]]) -> list[str]:
         """Ids to text; special tokens (``<s>``, ``</s>``, ``<pad>``) are dropped."""
         return self.sp.decode([[i for i in seq if i >= UNK_ID] for seq in ids])
+
+    def sample(self, rows: Sequence[Sequence[int]], *, alpha: float, nbest: int, seed: int,
+               limit: int) -> list[Sequence[int]]:
+        """Subword regularisation (Kudo, 2018, l-best sampling): each row of ids (pieces + ``</s>``)
+        segmented anew, as one of the ``nbest`` best segmentations of its text drawn with probability
+        proportional to P(segmentation)^``alpha`` under the unigram model. The text is the same, only
+        its pieces change. Rows holding ``<unk>`` (their text would not come back) and draws of more
+        than ``limit`` ids keep their ids. The draws come from numpy seeded by ``seed``: the same rows
+        and seed give the same result in any process (SentencePiece's own sampling does not: its draws
+        differ from process to process whatever seed it is given)."""
+        if self._scores is None:
+            self._scores = np.array([self.sp.get_score(i) for i in range(self.vocab_size)])
+        out = list(rows)
+        todo = [i for i, row in enumerate(rows) if UNK_ID not in row]
+        texts = self.sp.decode([[int(x) for x in rows[i][:-1]] for i in todo])  # without </s>
+        lists = self.sp.nbest_encode(texts, out_type=int, nbest_size=nbest)  # each: up to nbest segmentations
+        flat = [c for candidates in lists for c in candidates]
+        if not flat:
+            return out
+        counts = np.array([len(candidates) for candidates in lists])
+        sizes = np.array([len(c) for c in flat])
+        logp = np.add.reduceat(self._scores[np.concatenate(flat)], np.cumsum(sizes) - sizes)  # (candidates,)
+        # one draw per sentence with P ∝ exp(alpha·logp): the Gumbel-max trick, vectorised
+        keys = alpha * logp + np.random.default_rng(seed).gumbel(size=len(flat))
+        starts = np.cumsum(counts) - counts
+        for i, start, n in zip(todo, starts, counts):
+            if n:
+                pick = flat[start + int(np.argmax(keys[start: start + n]))]
+                if len(pick) < limit:
+                    out[i] = pick + [EOS_ID]
+        return out
 
     def pieces(self, ids: list[int]) -> list[str]:
         """The piece of each id (``▁`` marks a word's start; ``</s>`` and the other specials by name)."""

@@ -216,21 +216,22 @@ class TrainState:
             setattr(self, name, value)
 
 
-def batch_stream(sampler: TokenBatchSampler, state: TrainState, max_epochs: int = 0) -> Iterator[np.ndarray]:
-    """Example indices batch by batch from ``state``'s position (epoch, batches done), across epochs,
-    advancing it as batches are taken; ends after ``max_epochs`` epochs (0: never)."""
+def batch_stream(sampler: TokenBatchSampler, state: TrainState, max_epochs: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+    """(epoch, example indices) batch by batch from ``state``'s position (epoch, batches done),
+    across epochs, advancing it as batches are taken; ends after ``max_epochs`` epochs (0: never)."""
     while not max_epochs or state.epoch < max_epochs:
         epoch = sampler.batches(state.epoch)
         while state.batch < len(epoch):
             state.batch += 1
-            yield epoch[state.batch - 1]
+            yield state.epoch, epoch[state.batch - 1]
         state.epoch, state.batch = state.epoch + 1, 0
 
 
 def update_indices(sampler: TokenBatchSampler, state: TrainState, max_epochs: int,
-                   per_update: int) -> Iterator[list[np.ndarray]]:
-    """Each update's batches (``per_update``: every rank's), from ``state``'s position, advancing it;
-    ends with the data (after ``max_epochs``). The last update of the data may hold fewer."""
+                   per_update: int) -> Iterator[list[tuple[int, np.ndarray]]]:
+    """Each update's batches (``per_update``: every rank's) as (epoch, indices), from ``state``'s
+    position, advancing it; ends with the data (after ``max_epochs``). The last update of the data
+    may hold fewer."""
     stream = batch_stream(sampler, state, max_epochs)
     while update := [i for _, i in zip(range(per_update), stream)]:
         yield update
@@ -480,7 +481,11 @@ class Trainer:
         model.train()
         self._tick = self._window_start = time.time()  # the time budget counts training, not preparation
         bad_updates = 0
-        with StopSignals() as signals, Prefetcher(ahead, self.data.train.batch, depth=self.prefetch_depth,
+        def make(drawn: tuple[int, np.ndarray]) -> Batch:
+            epoch, indices = drawn
+            return self.data.train.batch(indices, epoch)
+
+        with StopSignals() as signals, Prefetcher(ahead, make, depth=self.prefetch_depth,
                                                   pin=self.device.type == "cuda") as batches:
             while not (stopped := self.stop_reason(signals)):
                 started = time.time()

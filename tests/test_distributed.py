@@ -61,10 +61,12 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 def test_two_ranks_train_exactly_like_one_process_accumulating_two(tmp_path, multi30k_head, spm_model):
     cfg = config(tmp_path, multi30k_head, spm_model, max_steps=6)
-    # the ranks make their batches ahead in a thread (train.prefetch, on by default only on CUDA); one process does not
-    two = run(tmp_path / "two", cfg, f"train.run_dir={tmp_path / 'run2'}", "train.prefetch=2")
+    # the ranks make their batches ahead in a thread (train.prefetch, on by default only on CUDA); one process does
+    # not; both segment every batch anew by sampling (data.sampling_alpha), the same way whoever makes the batch
+    two = run(tmp_path / "two", cfg, f"train.run_dir={tmp_path / 'run2'}", "train.prefetch=2", "data.sampling_alpha=0.2")
     assert two.returncode == 0, two.stderr
-    one = run(tmp_path / "one", cfg, f"train.run_dir={tmp_path / 'run1'}", "train.accum_steps=2", nproc=1)
+    one = run(tmp_path / "one", cfg, f"train.run_dir={tmp_path / 'run1'}", "train.accum_steps=2",
+              "data.sampling_alpha=0.2", nproc=1)
     assert one.returncode == 0, one.stderr
 
     g0, g1, g = (torch.load(tmp_path / d / f"grads{r}.pt") for d, r in (("two", 0), ("two", 1), ("one", 0)))

@@ -461,11 +461,11 @@ def test_a_run_that_would_never_stop_is_refused(tmp_path, cache_dir, slice_files
 def test_batch_stream_resumes_from_any_position_and_ends_after_max_epochs():
     lengths = np.random.default_rng(7).integers(2, 60, size=300)
     sampler = TokenBatchSampler(lengths, max_tokens=256, seed=5)
-    everything = [b for epoch in range(3) for b in sampler.batches(epoch)]
+    everything = [(epoch, b) for epoch in range(3) for b in sampler.batches(epoch)]  # each with its epoch
     first = len(sampler.batches(0))
 
     def same(a, b):
-        return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(x[0] == y[0] and np.array_equal(x[1], y[1]) for x, y in zip(a, b))
 
     state = TrainState()
     assert same(list(batch_stream(sampler, state, max_epochs=3)), everything)
