@@ -19,8 +19,9 @@ KEEP_FREED = 1 << 30  # bytes
 
 
 def keep_freed_memory() -> bool:
-    """Raise glibc's mmap and trim thresholds to ``KEEP_FREED``; True where that took effect (glibc on
-    Linux), False elsewhere (nothing changed)."""
+    """Raise glibc's trim threshold and its mmap threshold to ``KEEP_FREED``; True where both took
+    effect (glibc 2.36 here; recent glibc on Linux), False elsewhere. older glibc (2.30, for one) refuses an mmap threshold above
+    32 MiB: it then gets 32 MiB (the blocks below it are kept), and the answer is False."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -28,4 +29,8 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # no C library to ask, or one without mallopt (not glibc)
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    return bool(mallopt(M_MMAP_THRESHOLD, KEEP_FREED)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_FREED))
+    trim = bool(mallopt(M_TRIM_THRESHOLD, KEEP_FREED))
+    if mallopt(M_MMAP_THRESHOLD, KEEP_FREED):
+        return trim
+    mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    return False

@@ -16,6 +16,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -38,7 +39,7 @@ class Prefetcher:
     with ``depth`` 0, made when asked for, in the caller's thread. A context manager: leaving it stops
     the thread."""
 
-    def __init__(self, updates: Iterator[list[np.ndarray]], make: Callable[[np.ndarray], Batch], *,
+    def __init__(self, updates: Iterator[list[Any]], make: Callable[[Any], Batch], *,
                  depth: int = 2, pin: bool = False):
         self._make = make
         self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
@@ -54,7 +55,7 @@ class Prefetcher:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _work(self, updates: Iterator[list[np.ndarray]], make: Callable[[np.ndarray], Batch], pin: bool) -> None:
+    def _work(self, updates: Iterator[list[Any]], make: Callable[[Any], Batch], pin: bool) -> None:
         try:
             for indices in updates:
                 batches = [make(i) for i in indices]
@@ -77,7 +78,7 @@ class Prefetcher:
                 continue
         return False
 
-    def get(self, indices: list[np.ndarray]) -> list[Batch]:
+    def get(self, indices: list[Any]) -> list[Batch]:
         """The batches of the update whose (this rank's) example indices are ``indices``."""
         if self._thread is None:
             return [self._make(i) for i in indices]

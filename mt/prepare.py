@@ -108,9 +108,14 @@ def load_split(cfg: Config, which: str, src_tok: Tokenizer, tgt_tok: Tokenizer,
             parts.append(_part(cfg, corpus, True, src_tok, tgt_tok, progress, log))
             say(f"train {corpus.describe()}: {parts[-1].report}"
                 + (f", weight {corpus.weight:g}" if len(data.train) > 1 or corpus.weight != 1 else ""))
-        sampling = Sampling(src_tok, tgt_tok, data.sampling_alpha, data.sampling_nbest, cfg.train.seed,
-                            data.max_len) if data.sampling_alpha else None
-        split = ParallelData(parts, seed=cfg.train.seed if seed is None else seed, sampling=sampling)
+        seed = cfg.train.seed if seed is None else seed  # a resumed run's: its checkpoint's
+        sampling = None
+        if data.sampling_alpha:
+            if not (src_tok.can_sample and tgt_tok.can_sample):
+                raise ConfigError("data.sampling_alpha: sampling segmentations needs a unigram SentencePiece "
+                                  "model; the run's tokenizer is not one")
+            sampling = Sampling(src_tok, tgt_tok, data.sampling_alpha, data.sampling_nbest, seed, data.max_len)
+        split = ParallelData(parts, seed=seed, sampling=sampling)
         if len(parts) > 1:
             say(f"train: {len(split):,} examples an epoch from {len(parts)} corpora")
         if sampling is not None:

@@ -185,9 +185,12 @@ class Tokenizer:
         if self._scores is None:
             self._scores = np.array([self.sp.get_score(i) for i in range(self.vocab_size)])
         out = list(rows)
-        todo = [i for i, row in enumerate(rows) if UNK_ID not in row]
+        todo = [i for i, row in enumerate(rows) if UNK_ID not in row and len(row) > 1]
+        if not todo:
+            return out
         texts = self.sp.decode([[int(x) for x in rows[i][:-1]] for i in todo])  # without </s>
         lists = self.sp.nbest_encode(texts, out_type=int, nbest_size=nbest)  # each: up to nbest segmentations
+        lists = [[c for c in candidates if c] for candidates in lists]  # (a text that comes back empty: none)
         flat = [c for candidates in lists for c in candidates]
         if not flat:
             return out
@@ -203,6 +206,15 @@ class Tokenizer:
                 if len(pick) < limit:
                     out[i] = pick + [EOS_ID]
         return out
+
+    @property
+    def can_sample(self) -> bool:
+        """Whether ``sample`` works with this model: n-best segmentation needs a unigram model."""
+        try:
+            self.sp.nbest_encode_as_ids("a", 2)
+        except RuntimeError:
+            return False
+        return True
 
     def pieces(self, ids: list[int]) -> list[str]:
         """The piece of each id (``▁`` marks a word's start; ``</s>`` and the other specials by name)."""

@@ -255,7 +255,9 @@ def main() -> None:
         "Timed for every engine: text lines to detokenized lines (models loaded), "
         f"median of {args.repeats} passes after a warm-up; each engine in its own process, the engines' passes "
         f"interleaved round robin. mt batches by {args.batch_tokens} source tokens; "
-        f"HF and CTranslate2 by {args.batch} length-sorted sentences." + "".join(f" {n}" for n in notes),
+        f"HF and CTranslate2 by {args.batch} length-sorted sentences. mt's workers keep freed memory for reuse, "
+        "as every mt command does (mt/allocator.py); HF and CTranslate2 run with the C allocator's defaults."
+        + "".join(f" {n}" for n in notes),
         "",
         "| engine | seconds | sentences/s | target tokens/s | vs HF | BLEU | share of ceiling |",
         "|---|---:|---:|---:|---:|---:|---:|",

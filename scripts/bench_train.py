@@ -189,7 +189,9 @@ def main() -> None:
         f"batches ({args.steps} batches of each budget, after {args.warmup} warm-up batches); median of "
         f"{args.repeats} passes, each a process of its own, the engines alternating. bf16 is autocast (weights and "
         "AdamW in fp32). Share of ceiling: the step's matmul FLOPs per second (from the model shape and the "
-        "padded batch sizes) over the ceiling of that precision." + "".join(f" {n}" for n in notes),
+        "padded batch sizes) over the ceiling of that precision. mt's worker keeps freed memory for reuse, as "
+        "every mt command does (mt/allocator.py); HF's runs with the C allocator's defaults."
+        + "".join(f" {n}" for n in notes),
         "",
         "| batch budget (tokens) | target tokens | precision | mt tokens/s | HF tokens/s | mt / HF | "
         "mt share of ceiling | HF share of ceiling | mt peak RSS (MB) | HF peak RSS (MB) |",

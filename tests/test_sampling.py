@@ -102,9 +102,25 @@ def test_sampled_training_resumed_mid_epoch_is_the_uninterrupted_run(tmp_path, c
     quiet = {"log": lambda m: None, "progress": False}
     train(config(whole, prefetch=2), **quiet)
     train(config(resumed, max_steps=11), **quiet)  # mid-epoch (an epoch is ~20 updates), no prefetching
-    train(config(resumed), resume=True, **quiet)
+    train(config(resumed, seed=9), resume=True, **quiet)  # the run keeps its seed: batches and draws
     train(config(unsampled, alpha=0.0), **quiet)
     a, b, c = (ckpt.load(d / "checkpoints" / "last.pt") for d in (whole, resumed, unsampled))
     assert a["trainer"]["step"] == b["trainer"]["step"] == 24 and a["trainer"]["epoch"] >= 1
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # same batches, same pieces
     assert not all(torch.equal(a["model"][k], c["model"][k]) for k in a["model"])  # sampling changed them
+
+
+def test_a_bpe_tokenizer_with_sampling_is_refused_before_training(tmp_path, cache_dir, multi30k_head):
+    from mt.tokenizer import train_sentencepiece
+
+    bpe = train_sentencepiece(multi30k_head("train", "en", 500) + multi30k_head("train", "de", 500),
+                              tmp_path / "bpe.model", vocab_size=300, model_type="bpe", num_threads=1)
+    for lang in ("de", "en"):
+        (tmp_path / f"train.{lang}").write_text("\n".join(multi30k_head("train", lang, 50)) + "\n", encoding="utf-8")
+    values = {"data.train.src": tmp_path / "train.de", "data.train.tgt": tmp_path / "train.en",
+              "data.cache_dir": cache_dir, "tokenizer.src_model": bpe, "data.sampling_alpha": 0.2}
+    cfg = load_config(None, [f"{k}={v}" for k, v in values.items()])
+    bpe_tok = Tokenizer(bpe)
+    assert not bpe_tok.can_sample
+    with pytest.raises(ConfigError, match="data.sampling_alpha: .*unigram"):
+        load_split(cfg, "train", bpe_tok, bpe_tok, progress=False)
