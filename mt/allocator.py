@@ -20,8 +20,9 @@ KEEP_FREED = 1 << 30  # bytes
 
 def keep_freed_memory() -> bool:
     """Raise glibc's trim threshold and its mmap threshold to ``KEEP_FREED``; True where both took
-    effect (glibc 2.36 here; recent glibc on Linux), False elsewhere. older glibc (2.30, for one) refuses an mmap threshold above
-    32 MiB: it then gets 32 MiB (the blocks below it are kept), and the answer is False."""
+    effect (recent glibc on Linux: 2.36 here), False elsewhere. An older glibc (2.30, for one)
+    refuses an mmap threshold above 32 MiB: it then gets 32 MiB (blocks below that are kept), and
+    the answer is False."""
     if not sys.platform.startswith("linux"):
         return False
     try:
