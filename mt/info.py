@@ -10,19 +10,20 @@ import torch
 
 from mt import checkpoint as ckpt
 from mt.device import choose_dtype, choose_precision, pick_device, slow_bf16_warning
+from mt.linear import fp32_gemm
 from mt.int8 import unavailable as int8_unavailable
 from mt.model import Transformer
 from mt.run import Run, RunError
 
 
 def machine() -> dict:
-    """CUDA devices (with bf16 support), native bf16 on this CPU, int8 decoding."""
+    """CUDA devices (with bf16 support), native bf16 on this CPU, its fp32 GEMM library, int8 decoding."""
     cuda = [{"name": torch.cuda.get_device_name(i), "bf16": torch.cuda.get_device_capability(i) >= (8, 0)}
             for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []  # bf16: Ampere on
     int8 = int8_unavailable()
     device = pick_device("auto")
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cuda": cuda,
-            "cpu_bf16": not slow_bf16_warning(torch.device("cpu")), "int8": not int8,
+            "cpu_bf16": not slow_bf16_warning(torch.device("cpu")), "fp32_gemm": fp32_gemm()[0], "int8": not int8,
             **({"int8_problem": int8} if int8 else {}),
             "auto": {"train": choose_precision("auto", device)[0],
                      "translate": choose_dtype("auto", device, int8_missing=int8 if device.type == "cpu" else "")[0]}}
@@ -113,6 +114,7 @@ def format_info(info: dict) -> str:
     cuda = ", ".join(f"{g['name']}{' (bf16)' if g['bf16'] else ''}" for g in mc["cuda"]) or "none"
     lines.append(("this machine", f"torch {mc['torch']}, threads {mc['threads']}; CUDA: {cuda}; "
                                   f"CPU bf16: {'native' if mc['cpu_bf16'] else 'emulated (slow)'}; "
+                                  f"fp32 GEMM: {mc['fp32_gemm']}; "
                                   f"int8: {'yes' if mc['int8'] else 'no'}; auto means: training "
                                   f"{mc['auto']['train']}, translating {mc['auto']['translate']}"))
     width = max(len(k) for k, _ in lines)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from typing import TYPE_CHECKING
 
+from mt.linear import mm
 from mt.tokenizer import PAD_ID
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ class _LinearLabelSmoothedCE(torch.autograd.Function):
             t = target[rows]  # (n,)
             keep = (t != ignore_index)[:, None]  # (n, 1)
             safe_t = t.masked_fill(~keep[:, 0], 0)[:, None]  # (n, 1): ignored rows point anywhere
-            log_probs = torch.log_softmax(torch.mm(h[rows], w.t()), dim=1, dtype=torch.float32)  # (n, V)
+            log_probs = torch.log_softmax(mm(h[rows], w.t()), dim=1, dtype=torch.float32)  # (n, V)
             token_nll = -log_probs.gather(1, safe_t).masked_fill_(~keep, 0.0)  # (n, 1)
             smooth = -log_probs.sum(1, keepdim=True).masked_fill_(~keep, 0.0)  # (n, 1): Σ_v -log p_v
             nll += token_nll.sum()
@@ -78,9 +79,9 @@ class _LinearLabelSmoothedCE(torch.autograd.Function):
             grad.sub_(epsilon / V).mul_(keep)
             grad = grad.to(compute_dtype)  # (n, V)
             if grad_hidden is not None:
-                grad_hidden[rows] = torch.mm(grad, w)  # (n, D)
+                grad_hidden[rows] = mm(grad, w)  # (n, D)
             if grad_weight is not None:
-                grad_weight += torch.mm(grad.t(), h[rows]).float()  # (V, D)
+                grad_weight += mm(grad.t(), h[rows]).float()  # (V, D)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         ctx.mark_non_differentiable(nll)

@@ -30,6 +30,7 @@ from torch import nn
 
 from mt.config import ModelConfig
 from mt.dropout import Dropout, dropout
+from mt.linear import Linear, linear
 from mt.tokenizer import PAD_ID
 
 POSITION_OFFSET = PAD_ID + 1  # M2M100/fairseq: positions count from padding_idx + 1
@@ -54,12 +55,12 @@ class EncoderOut:
     src_mask: torch.Tensor  # (B, S) True at real (non-pad) source tokens
 
 
-class PackedLinear(nn.Linear):
+class PackedLinear(Linear):
     """The packed input projection [W_q; W_k; W_v] (3D, D). ``rows`` applies one block of it alone:
     cross-attention projects queries and keys/values from different inputs."""
 
     def rows(self, x: torch.Tensor, start: int, stop: int | None = None) -> torch.Tensor:
-        return F.linear(x, self.weight[start:stop], self.bias[start:stop])
+        return linear(x, self.weight[start:stop], self.bias[start:stop])
 
 
 class MultiHeadAttention(nn.Module):
@@ -70,7 +71,7 @@ class MultiHeadAttention(nn.Module):
         self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
         self.dropout = dropout
         self.in_proj = PackedLinear(d_model, 3 * d_model)
-        self.out_proj = nn.Linear(d_model, d_model)
+        self.out_proj = Linear(d_model, d_model)
         self.recorder: list[torch.Tensor] | None = None  # set by mt.attention to keep the weights
 
     def _heads(self, x: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
@@ -180,8 +181,8 @@ def _attend_small(q: torch.Tensor, keys_t: torch.Tensor, v: torch.Tensor,
 class FeedForward(nn.Module):
     def __init__(self, d_model: int, ffn_dim: int, activation: str, activation_dropout: float):
         super().__init__()
-        self.fc1 = nn.Linear(d_model, ffn_dim)
-        self.fc2 = nn.Linear(ffn_dim, d_model)
+        self.fc1 = Linear(d_model, ffn_dim)
+        self.fc2 = Linear(ffn_dim, d_model)
         self.activation = F.relu if activation == "relu" else F.gelu
         self.dropout = Dropout(activation_dropout)
 
@@ -401,7 +402,7 @@ class Transformer(nn.Module):
         pre = cfg.norm == "pre"
         self.encoder_norm = nn.LayerNorm(D) if pre else nn.Identity()
         self.decoder_norm = nn.LayerNorm(D) if pre else nn.Identity()
-        self.output_proj = None if cfg.share_embeddings else nn.Linear(D, tgt_vocab, bias=False)
+        self.output_proj = None if cfg.share_embeddings else Linear(D, tgt_vocab, bias=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -469,7 +470,7 @@ class Transformer(nn.Module):
         """Decoder states (..., D) -> logits (..., V)."""
         if self.output_proj is not None:  # untied, or replaced for inference (replace_linears)
             return self.output_proj(hidden)
-        return F.linear(hidden, self.tgt_embed.weight)
+        return linear(hidden, self.tgt_embed.weight)
 
     def decode(self, tgt_in: torch.Tensor, enc: EncoderOut | None = None, *,
                cache: DecoderCache | None = None) -> torch.Tensor:

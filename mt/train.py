@@ -33,6 +33,7 @@ from mt.batch import Batch
 from mt.config import Config, ConfigError, parse_duration
 from mt.data import ParallelData, TokenBatchSampler, same_content
 from mt.device import autocast, choose_precision, pick_device, slow_bf16_warning
+from mt.linear import fp32_gemm
 from mt.distributed import Dist, quiet_unless_main
 from mt.errors import MtError
 from mt.evaluate import bleu
@@ -659,6 +660,8 @@ def _train(cfg: Config, run: Run, resume: bool, log: Callable[[str], None], prog
     data = prepared[0] if d.main else prepare_here()
     if chose:
         log(chose)  # the data is usable: say how it will be trained on
+    if tc.precision == "fp32" and device.type == "cpu":
+        log("fp32 matrix products: {} ({})".format(*fp32_gemm()))
     if tc.precision == "bf16" and (bf16_warning := slow_bf16_warning(device)):
         log(f"warning: {bf16_warning} (train.precision=fp32)")
     budget = regime = None

@@ -2,7 +2,7 @@
 Hugging Face ``generate()`` on the exported weights, and CTranslate2 on the converted weights in
 every compute type this CPU supports.
 
-    python scripts/bench_decode.py -m RUN_DIR [--beam 5] [--repeats 3] [--engines mt,mt-bf16,mt-int8,hf,ct2]
+    python scripts/bench_decode.py -m RUN_DIR [--beam 5] [--repeats 3] [--engines mt,mt-mkl,mt-bf16,mt-int8,hf,ct2]
 
 Every engine translates the same file (default: Multi30k test_2016_flickr, 1,000 lines) on
 ``--threads`` CPU threads with the same beam size, length penalty and per-batch length limit
@@ -13,6 +13,8 @@ engines (this machine's speed drifts by 10-20% over minutes; interleaving spread
 engine runs in its own worker process, so that no engine's thread pool slows another's. ``ct2``
 stands for every CTranslate2 compute type of ``ctranslate2.get_supported_compute_types("cpu")``
 among float32, int8, int8_float32, int8_bfloat16 and bfloat16 (or name one: ``ct2-int8``).
+``mt-mkl`` is mt's fp32 with its matrix products through MKL, PyTorch's default (``MT_FP32_GEMM=mkl``;
+``mt`` takes the library ``mt.linear`` chooses for this CPU).
 Reports sentences/s, target tokens/s, the ratio against HF, BLEU, and the share of the machine's
 GEMM ceiling in the row's precision (``scripts/machine.py``, measured in the same run): the matmul
 FLOPs of mt's own fp32 search on this input (counted once with ``torch.utils.flop_counter``; the
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import statistics
 import sys
 import tempfile
@@ -39,6 +42,7 @@ from mt.allocator import keep_freed_memory  # noqa: E402
 from mt.batch import pad  # noqa: E402
 from mt.evaluate import read_text, score  # noqa: E402
 from mt.int8 import unavailable as int8_unavailable  # noqa: E402
+from mt.linear import ENV as GEMM_ENV, fp32_gemm  # noqa: E402
 from mt.tokenizer import EOS_ID, PAD_ID  # noqa: E402
 from mt.device import choose_dtype, slow_bf16_warning  # noqa: E402
 from mt.translate import Translator  # noqa: E402
@@ -126,6 +130,9 @@ def _serve(conn, name: str, args: argparse.Namespace, dirs: dict[str, Path]) -> 
         limits = (d.lenpen, d.max_len_a, d.max_len_b)
         if name.startswith("mt"):
             keep_freed_memory()  # as every mt command does (mt/allocator.py); the peers keep the C defaults
+            if name == "mt-mkl":
+                os.environ[GEMM_ENV] = "mkl"
+                fp32_gemm.cache_clear()
             dtype = {"mt-bf16": "bf16", "mt-int8": "int8"}.get(name, "fp32")
             engine = mt_engine(args.model, args.beam, args.batch_tokens, use_cache=name != "mt-nocache", dtype=dtype)
         elif name == "hf":
@@ -163,7 +170,7 @@ def main() -> None:
     parser.add_argument("--batch-tokens", type=int, default=2048, help="source tokens per batch for mt")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--engines", default="mt,mt-bf16,mt-int8,hf,ct2")
+    parser.add_argument("--engines", default="mt,mt-mkl,mt-bf16,mt-int8,hf,ct2")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/speed_decode.md"))
     args = parser.parse_args()
 
@@ -189,9 +196,21 @@ def main() -> None:
         notes.append(f"mt --dtype int8 not measured: {int8_unavailable()}.")
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:  # the work: mt's fp32 search on this input
+    # the work: mt's fp32 search on this input, counted through MKL's products (the counter does not
+    # see oneDNN's); then the library mt.linear chooses here again
+    chosen = os.environ.get(GEMM_ENV)
+    os.environ[GEMM_ENV] = "mkl"
+    fp32_gemm.cache_clear()
+    with FlopCounterMode(display=False) as counter:
         mt_engine(args.model, args.beam, args.batch_tokens, use_cache=True)(lines)
     work = counter.get_total_flops()
+    if chosen is None:
+        del os.environ[GEMM_ENV]
+    else:
+        os.environ[GEMM_ENV] = chosen
+    fp32_gemm.cache_clear()
+    if "mt-mkl" in names and fp32_gemm()[0] == "mkl":
+        names.remove("mt-mkl")  # the same as mt here
     with tempfile.TemporaryDirectory() as tmp:
         dirs = {}
         if "hf" in names or any(n.startswith("ct2") for n in names):
@@ -236,7 +255,7 @@ def main() -> None:
             rows.append((name, seconds, len(lines) / seconds, tokens / seconds, bleu))
             print(f"{name}: {seconds:.2f}s, {len(lines) / seconds:.1f} sentences/s, BLEU {bleu:.2f}", flush=True)
     base = {r[0]: r[2] for r in rows}.get("hf")
-    labels = {"mt": "mt translate --dtype fp32 (KV cache)", "mt-bf16": "mt translate --dtype bf16",
+    labels = {"mt": f"mt translate --dtype fp32 (KV cache, {fp32_gemm()[0]})", "mt-mkl": "mt, fp32 through MKL", "mt-bf16": "mt translate --dtype bf16",
               "mt-int8": "mt translate --dtype int8",
               "mt-nocache": "mt, no cache (full prefix each step)",
               "hf": "HF generate() (fp32)", **{f"ct2-{t}": f"CTranslate2 {t}" for t in CT2_TYPES}}

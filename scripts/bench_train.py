@@ -11,8 +11,10 @@ steps, then one pass over the same ``--steps`` batches; the engines' passes alte
 each, so that the machine's drift over the minutes of a run hits both alike; the table gives the
 median target tokens/s, the ratio mt / HF, the peak RSS, and the share of the matmul ceiling: the
 step's matmul FLOPs (counted from the model's shape and the batches' padded sizes, the same for both
-engines) per second over the best ``torch.mm`` GFLOP/s of that precision on this machine
-(``scripts/machine.py``, measured in the same run). Threads: ``torch.set_num_threads``.
+engines) per second over the best GEMM GFLOP/s of that precision on this machine (in fp32 the
+better of MKL and oneDNN; ``scripts/machine.py``, measured in the same run). In fp32 a third engine,
+``mt-mkl``, is mt with its matrix products through MKL, PyTorch's default (``MT_FP32_GEMM=mkl``),
+where ``mt.linear`` chooses oneDNN for this CPU. Threads: ``torch.set_num_threads``.
 """
 
 from __future__ import annotations
@@ -77,7 +79,9 @@ def worker(engine: str, precision: str, batches_file: str, warmup: int, steps: i
     cfg = load_config(saved["config"])
     vocab, eps = saved["vocab"], cfg.train.label_smoothing
     batches = [Batch(s, i, o, None) for s, i, o in saved["batches"]]
-    if engine == "mt":
+    if engine.startswith("mt"):
+        if engine == "mt-mkl":
+            os.environ["MT_FP32_GEMM"] = "mkl"
         from mt.allocator import keep_freed_memory
         from mt.model import Transformer
 
@@ -161,15 +165,19 @@ def main() -> None:
         sys.exit("bench_train.py: nothing to measure: " + " ".join(notes))
     budgets = [int(b) for b in args.max_tokens.split(",") if b] or [load_config(args.config).train.max_tokens]
     ceilings = {p: matmul_ceiling(p, args.threads) for p in precisions}
+    from mt.linear import fp32_gemm
+
+    library = fp32_gemm()[0]
     print("matmul ceiling: " + ", ".join(f"{p} {c:.0f} GFLOP/s" for p, c in ceilings.items()), flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for budget in budgets:
             batches = prepare_batches(args.config, args.warmup + args.steps, Path(tmp), budget)
             for precision in precisions:
-                result = {"mt": [], "hf": []}
-                for r in range(args.repeats):  # one process per pass, the engines alternating
-                    for engine in ("mt", "hf") if r % 2 == 0 else ("hf", "mt"):
+                engines = ["mt", "hf"] + (["mt-mkl"] if precision == "fp32" and library != "mkl" else [])
+                result = {e: [] for e in engines}
+                for r in range(args.repeats):  # one process per pass, the engines' order rotating
+                    for engine in engines[r % len(engines):] + engines[: r % len(engines)]:
                         cmd = [sys.executable, __file__, "--worker", engine, "--precision", precision, "--batches",
                                str(batches), "--steps", str(args.steps), "--warmup", str(args.warmup),
                                "--repeats", "1", "--threads", str(args.threads)]
@@ -183,27 +191,29 @@ def main() -> None:
         "",
         f"Command: `python scripts/bench_train.py --config {os.path.relpath(Path(args.config).resolve(), ROOT)} --steps {args.steps} "
         f"--repeats {args.repeats}" + (f" --max-tokens {args.max_tokens}" if args.max_tokens else "") + "`  ",
-        f"Machine: {cpu()}; {args.threads} threads, torch {torch.__version__}. Matmul ceiling (best `torch.mm`, "
-        "this run): " + ", ".join(f"{p} {c:.0f} GFLOP/s" for p, c in ceilings.items()) + ". "
+        f"Machine: {cpu()}; {args.threads} threads, torch {torch.__version__}. Matmul ceiling (best GEMM of "
+        "this run; fp32: the better of MKL and oneDNN): " + ", ".join(f"{p} {c:.0f} GFLOP/s" for p, c in ceilings.items()) + ". "
         f"A step is forward + label-smoothed CE + backward + clip + AdamW on the same token-bucketed Multi30k "
         f"batches ({args.steps} batches of each budget, after {args.warmup} warm-up batches); median of "
         f"{args.repeats} passes, each a process of its own, the engines alternating. bf16 is autocast (weights and "
         "AdamW in fp32). Share of ceiling: the step's matmul FLOPs per second (from the model shape and the "
         "padded batch sizes) over the ceiling of that precision. mt's worker keeps freed memory for reuse, as "
-        "every mt command does (mt/allocator.py); HF's runs with the C allocator's defaults."
+        "every mt command does (mt/allocator.py); HF's runs with the C allocator's defaults. "
+        f"mt's fp32 products here: {library} (mt/linear.py); HF's: MKL (PyTorch's default)."
         + "".join(f" {n}" for n in notes),
         "",
         "| batch budget (tokens) | target tokens | precision | mt tokens/s | HF tokens/s | mt / HF | "
-        "mt share of ceiling | HF share of ceiling | mt peak RSS (MB) | HF peak RSS (MB) |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "mt through MKL tokens/s | mt share of ceiling | HF share of ceiling | mt peak RSS (MB) | HF peak RSS (MB) |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for budget, precision, result in rows:
-        rate = {e: statistics.median(p["tokens_per_s"][0] for p in result[e]) for e in ("mt", "hf")}
+        rate = {e: statistics.median(p["tokens_per_s"][0] for p in result[e]) for e in result}
+        mkl = f"{rate.pop('mt-mkl'):.0f}" if "mt-mkl" in rate else "-"
         first = result["mt"][0]
         share = {e: rate[e] * first["flops"] / first["tokens"] / 1e9 / ceilings[precision] for e in rate}
         rss = {e: max(p["peak_rss_mb"] for p in result[e]) for e in rate}
         table.append(f"| {budget} | {first['tokens']} | {precision} | {rate['mt']:.0f} | {rate['hf']:.0f} | "
-                     f"{rate['mt'] / rate['hf']:.2f}x | {share['mt']:.0%} | {share['hf']:.0%} | {rss['mt']:.0f} | "
+                     f"{rate['mt'] / rate['hf']:.2f}x | {mkl} | {share['mt']:.0%} | {share['hf']:.0%} | {rss['mt']:.0f} | "
                      f"{rss['hf']:.0f} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(table) + "\n", encoding="utf-8")

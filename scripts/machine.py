@@ -1,6 +1,8 @@
 """What the benchmarks say about the machine they ran on: the CPU and its flags, and the matmul
 ceiling of each precision (the best GEMM throughput of this machine and thread count, measured in
-the same run as the figures it is compared with).
+the same run as the figures it is compared with). In fp32 the ceiling is the better of the two GEMM
+libraries in every PyTorch build, MKL (``torch.mm``) and oneDNN (what ``mt.linear`` calls where it
+is faster): on AMD CPUs MKL stays below the machine's AVX-512 speed.
 
     python scripts/machine.py [--threads 2]      (prints the CPU line and the ceilings)
 """
@@ -52,10 +54,16 @@ def _rate(gemm, shape: tuple[int, int, int], repeats: int = 5) -> float:
     return statistics.median(rates)
 
 
-def _gemm(precision: str, shape: tuple[int, int, int]):
-    """(M, K) @ (K, N) as a call: ``torch.mm`` in fp32 or bf16, or the int8 GEMM that
-    ``mt --dtype int8`` calls (FBGEMM, fp32 in and out, the input quantized inside)."""
+def _gemm(precision: str, shape: tuple[int, int, int], library: str = "mkl"):
+    """(M, K) @ (K, N) as a call: ``torch.mm`` in fp32 or bf16 (in fp32 ``library`` "onednn": the
+    same product through oneDNN, as ``mt.linear`` calls it), or the int8 GEMM that ``mt --dtype
+    int8`` calls (FBGEMM, fp32 in and out, the input quantized inside)."""
     m, k, n = shape
+    if library == "onednn":
+        from mt.linear import _product
+
+        a, w = torch.randn(m, k), torch.randn(n, k)
+        return lambda: _product(a, w, None)
     if precision == "int8":
         from mt.int8 import ACTIVATION_GRID, _LINEAR, _pack
 
@@ -66,11 +74,24 @@ def _gemm(precision: str, shape: tuple[int, int, int]):
     return lambda: a @ b
 
 
-def matmul_ceiling(precision: str, threads: int) -> float:
-    """The best GFLOP/s (GOP/s for int8) of a GEMM over ``SHAPES`` in fp32, bf16 (``torch.mm``) or
-    int8 (FBGEMM's, as mt/int8.py calls it) with ``threads`` threads."""
+def fp32_libraries() -> tuple[str, ...]:
+    """The fp32 GEMM libraries of this PyTorch build."""
+    from mt.linear import _onednn_op
+
+    return ("mkl", "onednn") if _onednn_op() is not None else ("mkl",)
+
+
+def matmul_ceilings(precision: str, threads: int) -> dict[str, float]:
+    """The best GFLOP/s (GOP/s for int8) of a GEMM over ``SHAPES`` with ``threads`` threads, per
+    library: fp32 with MKL and oneDNN, bf16 with ``torch.mm``, int8 with FBGEMM (as mt/int8.py)."""
     torch.set_num_threads(threads)
-    return max(_rate(_gemm(precision, shape), shape) for shape in SHAPES)
+    libraries = fp32_libraries() if precision == "fp32" else ("mkl",)
+    return {lib: max(_rate(_gemm(precision, shape, lib), shape) for shape in SHAPES) for lib in libraries}
+
+
+def matmul_ceiling(precision: str, threads: int) -> float:
+    """The machine's ceiling in ``precision``: the best of ``matmul_ceilings``."""
+    return max(matmul_ceilings(precision, threads).values())
 
 
 if __name__ == "__main__":
@@ -80,4 +101,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     print(cpu())
     for p in args.precisions.split(","):
-        print(f"{p}: {matmul_ceiling(p, args.threads):.0f} G{'OP' if p == 'int8' else 'FLOP'}/s on {args.threads} threads")
+        rates = matmul_ceilings(p, args.threads)
+        unit = "GOP/s" if p == "int8" else "GFLOP/s"
+        by = f" ({', '.join(f'{lib} {r:.0f}' for lib, r in rates.items())})" if len(rates) > 1 else ""
+        print(f"{p}: {max(rates.values()):.0f} {unit} on {args.threads} threads{by}")

@@ -17,6 +17,7 @@ from mt.config import ModelConfig, TrainConfig, load_config
 from mt.batch import collate
 from mt.model import Transformer
 from mt.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+import mt.loss
 from mt.loss import label_smoothed_loss, linear_label_smoothed_loss
 from mt.run import Run, RunError
 from mt.data import TokenBatchSampler
@@ -104,8 +105,8 @@ def test_fused_linear_loss_does_no_gradient_work_under_no_grad(monkeypatch):
     weight = torch.randn(11, 8, generator=gen, requires_grad=True)
     target = torch.randint(0, 11, (30,), generator=gen)
     calls = []
-    real_mm = torch.mm
-    monkeypatch.setattr(torch, "mm", lambda *a, **k: calls.append(1) or real_mm(*a, **k))
+    real_mm = mt.loss.mm
+    monkeypatch.setattr(mt.loss, "mm", lambda *a, **k: calls.append(1) or real_mm(*a, **k))
     with torch.no_grad():
         loss, _ = linear_label_smoothed_loss(hidden, weight, target, 0.1, chunk_rows=10)
     assert len(calls) == 3  # 3 chunks x the logits only

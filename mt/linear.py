@@ -1,0 +1,109 @@
+"""fp32 matrix products on the CPU through the fastest GEMM library PyTorch ships for this CPU.
+
+PyTorch's CPU ``torch.mm`` and ``F.linear`` call Intel MKL in fp32. On AMD CPUs MKL does not use
+AVX-512, and on an AMD EPYC of the Zen 5 family (512-bit FMA units) it reaches less than half of
+what the machine can do: 160-190 GFLOP/s on 2 threads at the model's shapes, where oneDNN (also in
+every PyTorch build, as ``torch.ops.mkldnn._linear_pointwise``) reaches 390-440 GFLOP/s with the
+same fp32 arithmetic (error against float64 5.7e-5 vs MKL's 3.8e-5 over 256 products;
+``scripts/machine.py`` measures both). Where oneDNN is chosen, ``linear`` (forward and backward)
+and ``mm`` call it; everywhere else, and for bf16/fp16 and autocast (which PyTorch already sends to
+oneDNN), they are ``F.linear`` and ``torch.mm``.
+
+The choice is made from the CPU, never from a timing, so that it is the same in every process on a
+machine (a resumed run multiplies as the run before it did): oneDNN on AMD CPUs with AVX-512. The
+environment variable ``MT_FP32_GEMM`` (``onednn`` or ``mkl``) overrides it, for comparisons.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ENV = "MT_FP32_GEMM"
+CHOICES = ("onednn", "mkl")
+
+
+def _onednn_op():
+    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+    return op
+
+
+@functools.lru_cache(maxsize=None)
+def fp32_gemm(cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[str, str]:
+    """The library for fp32 CPU matrix products here ("onednn" or "mkl") and why."""
+    requested = os.environ.get(ENV, "")
+    if requested and requested not in CHOICES:
+        raise ValueError(f"{ENV}={requested!r}: choose {' or '.join(CHOICES)}")
+    if _onednn_op() is None:
+        return "mkl", "this PyTorch has no oneDNN linear"
+    if requested:
+        return requested, f"{ENV}={requested}"
+    try:
+        info = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return "mkl", "no /proc/cpuinfo to tell the CPU"
+    if "AuthenticAMD" in info and "avx512f" in info.split():
+        return "onednn", "AMD CPU with AVX-512, where MKL runs at AVX2 speed"
+    return "mkl", "MKL is PyTorch's fast fp32 path on this CPU"
+
+
+def _plain(*tensors: torch.Tensor) -> bool:
+    """fp32 CPU tensors outside autocast: the products this module may send to oneDNN."""
+    return (not torch.is_autocast_enabled("cpu")
+            and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+            and fp32_gemm()[0] == "onednn")
+
+
+def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (..., K) @ weight (N, K)ᵀ + bias (N,) with oneDNN (weight may be a transposed view)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _product(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad2 = grad.reshape(-1, grad.shape[-1])  # (M, N)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _product(grad, weight.t(), None)  # (..., K) = grad @ W
+        if ctx.needs_input_grad[1]:
+            grad_w = _product(grad2.t(), x.reshape(-1, x.shape[-1]).t(), None)  # (N, K) = gradᵀ @ x
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad2.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``: x (..., K), weight (N, K), bias (N,) -> (..., N)."""
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    if not _plain(*tensors):
+        return F.linear(x, weight, bias)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _Linear.apply(x, weight, bias)
+    return _product(x, weight, bias)
+
+
+def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.mm(a, b)`` without autograd: a (M, K), b (K, N) -> (M, N)."""
+    if not _plain(a, b):
+        return torch.mm(a, b)
+    return _product(a, b.t(), None)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose product is ``linear`` (the same parameters and state dict)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
