@@ -79,7 +79,7 @@ class _Linear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = _product(grad, weight.t(), None)  # (..., K) = grad @ W
         if ctx.needs_input_grad[1]:
-            grad_w = _product(grad2.t(), x.reshape(-1, x.shape[-1]).t(), None)  # (N, K) = gradᵀ @ x
+            grad_w = _mm(grad2.t(), x.reshape(-1, x.shape[-1]))  # (N, K) = gradᵀ @ x
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad2.sum(0)
         return grad_x, grad_w, grad_b
@@ -95,11 +95,23 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return _product(x, weight, bias)
 
 
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (M, K) @ b (K, N) with oneDNN, as a·bᵀᵀ or as (bᵀ·aᵀ)ᵀ, whichever copies less: oneDNN
+    takes its weight in any layout but copies an input that is not contiguous, and a product's
+    transposed operand (a weight gradient's gradᵀ, 8000 x 524 in the loss) is often the larger one.
+    The result may be a transposed view."""
+    copy_a = 0 if a.is_contiguous() else a.numel()
+    copy_b = 0 if b.t().is_contiguous() else b.numel()
+    if copy_b < copy_a:
+        return _product(b.t(), a, None).t()
+    return _product(a, b.t(), None)
+
+
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``torch.mm(a, b)`` without autograd: a (M, K), b (K, N) -> (M, N)."""
+    """``torch.mm(a, b)`` without autograd: a (M, K), b (K, N) -> (M, N), possibly a transposed view."""
     if not _plain(a, b):
         return torch.mm(a, b)
-    return _product(a, b.t(), None)
+    return _mm(a, b)
 
 
 class Linear(nn.Linear):
