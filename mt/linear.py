@@ -9,6 +9,9 @@ same fp32 arithmetic (error against float64 5.7e-5 vs MKL's 3.8e-5 over 256 prod
 and ``mm`` call it; everywhere else, and for bf16/fp16 and autocast (which PyTorch already sends to
 oneDNN), they are ``F.linear`` and ``torch.mm``.
 
+For translating, ``prepack`` replaces a model's linear layers by ``Prepacked`` ones, whose weights are
+reordered once into oneDNN's blocked layout (oneDNN reorders a plain weight on every call).
+
 The choice is made from the CPU, never from a timing, so that it is the same in every process on a
 machine (a resumed run multiplies as the run before it did): oneDNN on AMD CPUs with AVX-512. The
 environment variable ``MT_FP32_GEMM`` (``onednn`` or ``mkl``) overrides it, for comparisons.
@@ -119,3 +122,47 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+
+class Prepacked(nn.Module):
+    """Inference only: y = x Wᵀ + b through oneDNN with W reordered once into its blocked layout.
+    ``rows(x, start, stop)`` applies one block of rows of W alone (see ``mt.model.PackedLinear``);
+    each block is reordered on first use."""
+
+    ROWS = 512  # the number of input rows oneDNN's layout is chosen for (decoding steps: ~100-700)
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self._weight = weight.detach()
+        self._bias = None if bias is None else bias.detach()
+        self._packed: dict[tuple[int | None, int | None], tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def rows(self, x: torch.Tensor, start: int | None, stop: int | None = None) -> torch.Tensor:
+        key = (start, stop)
+        if key not in self._packed:
+            bias = None if self._bias is None else self._bias[start:stop].contiguous()
+            weight = torch.ops.mkldnn._reorder_linear_weight(self._weight[start:stop].contiguous(), self.ROWS)
+            self._packed[key] = (weight, bias)
+        weight, bias = self._packed[key]
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rows(x, None, None)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN prepacked"
+
+
+def prepack(model) -> bool:
+    """For translating with oneDNN's fp32 products (``fp32_gemm``): every linear layer of ``model``
+    (an ``mt.model.Transformer`` in fp32 on the CPU, eval mode) becomes ``Prepacked``, in place
+    (``Transformer.replace_linears``: the model can no longer be trained or saved). Returns whether
+    it did; a model in another dtype or on another device is left as it is."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]  # none: replaced already (int8)
+    if not linears or fp32_gemm()[0] != "onednn":
+        return False
+    if linears[0].weight.dtype != torch.float32 or linears[0].weight.device.type != "cpu":
+        return False
+    model.replace_linears(Prepacked)
+    return True

@@ -19,6 +19,7 @@ from mt import attention
 from mt.batch import pad
 from mt.config import ConfigError, DecodeConfig
 from mt.evaluate import bleu
+from mt.linear import prepack
 from mt.model import Transformer
 from mt.progress import bar
 from mt.run import Run
@@ -76,6 +77,7 @@ class Translator:
         run = Run(run_dir)
         tuned = {k: v for k, v in run.read_defaults().items() if k in ("beam", "lenpen")}
         loaded = run.load_for_inference(checkpoint, decode_overrides.get("dtype"), device, average, warn=_warn)
+        prepack(loaded.model)  # its own model: weights reordered once for oneDNN where it computes fp32
         decode = replace(loaded.config.decode, **tuned)
         decode = replace(decode, **{k: v for k, v in decode_overrides.items() if v is not None})
         if decode_overrides.get("beam") is None and nbest > decode.beam:  # --nbest N alone: a beam of N

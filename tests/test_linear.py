@@ -125,3 +125,44 @@ def test_a_training_step_and_a_translation_match_across_libraries(gemm, monkeypa
     # chunk: logits, hidden and weight gradients; the logits pass: the 22 and the output projection
     assert results["mkl products"] == 0
     assert results["onednn products"] == 3 * 22 + 3 + 23
+
+
+@needs_onednn
+def test_prepacked_layers_equal_the_plain_ones(gemm):
+    gemm("onednn")
+    torch.manual_seed(3)
+    w, b = torch.randn(48, 16), torch.randn(48)
+    layer = L.Prepacked(w, b)
+    for rows in (1, 7, 600):  # far from and beyond the rows the layout was chosen for
+        x = torch.randn(rows, 2, 16)
+        torch.testing.assert_close(layer(x), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer.rows(x, 16, 32), F.linear(x, w[16:32], b[16:32]), rtol=1e-5, atol=1e-5)
+    assert set(layer._packed) == {(None, None), (16, 32)}  # each block reordered once
+
+
+@needs_onednn
+def test_prepack_translates_as_the_plain_model(gemm):
+    """Every linear layer (the tied output projection too) becomes Prepacked; beam search gives the
+    same hypotheses; only fp32 models with oneDNN's products are touched."""
+    from mt.search import beam_search
+
+    cfg = ModelConfig(d_model=32, n_heads=4, ffn_dim=64, encoder_layers=2, decoder_layers=2, dropout=0.0)
+    torch.manual_seed(4)
+    model = Transformer(cfg, 60, 60).eval()
+    src = torch.randint(4, 60, (5, 9))
+    src[3, 5:] = 1  # padding
+    gemm("onednn")
+    plain = beam_search(model, src, beam=4, nbest=2)
+    gemm("mkl")
+    assert not L.prepack(model)
+    gemm("onednn")
+    assert not L.prepack(Transformer(cfg, 60, 60).to(torch.bfloat16))
+    assert L.prepack(model)
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert isinstance(model.output_proj, L.Prepacked)
+    assert not L.prepack(model)  # once
+    packed = beam_search(model, src, beam=4, nbest=2)
+    assert [[h.tokens for h in n] for n in packed] == [[h.tokens for h in n] for n in plain]
+    for n_p, n_q in zip(packed, plain):
+        for p, q in zip(n_p, n_q):
+            assert abs(p.model_score - q.model_score) < 1e-4
