@@ -27,13 +27,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mt.errors import MtError
+
 ENV = "MT_FP32_GEMM"
 CHOICES = ("onednn", "mkl")
 
 
+class GemmError(MtError):
+    """``MT_FP32_GEMM`` names no library."""
+
+
 def _onednn_op():
-    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
-    return op
+    """oneDNN's linear operator in this PyTorch build, or None."""
+    return getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -41,7 +47,7 @@ def fp32_gemm(cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[str, str]:
     """The library for fp32 CPU matrix products here ("onednn" or "mkl") and why."""
     requested = os.environ.get(ENV, "")
     if requested and requested not in CHOICES:
-        raise ValueError(f"{ENV}={requested!r}: choose {' or '.join(CHOICES)}")
+        raise GemmError(f"{ENV}={requested!r} in the environment: choose {' or '.join(CHOICES)}")
     if _onednn_op() is None:
         return "mkl", "this PyTorch has no oneDNN linear"
     if requested:

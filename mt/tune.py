@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from mt.config import Config
+from mt.linear import prepack
 from mt.progress import bar
 from mt.run import Run
 from mt.translate import validation_bleu
@@ -43,6 +44,8 @@ def choose_defaults(cfg: Config, run: Run, valid_src: list[str], valid_ref: list
     if decode.dtype == "int8":  # CPU kernels: where mt translate (--device auto) runs them
         device = "auto"
     loaded = {name: run.load_for_inference(which, decode.dtype, device) for name, which in candidates.items()}
+    for m in loaded.values():
+        prepack(m.model)  # as mt translate will decode
     tried = []
     grid, seen_greedy = [], decode.beam == 1
     for beam, lenpen in itertools.product(decode.tune_beam or [decode.beam], decode.tune_lenpen or [decode.lenpen]):

@@ -46,7 +46,7 @@ def test_choice_follows_the_cpu_and_the_environment(tmp_path, gemm):
     gemm("onednn")
     assert L.fp32_gemm(_cpuinfo(tmp_path, "GenuineIntel", "avx2"))[0] == "onednn"
     gemm("blas")
-    with pytest.raises(ValueError, match="MT_FP32_GEMM='blas': choose onednn or mkl"):
+    with pytest.raises(L.GemmError, match="MT_FP32_GEMM='blas' in the environment: choose onednn or mkl"):
         L.fp32_gemm(_cpuinfo(tmp_path, "GenuineIntel", "avx2x"))
 
 
