@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from mt.config import Config, config_from_dict, parse_duration, parse_override
-from mt.device import autocast
+from mt.device import autocast, fused_adam
 from mt.distributed import Dist
 from mt.loss import batch_loss
 from mt.model import Transformer
@@ -65,7 +65,7 @@ def time_updates(cfg: Config, data: Prepared, device: torch.device, d: Dist) -> 
     model.train()
     optimizer_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
     optimizer = optimizer_cls(model.parameters(), lr=tc.lr / max(tc.warmup_steps, 1), betas=tc.betas,
-                              eps=tc.adam_eps, weight_decay=tc.weight_decay)
+                              eps=tc.adam_eps, weight_decay=tc.weight_decay, fused=fused_adam(device))
     batches = data.train.sampler(tc.max_tokens, shuffle=True, seed=tc.seed).batches(0)
     per_update = tc.accum_steps * d.world
     updates = min(UNTIMED_UPDATES + tc.probe_steps, len(batches) // per_update)

@@ -32,7 +32,7 @@ from mt import adapt, finetune, tune
 from mt.batch import Batch
 from mt.config import Config, ConfigError, parse_duration
 from mt.data import ParallelData, TokenBatchSampler, same_content
-from mt.device import autocast, choose_precision, pick_device, slow_bf16_warning
+from mt.device import autocast, choose_precision, fused_adam, pick_device, slow_bf16_warning
 from mt.linear import fp32_gemm
 from mt.distributed import Dist, quiet_unless_main
 from mt.errors import MtError
@@ -304,7 +304,7 @@ class Trainer:
             if self.dist.on else None)
         optimizer_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
         self.optimizer = optimizer_cls(model.parameters(), lr=tc.lr, betas=tc.betas, eps=tc.adam_eps,
-                                       weight_decay=tc.weight_decay)
+                                       weight_decay=tc.weight_decay, fused=fused_adam(device))
         self.sampler = data.train.sampler(tc.max_tokens, shuffle=True, seed=tc.seed)
         self.higher_is_better = tc.best_metric == "bleu"
         self.state = TrainState(best_metric=tc.best_metric, best=-math.inf if self.higher_is_better else math.inf)

@@ -72,6 +72,7 @@ def test_fine_tuning_starts_from_the_parent_and_lowers_the_loss_on_the_new_task(
     state = ckpt.load(child / "checkpoints" / "last.pt")
     assert state["trainer"]["step"] == 20
     assert max(s["step"] for s in state["optimizer"]["state"].values()) == 20  # a fresh optimizer
+    assert state["optimizer"]["param_groups"][0]["fused"] is True  # PyTorch's fused AdamW kernel on CPU
 
 
 def test_init_keep_optimizer_continues_the_parents_moments(setup):
@@ -84,6 +85,7 @@ def test_init_keep_optimizer_continues_the_parents_moments(setup):
     assert max(s["step"] for s in state["optimizer"]["state"].values()) == 60 + 5
     group = state["optimizer"]["param_groups"][0]
     assert tuple(group["betas"]) == (0.8, 0.95) and group["weight_decay"] == 0.01  # this run's settings
+    assert group["fused"] is True
 
     # what is loaded: the parent's moments themselves, under this run's settings
     parent = finetune.find_parent(str(parent_path))
