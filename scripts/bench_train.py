@@ -6,10 +6,10 @@ and each against the machine's matmul ceiling in that precision.
 The peer is ``M2M100ForConditionalGeneration`` built from ``mt.export.hf_config`` (the same pre-norm
 encoder-decoder, random init, SDPA attention). Both run a full training step on the same
 token-bucketed Multi30k batches: forward, label-smoothed cross-entropy, backward, gradient clipping,
-AdamW step. Each timed pass is a process of its own (so peak RSS is its own) that does ``--warmup``
-steps, then one pass over the same ``--steps`` batches; the engines' passes alternate, ``--repeats``
-each, so that the machine's drift over the minutes of a run hits both alike; the table gives the
-median target tokens/s, the ratio mt / HF, the peak RSS, and the share of the matmul ceiling: the
+fused AdamW step. Each timed pass is a process of its own (so peak RSS is its own) that does ``--warmup``
+steps, then one pass over the same ``--steps`` batches; the passes of every engine and precision of a
+budget alternate, ``--repeats`` each, so that the machine's drift over the minutes of a run hits all
+alike; the table gives the median target tokens/s, the ratios mt / HF and mt / mt's fp32, the peak RSS, and the share of the matmul ceiling: the
 step's matmul FLOPs (counted from the model's shape and the batches' padded sizes, the same for both
 engines) per second over the best GEMM GFLOP/s of that precision on this machine (in fp32 the
 better of MKL and oneDNN; ``scripts/machine.py``, measured in the same run). In fp32 a third engine,
@@ -105,7 +105,10 @@ def worker(engine: str, precision: str, batches_file: str, warmup: int, steps: i
             return F.cross_entropy(logits.flatten(0, 1).float(), batch.tgt_out.flatten(), ignore_index=PAD_ID,
                                    label_smoothing=eps, reduction="sum")
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=cfg.train.betas, eps=cfg.train.adam_eps)
+    # fused AdamW for both: mt trains with it on CPU (mt.device.fused_adam), and it is the default of
+    # HF's Trainer with torch >= 2.8 (optim="adamw_torch_fused")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=cfg.train.betas, eps=cfg.train.adam_eps,
+                                  fused=True)
     context = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else None
 
     def step(batch: Batch) -> None:
@@ -173,19 +176,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for budget in budgets:
             batches = prepare_batches(args.config, args.warmup + args.steps, Path(tmp), budget)
+            # every (engine, precision) pass of this budget in one rotation, so that mt's bf16 / fp32
+            # ratio is measured side by side too, not only mt / HF
+            passes = [(engine, precision) for precision in precisions
+                      for engine in ["mt", "hf"] + (["mt-mkl"] if precision == "fp32" and library != "mkl" else [])]
+            result = {p: [] for p in passes}
+            for r in range(args.repeats):  # one process per pass, the order rotating
+                for engine, precision in passes[r % len(passes):] + passes[: r % len(passes)]:
+                    cmd = [sys.executable, __file__, "--worker", engine, "--precision", precision, "--batches",
+                           str(batches), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                           "--repeats", "1", "--threads", str(args.threads)]
+                    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                    result[engine, precision].append(json.loads(out.strip().splitlines()[-1]))
+                    print(f"{budget} {precision} pass {r + 1} {engine}: "
+                          f"{result[engine, precision][-1]['tokens_per_s'][0]:.0f} target tokens/s", flush=True)
             for precision in precisions:
-                engines = ["mt", "hf"] + (["mt-mkl"] if precision == "fp32" and library != "mkl" else [])
-                result = {e: [] for e in engines}
-                for r in range(args.repeats):  # one process per pass, the engines' order rotating
-                    for engine in engines[r % len(engines):] + engines[: r % len(engines)]:
-                        cmd = [sys.executable, __file__, "--worker", engine, "--precision", precision, "--batches",
-                               str(batches), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                               "--repeats", "1", "--threads", str(args.threads)]
-                        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-                        result[engine].append(json.loads(out.strip().splitlines()[-1]))
-                        print(f"{budget} {precision} pass {r + 1} {engine}: "
-                              f"{result[engine][-1]['tokens_per_s'][0]:.0f} target tokens/s", flush=True)
-                rows.append((budget, precision, result))
+                rows.append((budget, precision, {e: v for (e, p), v in result.items() if p == precision}))
     table = [
         "# Training speed: mt vs Hugging Face transformers (M2M100), same shape, batches and precision",
         "",
@@ -195,25 +201,28 @@ def main() -> None:
         "this run; fp32: the better of MKL and oneDNN): " + ", ".join(f"{p} {c:.0f} GFLOP/s" for p, c in ceilings.items()) + ". "
         f"A step is forward + label-smoothed CE + backward + clip + AdamW on the same token-bucketed Multi30k "
         f"batches ({args.steps} batches of each budget, after {args.warmup} warm-up batches); median of "
-        f"{args.repeats} passes, each a process of its own, the engines alternating. bf16 is autocast (weights and "
-        "AdamW in fp32). Share of ceiling: the step's matmul FLOPs per second (from the model shape and the "
+        f"{args.repeats} passes, each a process of its own, the passes of every engine and precision of a budget "
+        "alternating. bf16 is autocast (weights and fused AdamW in fp32, for both engines: HF's Trainer's default). Share of ceiling: the step's matmul FLOPs per second (from the model shape and the "
         "padded batch sizes) over the ceiling of that precision. mt's worker keeps freed memory for reuse, as "
         "every mt command does (mt/allocator.py); HF's runs with the C allocator's defaults. "
         f"mt's fp32 products here: {library} (mt/linear.py); HF's: MKL (PyTorch's default)."
         + "".join(f" {n}" for n in notes),
         "",
         "| batch budget (tokens) | target tokens | precision | mt tokens/s | HF tokens/s | mt / HF | "
-        "mt through MKL tokens/s | mt share of ceiling | HF share of ceiling | mt peak RSS (MB) | HF peak RSS (MB) |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "mt / mt fp32 | mt through MKL tokens/s | mt share of ceiling | HF share of ceiling | mt peak RSS (MB) | "
+        "HF peak RSS (MB) |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    median = {(b, p): {e: statistics.median(x["tokens_per_s"][0] for x in r[e]) for e in r} for b, p, r in rows}
     for budget, precision, result in rows:
-        rate = {e: statistics.median(p["tokens_per_s"][0] for p in result[e]) for e in result}
+        rate = dict(median[budget, precision])
+        own = f"{rate['mt'] / median[budget, 'fp32']['mt']:.2f}x" if (budget, "fp32") in median else "-"
         mkl = f"{rate.pop('mt-mkl'):.0f}" if "mt-mkl" in rate else "-"
         first = result["mt"][0]
         share = {e: rate[e] * first["flops"] / first["tokens"] / 1e9 / ceilings[precision] for e in rate}
         rss = {e: max(p["peak_rss_mb"] for p in result[e]) for e in rate}
         table.append(f"| {budget} | {first['tokens']} | {precision} | {rate['mt']:.0f} | {rate['hf']:.0f} | "
-                     f"{rate['mt'] / rate['hf']:.2f}x | {mkl} | {share['mt']:.0%} | {share['hf']:.0%} | {rss['mt']:.0f} | "
+                     f"{rate['mt'] / rate['hf']:.2f}x | {own} | {mkl} | {share['mt']:.0%} | {share['hf']:.0%} | {rss['mt']:.0f} | "
                      f"{rss['hf']:.0f} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(table) + "\n", encoding="utf-8")
