@@ -436,6 +436,55 @@ def test_bf16_autocast_training_step_is_finite_and_learns():
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
+def test_bf16_autocast_keeps_the_residual_stream_in_bf16(monkeypatch):
+    """Under bf16 CPU autocast the stream between the layers is bf16 (layer norms return bf16,
+    computed in fp32 and rounded once); the loss and every gradient stay within bf16 rounding of
+    fp32's, and the parameters and their gradients fp32."""
+    from mt.config import ModelConfig
+    from mt.batch import collate
+    import mt.model
+    from mt.model import LayerNorm, Transformer
+    from mt.device import autocast
+    from mt.train import batch_loss
+
+    torch.manual_seed(0)
+    norm = LayerNorm(32)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = (torch.randn(5, 32) * 3 + 1).bfloat16()
+    with autocast(torch.device("cpu"), "bf16"):
+        out = norm(x)
+        assert norm(x.float()).dtype == torch.float32  # an fp32 input keeps autocast's rule
+    want = torch.nn.functional.layer_norm(x.float(), (32,), norm.weight, norm.bias)
+    assert out.dtype == torch.bfloat16
+    assert ((out.float() - want).abs() <= 2 ** -8 * want.abs() + 1e-6).all()  # rounded once
+
+    model = Transformer(ModelConfig(d_model=32, n_heads=2, ffn_dim=64, encoder_layers=2, decoder_layers=2,
+                                    dropout=0.0), 40, 40)
+    gen = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(4, 40, (n,), generator=gen).tolist() + [2] for n in (3, 5, 7, 4)]
+    batch = collate(seqs, [list(reversed(s[:-1])) + [2] for s in seqs], np.arange(4))
+
+    def run(precision: str, stream: torch.dtype) -> tuple[float, torch.Tensor]:
+        model.zero_grad()
+        with autocast(torch.device("cpu"), precision):
+            enc = model.encode(batch.src)
+            assert enc.memory.dtype == model.decode_hidden(batch.tgt_in, enc).dtype == stream
+            loss, _ = batch_loss(model, batch, 0.1)
+        loss.backward()
+        assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+        return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    loss32, grad32 = run("fp32", torch.float32)
+    loss16, grad16 = run("bf16", torch.bfloat16)
+    with monkeypatch.context() as m:  # the same with the stream in fp32 between the layers (autocast's own)
+        m.setattr(mt.model, "_bf16_stream", lambda: False)
+        _, grad_ac = run("bf16", torch.float32)
+    assert abs(loss16 - loss32) < 0.005 * loss32
+    error = (grad16 - grad32).norm() / grad32.norm()
+    assert error < 0.05 and error < 1.5 * (grad_ac - grad32).norm() / grad32.norm()
+
+
 def test_time_budget_stops_training_with_a_final_checkpoint(tmp_path, cache_dir, slice_files, spm_model):
     run_dir = tmp_path / "run"
     cfg = load_config(None, slice_overrides(slice_files, "small", run_dir, cache_dir, **{
