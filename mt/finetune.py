@@ -89,7 +89,10 @@ def load_into(parent: Parent, model: torch.nn.Module, optimizer: torch.optim.Opt
         if not isinstance(saved, dict):
             raise ConfigError(f"train.init_keep_optimizer: {parent.path} holds no optimizer state "
                               "(an averaged or exported checkpoint); set it to false")
+        # this run's settings merged in before loading, so that the step counters go where its kernel
+        # (fused or not, mt.device.fused_adam) wants them
         settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+        groups = saved.get("param_groups")
+        if isinstance(groups, list) and len(groups) == len(settings) and all(isinstance(g, dict) for g in groups):
+            saved = {**saved, "param_groups": [{**g, **mine} for g, mine in zip(groups, settings)]}
         optimizer.load_state_dict(saved)
-        for group, mine in zip(optimizer.param_groups, settings):
-            group.update(mine)

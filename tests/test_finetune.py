@@ -96,6 +96,7 @@ def test_init_keep_optimizer_continues_the_parents_moments(setup):
     for n, p in enumerate(model.parameters()):
         assert torch.equal(optimizer.state[p]["exp_avg"], saved[n]["exp_avg"])
     assert optimizer.param_groups[0]["betas"] == (0.8, 0.95) and optimizer.param_groups[0]["lr"] == 1e-4
+    assert optimizer.param_groups[0]["fused"] is None  # this optimizer's kernel, not the parent's (fused)
     assert torch.equal(model.state_dict()["tgt_embed.weight"], parent.state["model"]["tgt_embed.weight"])
 
 

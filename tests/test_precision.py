@@ -72,3 +72,26 @@ def test_auto_is_resolved_into_the_run_and_kept_on_resume(tmp_path, small_corpus
     assert f"precision: {expected} (as the run started)" in messages
     assert not any("changed settings" in m and "precision" in m for m in messages)
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["precision"] == expected
+
+
+def test_a_resumed_optimizer_takes_this_processes_kernel():
+    """A checkpoint's optimizer state from an unfused AdamW (before fused_adam) resumes into the fused
+    one as fused, with its moments; PyTorch's own load would take the saved group's kernel too."""
+    from mt.device import with_kernel_of
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    old = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    old.step()
+    saved = old.state_dict()
+    assert saved["param_groups"][0]["fused"] is None
+    new = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    new.load_state_dict(saved)
+    assert new.param_groups[0]["fused"] is None  # what with_kernel_of is for
+    new = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    new.load_state_dict(with_kernel_of(new, saved))
+    assert new.param_groups[0]["fused"] is True and new.param_groups[0]["lr"] == 0.1
+    for p in model.parameters():
+        assert torch.equal(new.state[p]["exp_avg"], old.state[p]["exp_avg"])
+    assert with_kernel_of(new, {"state": {}}) == {"state": {}}  # malformed: left for load_state_dict to refuse

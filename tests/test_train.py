@@ -436,7 +436,8 @@ def test_bf16_autocast_training_step_is_finite_and_learns():
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
-def test_bf16_autocast_keeps_the_residual_stream_in_bf16(monkeypatch):
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_bf16_autocast_keeps_the_residual_stream_in_bf16(monkeypatch, norm):
     """Under bf16 CPU autocast the stream between the layers is bf16 (layer norms return bf16,
     computed in fp32 and rounded once); the loss and every gradient stay within bf16 rounding of
     fp32's, and the parameters and their gradients fp32."""
@@ -448,19 +449,19 @@ def test_bf16_autocast_keeps_the_residual_stream_in_bf16(monkeypatch):
     from mt.train import batch_loss
 
     torch.manual_seed(0)
-    norm = LayerNorm(32)
-    torch.nn.init.normal_(norm.weight)
-    torch.nn.init.normal_(norm.bias)
+    ln = LayerNorm(32)
+    torch.nn.init.normal_(ln.weight)
+    torch.nn.init.normal_(ln.bias)
     x = (torch.randn(5, 32) * 3 + 1).bfloat16()
     with autocast(torch.device("cpu"), "bf16"):
-        out = norm(x)
-        assert norm(x.float()).dtype == torch.float32  # an fp32 input keeps autocast's rule
-    want = torch.nn.functional.layer_norm(x.float(), (32,), norm.weight, norm.bias)
+        out = ln(x)
+        assert ln(x.float()).dtype == torch.float32  # an fp32 input keeps autocast's rule
+    want = torch.nn.functional.layer_norm(x.float(), (32,), ln.weight, ln.bias)
     assert out.dtype == torch.bfloat16
     assert ((out.float() - want).abs() <= 2 ** -8 * want.abs() + 1e-6).all()  # rounded once
 
     model = Transformer(ModelConfig(d_model=32, n_heads=2, ffn_dim=64, encoder_layers=2, decoder_layers=2,
-                                    dropout=0.0), 40, 40)
+                                    dropout=0.0, norm=norm), 40, 40)
     gen = torch.Generator().manual_seed(0)
     seqs = [torch.randint(4, 40, (n,), generator=gen).tolist() + [2] for n in (3, 5, 7, 4)]
     batch = collate(seqs, [list(reversed(s[:-1])) + [2] for s in seqs], np.arange(4))
@@ -481,8 +482,10 @@ def test_bf16_autocast_keeps_the_residual_stream_in_bf16(monkeypatch):
         m.setattr(mt.model, "_bf16_stream", lambda: False)
         _, grad_ac = run("bf16", torch.float32)
     assert abs(loss16 - loss32) < 0.005 * loss32
+    # measured: pre-norm 0.031 against autocast's own 0.027, post-norm 0.046 against 0.028 (every
+    # layer norm's output, the stream there, is rounded to bf16)
     error = (grad16 - grad32).norm() / grad32.norm()
-    assert error < 0.05 and error < 1.5 * (grad_ac - grad32).norm() / grad32.norm()
+    assert error < 0.05 and error < 2 * (grad_ac - grad32).norm() / grad32.norm()
 
 
 def test_time_budget_stops_training_with_a_final_checkpoint(tmp_path, cache_dir, slice_files, spm_model):
