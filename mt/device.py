@@ -1,6 +1,7 @@
 """Devices and precision: picking the device a user names; what ``auto`` means for training
 (``train.precision``) and for translating (``decode.dtype``) on this hardware, and why; bf16
-autocast; the warning for CPUs that would only emulate bf16.
+autocast; the warning for CPUs that would only emulate bf16; which Adam kernel the optimizer takes
+(fused where PyTorch has one; a resumed optimizer takes this process's).
 
 ``MT_AUTO_FP32=1`` in the environment makes ``auto`` mean fp32 everywhere (the test suite sets it,
 so that its golden values do not depend on the machine; a test of ``auto`` itself removes it).
