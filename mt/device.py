@@ -104,8 +104,8 @@ def choose_dtype(requested: str, device: torch.device, cpuinfo: Path = Path("/pr
 
 def fused_adam(device: torch.device) -> bool:
     """Whether Adam(W) takes PyTorch's fused kernel on ``device`` (one pass over each parameter, where
-    the default takes several): on CPU and CUDA. The same update, rounded alike to within fp32
-    (on an AMD EPYC with AVX512-BF16, 3% more bf16 training tokens/s, ~1% in fp32)."""
+    the default takes several): on CPU and CUDA. The same update up to fp32 rounding (on an AMD EPYC
+    with AVX512-BF16, 3% more bf16 training tokens/s, ~1% in fp32)."""
     return device.type in ("cpu", "cuda")
 
 

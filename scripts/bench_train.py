@@ -6,13 +6,13 @@ and each against the machine's matmul ceiling in that precision.
 The peer is ``M2M100ForConditionalGeneration`` built from ``mt.export.hf_config`` (the same pre-norm
 encoder-decoder, random init, SDPA attention). Both run a full training step on the same
 token-bucketed Multi30k batches: forward, label-smoothed cross-entropy, backward, gradient clipping,
-fused AdamW step. Each timed pass is a process of its own (so peak RSS is its own) that does ``--warmup``
-steps, then one pass over the same ``--steps`` batches; the passes of every engine and precision of a
-budget alternate, ``--repeats`` each, so that the machine's drift over the minutes of a run hits all
-alike; the table gives the median target tokens/s, the ratios mt / HF and mt / mt's fp32, the peak RSS, and the share of the matmul ceiling: the
-step's matmul FLOPs (counted from the model's shape and the batches' padded sizes, the same for both
-engines) per second over the best GEMM GFLOP/s of that precision on this machine (in fp32 the
-better of MKL and oneDNN; ``scripts/machine.py``, measured in the same run). In fp32 a third engine,
+fused AdamW step. Each timed pass is a process of its own (so peak RSS is its own) that does
+``--warmup`` steps, then one pass over the same ``--steps`` batches; the passes of every engine and
+precision of a budget alternate, ``--repeats`` each, so that the machine's drift over the minutes of a
+run hits all alike; the table gives the median target tokens/s, the ratios mt / HF and mt / mt's fp32,
+the peak RSS, and the share of the matmul ceiling: the step's matmul FLOPs (counted from the model's
+shape and the batches' padded sizes, the same for both engines) per second over the best GEMM
+GFLOP/s of that precision on this machine (in fp32 the better of MKL and oneDNN; ``scripts/machine.py``, measured in the same run). In fp32 a third engine,
 ``mt-mkl``, is mt with its matrix products through MKL, PyTorch's default (``MT_FP32_GEMM=mkl``),
 where ``mt.linear`` chooses oneDNN for this CPU. Threads: ``torch.set_num_threads``.
 """
