@@ -12,9 +12,10 @@ precision of a budget alternate, ``--repeats`` each, so that the machine's drift
 run hits all alike; the table gives the median target tokens/s, the ratios mt / HF and mt / mt's fp32,
 the peak RSS, and the share of the matmul ceiling: the step's matmul FLOPs (counted from the model's
 shape and the batches' padded sizes, the same for both engines) per second over the best GEMM
-GFLOP/s of that precision on this machine (in fp32 the better of MKL and oneDNN; ``scripts/machine.py``, measured in the same run). In fp32 a third engine,
-``mt-mkl``, is mt with its matrix products through MKL, PyTorch's default (``MT_FP32_GEMM=mkl``),
-where ``mt.linear`` chooses oneDNN for this CPU. Threads: ``torch.set_num_threads``.
+GFLOP/s of that precision on this machine (in fp32 the better of MKL and oneDNN;
+``scripts/machine.py``, measured in the same run). In fp32 a third engine, ``mt-mkl``, is mt with
+its matrix products through MKL, PyTorch's default (``MT_FP32_GEMM=mkl``), where ``mt.linear``
+chooses oneDNN for this CPU. Threads: ``torch.set_num_threads``.
 """
 
 from __future__ import annotations
