@@ -112,16 +112,20 @@ def fused_adam(device: torch.device) -> bool:
 KERNEL_SETTINGS = ("fused", "foreach")  # how an optimizer computes, not what: this process's choice
 
 
-def with_kernel_of(optimizer: torch.optim.Optimizer, saved: dict) -> dict:
-    """``saved`` (an optimizer state dict) with ``optimizer``'s kernel settings in each param group, to
-    load into it: ``load_state_dict`` takes every setting from the saved groups and places the step
-    counters for the saved kernel, so a checkpoint from before fused Adam, or from another device,
-    would otherwise resume unfused (or, on CUDA, fused with its counters on the wrong device)."""
+def with_settings_of(optimizer: torch.optim.Optimizer, saved: dict,
+                     keys: tuple[str, ...] | None = KERNEL_SETTINGS) -> dict:
+    """``saved`` (an optimizer state dict) with ``optimizer``'s settings ``keys`` (None: all of them)
+    in each param group, to load into it: ``load_state_dict`` takes every setting from the saved
+    groups and places the step counters for the saved kernel, so a checkpoint from before fused Adam,
+    or from another device, would otherwise resume unfused (or, on CUDA, fused with its counters on
+    the wrong device)."""
     groups = saved.get("param_groups") if isinstance(saved, dict) else None
-    if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
+    if (not isinstance(groups, list) or len(groups) != len(optimizer.param_groups)
+            or not all(isinstance(g, dict) for g in groups)):
         return saved  # load_state_dict says what is wrong with it
-    mine = [{k: g[k] for k in KERNEL_SETTINGS if k in g} for g in optimizer.param_groups]
-    return {**saved, "param_groups": [{**g, **m} if isinstance(g, dict) else g for g, m in zip(groups, mine)]}
+    mine = [{k: v for k, v in g.items() if k != "params" and (keys is None or k in keys)}
+            for g in optimizer.param_groups]
+    return {**saved, "param_groups": [{**g, **m} for g, m in zip(groups, mine)]}
 
 
 def autocast(device: torch.device, precision: str):

@@ -16,6 +16,7 @@ import torch
 
 from mt import checkpoint as ckpt
 from mt.config import Config, ConfigError, ModelConfig
+from mt.device import with_settings_of
 from mt.run import Run, check_weights, checkpoint_config
 from mt.tokenizer import Tokenizer
 
@@ -91,8 +92,4 @@ def load_into(parent: Parent, model: torch.nn.Module, optimizer: torch.optim.Opt
                               "(an averaged or exported checkpoint); set it to false")
         # this run's settings merged in before loading, so that the step counters go where its kernel
         # (fused or not, mt.device.fused_adam) wants them
-        settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-        groups = saved.get("param_groups")
-        if isinstance(groups, list) and len(groups) == len(settings) and all(isinstance(g, dict) for g in groups):
-            saved = {**saved, "param_groups": [{**g, **mine} for g, mine in zip(groups, settings)]}
-        optimizer.load_state_dict(saved)
+        optimizer.load_state_dict(with_settings_of(optimizer, saved, keys=None))

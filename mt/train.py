@@ -32,7 +32,7 @@ from mt import adapt, finetune, tune
 from mt.batch import Batch
 from mt.config import Config, ConfigError, parse_duration
 from mt.data import ParallelData, TokenBatchSampler, same_content
-from mt.device import autocast, choose_precision, fused_adam, pick_device, slow_bf16_warning, with_kernel_of
+from mt.device import autocast, choose_precision, fused_adam, pick_device, slow_bf16_warning, with_settings_of
 from mt.linear import fp32_gemm
 from mt.distributed import Dist, quiet_unless_main
 from mt.errors import MtError
@@ -336,7 +336,7 @@ class Trainer:
             if name not in state:
                 raise TrainingError(f"{source}: has no {name} state to resume from")
             try:
-                part.load_state_dict(with_kernel_of(part, state[name]) if part is self.optimizer else state[name])
+                part.load_state_dict(with_settings_of(part, state[name]) if part is self.optimizer else state[name])
             except (KeyError, ValueError, TypeError, AttributeError, RuntimeError) as e:
                 raise TrainingError(f"{source}: cannot resume its {name} state: {e}") from None
         s = self.state

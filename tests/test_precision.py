@@ -77,7 +77,7 @@ def test_auto_is_resolved_into_the_run_and_kept_on_resume(tmp_path, small_corpus
 def test_a_resumed_optimizer_takes_this_processes_kernel():
     """A checkpoint's optimizer state from an unfused AdamW (before fused_adam) resumes into the fused
     one as fused, with its moments; PyTorch's own load would take the saved group's kernel too."""
-    from mt.device import with_kernel_of
+    from mt.device import with_settings_of
 
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
@@ -88,10 +88,10 @@ def test_a_resumed_optimizer_takes_this_processes_kernel():
     assert saved["param_groups"][0]["fused"] is None
     new = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
     new.load_state_dict(saved)
-    assert new.param_groups[0]["fused"] is None  # what with_kernel_of is for
+    assert new.param_groups[0]["fused"] is None  # what with_settings_of is for
     new = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
-    new.load_state_dict(with_kernel_of(new, saved))
+    new.load_state_dict(with_settings_of(new, saved))
     assert new.param_groups[0]["fused"] is True and new.param_groups[0]["lr"] == 0.1
     for p in model.parameters():
         assert torch.equal(new.state[p]["exp_avg"], old.state[p]["exp_avg"])
-    assert with_kernel_of(new, {"state": {}}) == {"state": {}}  # malformed: left for load_state_dict to refuse
+    assert with_settings_of(new, {"state": {}}) == {"state": {}}  # malformed: left for load_state_dict to refuse
