@@ -246,7 +246,8 @@ class RegimeConfig:
     that qualify, the one with the largest min_epochs)."""
     set: list[str] = field(default_factory=list)
     """The settings, as on the command line: ``model.dropout=0.3``, ``train.max_tokens=4096`` (model and
-    train keys; not those the choice is made from: the budget, precision, device and threads)."""
+    train keys, not those the choice is made from: the budget, precision, device and threads; of the
+    data keys, those of subword regularisation, ``REGIME_DATA``, which apply batch by batch)."""
 
     def __post_init__(self) -> None:
         _check_fields(self, "regime")
@@ -256,13 +257,16 @@ class RegimeConfig:
                 keys, _ = parse_override(text)
             except ConfigError:
                 raise ConfigError(f"regime.set: {text!r} is not a KEY=VALUE setting") from None
-            if len(keys) != 2 or keys[0] not in ("model", "train"):
-                raise ConfigError(f"regime.set: {text!r} is not a model.KEY=VALUE or train.KEY=VALUE setting")
+            if len(keys) != 2 or not (keys[0] in ("model", "train") or keys[0] == "data" and keys[1] in REGIME_DATA):
+                raise ConfigError(f"regime.set: {text!r} is not a model.KEY=VALUE or train.KEY=VALUE setting "
+                                  f"(nor {' or '.join('data.' + k for k in REGIME_DATA)}: the other data keys "
+                                  "shape the corpus, prepared before the choice)")
             if keys[0] == "train" and keys[1] in REGIME_FIXED:
                 raise ConfigError(f"regime.set: {text!r}: the choice is made by, or after, train.{keys[1]}; "
                                   f"a regime cannot set {', '.join('train.' + k for k in REGIME_FIXED)}")
 
 
+REGIME_DATA = ("sampling_alpha", "sampling_nbest")  # data keys a regime may set: they act on each batch drawn
 REGIME_FIXED = ("regimes", "probe_steps", "max_time", "max_steps", "max_epochs", "precision", "device",
                 "num_threads", "run_dir", "init_from", "dist_timeout",  # what the choice is made by
                 "seed", "tensorboard", "valid_beam", "best_metric")  # what is used before the choice

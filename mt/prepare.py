@@ -95,6 +95,21 @@ def _part(cfg: Config, corpus: CorpusConfig, training: bool, src_tok: Tokenizer,
     return Part(store, rows, lengths, report, corpus.weight)
 
 
+def sampling_for(cfg: Config, src_tok: Tokenizer, tgt_tok: Tokenizer, seed: int) -> Sampling | None:
+    """The subword regularisation of training batches that ``cfg.data`` asks for (None: off)."""
+    data = cfg.data
+    if not data.sampling_alpha:
+        return None
+    if not (src_tok.can_sample and tgt_tok.can_sample):
+        raise ConfigError("data.sampling_alpha: sampling segmentations needs a unigram SentencePiece "
+                          "model; the run's tokenizer is not one")
+    return Sampling(src_tok, tgt_tok, data.sampling_alpha, data.sampling_nbest, seed, data.max_len)
+
+
+def describe_sampling(s: Sampling) -> str:
+    return f"train: subword regularisation: each batch segmented anew by sampling (alpha {s.alpha:g}, nbest {s.nbest})"
+
+
 def load_split(cfg: Config, which: str, src_tok: Tokenizer, tgt_tok: Tokenizer,
                progress: bool | None = None, log: Callable[[str], None] | None = None,
                seed: int | None = None) -> ParallelData:
@@ -109,18 +124,11 @@ def load_split(cfg: Config, which: str, src_tok: Tokenizer, tgt_tok: Tokenizer,
             say(f"train {corpus.describe()}: {parts[-1].report}"
                 + (f", weight {corpus.weight:g}" if len(data.train) > 1 or corpus.weight != 1 else ""))
         seed = cfg.train.seed if seed is None else seed  # a resumed run's: its checkpoint's
-        sampling = None
-        if data.sampling_alpha:
-            if not (src_tok.can_sample and tgt_tok.can_sample):
-                raise ConfigError("data.sampling_alpha: sampling segmentations needs a unigram SentencePiece "
-                                  "model; the run's tokenizer is not one")
-            sampling = Sampling(src_tok, tgt_tok, data.sampling_alpha, data.sampling_nbest, seed, data.max_len)
-        split = ParallelData(parts, seed=seed, sampling=sampling)
+        split = ParallelData(parts, seed=seed, sampling=sampling_for(cfg, src_tok, tgt_tok, seed))
         if len(parts) > 1:
             say(f"train: {len(split):,} examples an epoch from {len(parts)} corpora")
-        if sampling is not None:
-            say(f"train: subword regularisation: each batch segmented anew by sampling (alpha {sampling.alpha:g}, "
-                f"nbest {sampling.nbest})")
+        if split.sampling is not None:
+            say(describe_sampling(split.sampling))
         return split
     corpus = getattr(data, which)
     part = _part(cfg, corpus, False, src_tok, tgt_tok, progress, log)

@@ -40,7 +40,7 @@ from mt.evaluate import bleu
 from mt.loss import batch_loss
 from mt.model import Transformer
 from mt.prefetch import Prefetcher
-from mt.prepare import Prepared, prepare, tokenizers_in_place
+from mt.prepare import Prepared, describe_sampling, prepare, sampling_for, tokenizers_in_place
 from mt.progress import bar as progress_bar
 from mt.run import Run, check_weights, checkpoint_config
 from mt.signals import StopSignals
@@ -669,10 +669,14 @@ def _train(cfg: Config, run: Run, resume: bool, log: Callable[[str], None], prog
         if tc.max_time:
             log(f"timing {adapt.UNTIMED_UPDATES + tc.probe_steps} updates at the base settings to choose "
                 "among train.regimes")
+        base = cfg.data
         cfg, budget, regime, said = adapt.adapt(cfg, data, device, d)
         tc = cfg.train
         d.on_main(lambda: run.save_config(cfg))
         log(said)
+        if (cfg.data.sampling_alpha, cfg.data.sampling_nbest) != (base.sampling_alpha, base.sampling_nbest):
+            data.train.sampling = sampling_for(cfg, data.src_tok, data.tgt_tok, seed)  # the regime's, from now on
+            log(describe_sampling(data.train.sampling) if data.train.sampling else "train: no subword regularisation")
         random.seed(tc.seed)
         torch.manual_seed(tc.seed)  # as if there had been no probe
 

@@ -62,6 +62,7 @@ def test_the_regime_with_the_largest_min_epochs_within_the_budget_is_chosen():
     ("[{min_epochs: 5, set: [model.dropout=1.5]}]", r"train.regimes.0: model.dropout: must be in \[0, 1\)"),
     ("[{min_epochs: 5}, {min_epochs: 5, set: [train.max_time=2h]}]", "train.regimes.1.set: 'train.max_time=2h'"),
     ("[{min_epochs: 5, set: [data.max_len=64]}]", "train.regimes.0.set: 'data.max_len=64' is not a model.KEY"),
+    ("[{min_epochs: 5, set: [data.sampling_nbest=1]}]", "train.regimes.0: data.sampling_nbest: 1: sampling needs at least 2"),
     ("[{min_epochs: -1}]", "train.regimes.0.min_epochs: must be >= 0"),
     ("[{min_epochs: 5, set: [train.max_tokens=32]}]", r"data.max_len \(128\) exceeds train.max_tokens \(32\)"),
     ("[{min_epochs: 5, set: [model.dropout]}]", "train.regimes.0.set: 'model.dropout' is not a KEY=VALUE setting"),
@@ -154,6 +155,39 @@ def test_a_probed_run_trains_exactly_like_one_given_the_chosen_settings_and_resu
         in again
     last = ckpt.load(adapted_dir / "checkpoints" / "last.pt")
     assert last["trainer"]["step"] == 15 and last["config"]["train"]["lr"] == 0.003 and last["regime"]["index"] == 0
+
+
+def test_a_regime_may_turn_on_subword_regularisation_and_a_resumed_run_keeps_it(tmp_path, cache_dir, files, spm_model):
+    # the corpus is prepared before the choice; sampling acts batch by batch, so a regime may set it
+    adapted_dir, direct_dir = tmp_path / "adapted", tmp_path / "direct"
+    messages: list[str] = []
+    train(load_config(None, overrides(files, adapted_dir, cache_dir, spm_model, **{
+        "train.max_time": "1h", "train.regimes": "[{min_epochs: 1, set: [data.sampling_alpha=0.2, data.sampling_nbest=4]}]"})),
+        log=messages.append, progress=False)
+    train(load_config(None, overrides(files, direct_dir, cache_dir, spm_model, **{
+        "train.max_time": "1h", "data.sampling_alpha": 0.2, "data.sampling_nbest": 4})), log=lambda m: None, progress=False)
+    sampled = [m for m in messages if "subword regularisation" in m]
+    assert sampled == ["train: subword regularisation: each batch segmented anew by sampling (alpha 0.2, nbest 4)"]
+    assert messages.index(sampled[0]) > messages.index(next(m for m in messages if m.startswith("regime 1 of 1")))
+    assert load_config(adapted_dir / "config.yaml").data.sampling_alpha == 0.2
+    a, b = (ckpt.load(d / "checkpoints" / "last.pt") for d in (adapted_dir, direct_dir))
+    assert a["trainer"]["step"] == b["trainer"]["step"] == 12
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])  # the same sampled batches
+
+    # without sampling the weights differ: the check above can fail
+    plain_dir = tmp_path / "plain"
+    train(load_config(None, overrides(files, plain_dir, cache_dir, spm_model, **{"train.max_time": "1h"})),
+          log=lambda m: None, progress=False)
+    c = ckpt.load(plain_dir / "checkpoints" / "last.pt")
+    assert not all(torch.equal(c["model"][k], b["model"][k]) for k in b["model"])
+
+    resumed: list[str] = []
+    train(load_config(None, overrides(files, adapted_dir, cache_dir, spm_model, **{
+        "train.max_time": "1h", "train.regimes": "[{min_epochs: 1, set: [data.sampling_alpha=0.2, data.sampling_nbest=4]}]",
+        "train.max_steps": 14})), resume=True, log=resumed.append, progress=False)
+    assert "the run's regime holds: data.sampling_alpha=0.2 (this config: 0.0), data.sampling_nbest=4 (this config: 8)" \
+        in resumed
+    assert "train: subword regularisation: each batch segmented anew by sampling (alpha 0.2, nbest 4)" in resumed
 
 
 def test_a_slow_machine_keeps_the_base_settings(tmp_path, cache_dir, files, spm_model):
