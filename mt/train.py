@@ -672,10 +672,12 @@ def _train(cfg: Config, run: Run, resume: bool, log: Callable[[str], None], prog
         base = cfg.data
         cfg, budget, regime, said = adapt.adapt(cfg, data, device, d)
         tc = cfg.train
+        resampled = (cfg.data.sampling_alpha, cfg.data.sampling_nbest) != (base.sampling_alpha, base.sampling_nbest)
+        if resampled:  # the regime's subword regularisation, from the first batch on (refused before it is saved)
+            data.train.sampling = sampling_for(cfg, data.src_tok, data.tgt_tok, seed)
         d.on_main(lambda: run.save_config(cfg))
         log(said)
-        if (cfg.data.sampling_alpha, cfg.data.sampling_nbest) != (base.sampling_alpha, base.sampling_nbest):
-            data.train.sampling = sampling_for(cfg, data.src_tok, data.tgt_tok, seed)  # the regime's, from now on
+        if resampled:
             log(describe_sampling(data.train.sampling) if data.train.sampling else "train: no subword regularisation")
         random.seed(tc.seed)
         torch.manual_seed(tc.seed)  # as if there had been no probe
