@@ -31,7 +31,11 @@ if TYPE_CHECKING:
     from mt.batch import Batch
     from mt.model import Transformer
 
-CHUNK_ELEMENTS = 1 << 22  # logits per chunk (16 MB in fp32: 512 rows of an 8k vocabulary), cache-sized
+CHUNK_ELEMENTS = 1 << 22  # logits per chunk (16 MB in fp32: 512 rows of an 8k vocabulary)
+# Chunks have a multiple of this many rows, the last one padded up to it: oneDNN (the bf16 products on
+# a CPU) builds a kernel for each new matrix shape on first use, 12-24 ms for a (n, 256) x (256, 8,000)
+# product on a Xeon with AMX, and a last chunk of any size would take a new one almost every batch.
+ROW_QUANTUM = 32
 
 
 def label_smoothed_loss(logits: torch.Tensor, target: torch.Tensor, epsilon: float,
@@ -62,11 +66,16 @@ class _LinearLabelSmoothedCE(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
         for start in range(0, N, chunk_rows):
-            rows = slice(start, min(start + chunk_rows, N))
-            t = target[rows]  # (n,)
+            stop = min(start + chunk_rows, N)
+            h_rows, t = h[start:stop], target[start:stop]  # (n, D), (n,)
+            n = stop - start
+            padded = min(chunk_rows, -(-n // ROW_QUANTUM) * ROW_QUANTUM)
+            if padded > n:  # zero rows with ignored targets: they add nothing, and the shape is one of few
+                h_rows = torch.cat([h_rows, h_rows.new_zeros(padded - n, h_rows.shape[1])])
+                t = torch.cat([t, t.new_full((padded - n,), ignore_index)])
             keep = (t != ignore_index)[:, None]  # (n, 1)
             safe_t = t.masked_fill(~keep[:, 0], 0)[:, None]  # (n, 1): ignored rows point anywhere
-            log_probs = torch.log_softmax(mm(h[rows], w.t()), dim=1, dtype=torch.float32)  # (n, V)
+            log_probs = torch.log_softmax(mm(h_rows, w.t()).float(), dim=1)  # (n, V) fp32
             token_nll = -log_probs.gather(1, safe_t).masked_fill_(~keep, 0.0)  # (n, 1)
             smooth = -log_probs.sum(1, keepdim=True).masked_fill_(~keep, 0.0)  # (n, 1): Σ_v -log p_v
             nll += token_nll.sum()
@@ -76,12 +85,11 @@ class _LinearLabelSmoothedCE(torch.autograd.Function):
             # d loss / d logits = softmax - smoothed target, zero on ignored rows
             grad = log_probs.exp_()
             grad.scatter_add_(1, safe_t, grad.new_full(safe_t.shape, -(1.0 - epsilon)))
-            grad.sub_(epsilon / V).mul_(keep)
-            grad = grad.to(compute_dtype)  # (n, V)
+            grad = grad.sub_(epsilon / V).to(compute_dtype).mul_(keep)  # (n, V)
             if grad_hidden is not None:
-                grad_hidden[rows] = mm(grad, w)  # (n, D)
+                grad_hidden[start:stop] = mm(grad, w)[:n]  # (n, D)
             if grad_weight is not None:
-                grad_weight += mm(grad.t(), h[rows]).float()  # (V, D)
+                grad_weight += mm(grad.t(), h_rows)  # (V, D), accumulated in fp32
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         ctx.mark_non_differentiable(nll)
@@ -104,9 +112,10 @@ def linear_label_smoothed_loss(hidden: torch.Tensor, weight: torch.Tensor, targe
 
     hidden (N, D), weight (V, D), target (N,). Under autocast the matmuls run in the autocast dtype
     (softmax and sums in fp32), as they would for ``F.linear`` followed by ``label_smoothed_loss``.
-    ``chunk_rows``: rows per chunk (0: as many as fit ``CHUNK_ELEMENTS`` logits).
+    ``chunk_rows``: rows per chunk (0: a multiple of ``ROW_QUANTUM``, as many as fit ``CHUNK_ELEMENTS``
+    logits).
     """
-    chunk_rows = chunk_rows or max(CHUNK_ELEMENTS // weight.shape[0], 16)
+    chunk_rows = chunk_rows or max(CHUNK_ELEMENTS // weight.shape[0] // ROW_QUANTUM * ROW_QUANTUM, ROW_QUANTUM)
     device = hidden.device.type
     compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     grad_enabled = torch.is_grad_enabled()  # always off inside forward: ask here

@@ -97,6 +97,29 @@ def test_fused_linear_loss_equals_logits_then_loss_in_value_and_gradients(chunk_
     assert not nll.requires_grad
 
 
+def test_fused_linear_loss_multiplies_matrices_of_few_shapes(monkeypatch):
+    """Whatever the number of target tokens, the products see chunks of a multiple of ROW_QUANTUM
+    rows (oneDNN builds a kernel per new shape), and the padding rows change neither value nor
+    gradient."""
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(1000, 8, generator=gen, requires_grad=True)
+    rows = set()
+    real_mm = mt.loss.mm
+    monkeypatch.setattr(mt.loss, "mm", lambda a, b: rows.update({*a.shape, *b.shape} - {8, 1000})
+                        or real_mm(a, b))  # the dimension that is neither D nor V: a chunk's rows
+    for n in (1, 31, 33, 70, 4200, 4201):
+        hidden = torch.randn(n, 8, generator=gen, requires_grad=True)
+        target = torch.randint(0, 1000, (n,), generator=gen)
+        loss, _ = linear_label_smoothed_loss(hidden, weight, target, 0.1)
+        loss.backward()
+        ref, _ = label_smoothed_loss(F.linear(hidden, weight), target, 0.1)
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(hidden.grad, torch.autograd.grad(ref, hidden)[0], rtol=1e-4, atol=1e-5)
+        weight.grad = None
+    assert rows and all(r % mt.loss.ROW_QUANTUM == 0 for r in rows), rows
+    assert rows <= {32, 64, 96, 4192}, rows  # 4,194,304 logits per chunk / 1,000 classes -> 4,192 rows
+
+
 def test_fused_linear_loss_does_no_gradient_work_under_no_grad(monkeypatch):
     """Validation runs under torch.no_grad with a weight that requires grad: one matmul per chunk
     (the logits), not three, and the same value."""
