@@ -72,17 +72,17 @@ def test_label_smoothed_loss_by_hand():
 
 
 
-@pytest.mark.parametrize("chunk_rows", [0, 7, 64])
-def test_fused_linear_loss_equals_logits_then_loss_in_value_and_gradients(chunk_rows):
-    """The chunked projection + loss gives the loss, the NLL and both gradients of the plain
-    F.linear + cross-entropy, padded rows ignored, whatever the chunking."""
+@pytest.mark.parametrize("block_rows", [0, 7, 64])
+def test_fused_linear_loss_equals_logits_then_loss_in_value_and_gradients(block_rows):
+    """The blocked projection + loss gives the loss, the NLL and both gradients of the plain
+    F.linear + cross-entropy, padded rows ignored, whatever the blocks."""
     gen = torch.Generator().manual_seed(3)
     hidden = torch.randn(45, 16, generator=gen, requires_grad=True)
     weight = (torch.randn(37, 16, generator=gen) * 0.5).requires_grad_()
     target = torch.randint(0, 37, (45,), generator=gen)
     target[::6] = PAD_ID
     for eps in (0.0, 0.1):
-        loss, nll = linear_label_smoothed_loss(hidden, weight, target, eps, chunk_rows=chunk_rows)
+        loss, nll = linear_label_smoothed_loss(hidden, weight, target, eps, block_rows=block_rows)
         (loss * 0.5).backward()
         grads = hidden.grad.clone(), weight.grad.clone()
         hidden.grad = weight.grad = None
@@ -98,7 +98,7 @@ def test_fused_linear_loss_equals_logits_then_loss_in_value_and_gradients(chunk_
 
 
 def test_fused_linear_loss_multiplies_matrices_of_few_shapes(monkeypatch):
-    """Whatever the number of target tokens, the products see chunks of a multiple of ROW_QUANTUM
+    """Whatever the number of target tokens, the products see blocks of a multiple of ROW_QUANTUM
     rows (oneDNN builds a kernel per new shape), and the padding rows change neither value nor
     gradient."""
     gen = torch.Generator().manual_seed(5)
@@ -106,7 +106,7 @@ def test_fused_linear_loss_multiplies_matrices_of_few_shapes(monkeypatch):
     rows = set()
     real_mm = mt.loss.mm
     monkeypatch.setattr(mt.loss, "mm", lambda a, b: rows.update({*a.shape, *b.shape} - {8, 1000})
-                        or real_mm(a, b))  # the dimension that is neither D nor V: a chunk's rows
+                        or real_mm(a, b))  # the dimension that is neither D nor V: a block.s rows
     for n in (1, 31, 33, 70, 4200, 4201):
         hidden = torch.randn(n, 8, generator=gen, requires_grad=True)
         target = torch.randint(0, 1000, (n,), generator=gen)
@@ -117,11 +117,11 @@ def test_fused_linear_loss_multiplies_matrices_of_few_shapes(monkeypatch):
         torch.testing.assert_close(hidden.grad, torch.autograd.grad(ref, hidden)[0], rtol=1e-4, atol=1e-5)
         weight.grad = None
     assert rows and all(r % mt.loss.ROW_QUANTUM == 0 for r in rows), rows
-    assert rows <= {32, 64, 96, 4192}, rows  # 4,194,304 logits per chunk / 1,000 classes -> 4,192 rows
+    assert rows == {32, 64, 96, 4224}, rows  # one block up to 16,768 rows (16,777,216 logits / 1,000 classes)
 
 
 def test_fused_linear_loss_does_no_gradient_work_under_no_grad(monkeypatch):
-    """Validation runs under torch.no_grad with a weight that requires grad: one matmul per chunk
+    """Validation runs under torch.no_grad with a weight that requires grad: one matmul per block
     (the logits), not three, and the same value."""
     gen = torch.Generator().manual_seed(4)
     hidden = torch.randn(30, 8, generator=gen)
@@ -131,10 +131,10 @@ def test_fused_linear_loss_does_no_gradient_work_under_no_grad(monkeypatch):
     real_mm = mt.loss.mm
     monkeypatch.setattr(mt.loss, "mm", lambda *a, **k: calls.append(1) or real_mm(*a, **k))
     with torch.no_grad():
-        loss, _ = linear_label_smoothed_loss(hidden, weight, target, 0.1, chunk_rows=10)
-    assert len(calls) == 3  # 3 chunks x the logits only
+        loss, _ = linear_label_smoothed_loss(hidden, weight, target, 0.1, block_rows=10)
+    assert len(calls) == 3  # 3 blocks x the logits only
     calls.clear()
-    linear_label_smoothed_loss(hidden, weight, target, 0.1, chunk_rows=10)
+    linear_label_smoothed_loss(hidden, weight, target, 0.1, block_rows=10)
     assert len(calls) == 6  # with gradients: logits and the weight's gradient (hidden needs none)
     monkeypatch.undo()
     torch.testing.assert_close(loss, label_smoothed_loss(F.linear(hidden, weight), target, 0.1)[0].detach())
