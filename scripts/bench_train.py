@@ -7,7 +7,11 @@ The peer is ``M2M100ForConditionalGeneration`` built from ``mt.export.hf_config`
 encoder-decoder, random init, SDPA attention). Both run a full training step on the same
 token-bucketed Multi30k batches: forward, label-smoothed cross-entropy, backward, gradient clipping,
 fused AdamW step. Each timed pass is a process of its own (so peak RSS is its own) that does
-``--warmup`` steps, then one pass over the same ``--steps`` batches; the passes of every engine and
+``--warmup`` steps and an untimed pass over the ``--steps`` batches, then one timed pass over the same
+batches (oneDNN, which computes bf16 products on a CPU, builds a kernel for each new matrix shape on
+first use, 4-24 ms each on a Xeon with AMX; a training run meets its shapes again epoch after epoch,
+about 20 batch sizes per epoch at 2,048 tokens, so the timed pass finds them built, as a run's later
+epochs do); the passes of every engine and
 precision of a budget alternate, ``--repeats`` each, so that the machine's drift over the minutes of a
 run hits all alike; the table gives the median target tokens/s, the ratios mt / HF and mt / mt's fp32,
 the peak RSS, and the share of the matmul ceiling: the step's matmul FLOPs (counted from the model's
@@ -123,9 +127,9 @@ def worker(engine: str, precision: str, batches_file: str, warmup: int, steps: i
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for batch in batches[:warmup]:
-        step(batch)
     timed = batches[warmup: warmup + steps]
+    for batch in batches[:warmup] + timed:  # the timed batches' shapes met once, as in a run's later epochs
+        step(batch)
     tokens = sum(b.num_tgt_tokens for b in timed)
     rates = []
     for _ in range(repeats):
@@ -201,7 +205,9 @@ def main() -> None:
         f"Machine: {cpu()}; {args.threads} threads, torch {torch.__version__}. Matmul ceiling (best GEMM of "
         "this run; fp32: the better of MKL and oneDNN): " + ", ".join(f"{p} {c:.0f} GFLOP/s" for p, c in ceilings.items()) + ". "
         f"A step is forward + label-smoothed CE + backward + clip + AdamW on the same token-bucketed Multi30k "
-        f"batches ({args.steps} batches of each budget, after {args.warmup} warm-up batches); median of "
+        f"batches ({args.steps} batches of each budget, after {args.warmup} warm-up batches and an untimed pass over "
+        "the same batches, so that oneDNN's kernels for their shapes exist, as in a training run after its first "
+        "epoch); median of "
         f"{args.repeats} passes, each a process of its own, the passes of every engine and precision of a budget "
         "alternating. bf16 is autocast (weights and fused AdamW in fp32, for both engines: HF's Trainer's default). Share of ceiling: the step's matmul FLOPs per second (from the model shape and the "
         "padded batch sizes) over the ceiling of that precision. mt's worker keeps freed memory for reuse, as "
