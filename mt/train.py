@@ -667,8 +667,8 @@ def _train(cfg: Config, run: Run, resume: bool, log: Callable[[str], None], prog
     budget = regime = None
     if tc.regimes:  # a new run (a resumed one keeps its choice): the regime the measured speed affords
         if tc.max_time:
-            log(f"timing {adapt.UNTIMED_UPDATES + tc.probe_steps} updates at the base settings to choose "
-                "among train.regimes")
+            log(f"timing {tc.probe_steps} updates at the base settings (after {adapt.UNTIMED_UPDATES} untimed, and "
+                "once untimed themselves) to choose among train.regimes")
         base = cfg.data
         cfg, budget, regime, said = adapt.adapt(cfg, data, device, d)
         tc = cfg.train
