@@ -107,10 +107,11 @@ class MultiHeadAttention(nn.Module):
         if cache is None:
             return self._attend(q, k, v, key_mask, causal)
         past = cache.append(k, v)
-        k, v = cache.keys(), cache.values()  # (B, H, past + T, hd)
+        k, v = cache.keys(), cache.values()  # (B, H, past + T, hd), in the cache's dtype (see cross_kv)
         T = q.shape[2]
         if T == 1 and not self.training:  # a decoding step
             return self._merge(_attend_small(q, k.transpose(-1, -2), v))
+        k, v = k.to(q.dtype), v.to(q.dtype)
         if T == 1 or not causal:
             return self._attend(q, k, v, None, False)
         if past == 0:
@@ -124,6 +125,12 @@ class MultiHeadAttention(nn.Module):
         transposed (B, H, hd, S) and values (B, H, S, hd), both contiguous, so that every step
         multiplies by them without copying."""
         k, v = self._heads(self.in_proj.rows(memory, self.d_model), 2)  # (B, H, S, hd) each
+        if memory.device.type == "cpu":
+            # a decoding step's attention runs in fp32 on a CPU (``_attend_small``): the keys and values
+            # are kept in fp32 there, this layer's self-attention cache too (``LayerCache``), so that
+            # no step converts them, and no step's product has a new shape for oneDNN, which computes
+            # bf16 products and builds a kernel for each shape (the cache's length grows every step)
+            k, v = k.float(), v.float()
         return k.transpose(-1, -2).contiguous(), v.contiguous()
 
     def cross_attention(self, x: torch.Tensor, *, memory: torch.Tensor | None = None,
@@ -140,7 +147,7 @@ class MultiHeadAttention(nn.Module):
         keys_t, v = kv  # (N, H, hd, S), (N, H, S, hd)
         N = v.shape[0]
         if N == 0 or self.training:  # training with a cache: one row per sentence
-            return self._attend(q, keys_t.transpose(-1, -2), v, key_mask, False)
+            return self._attend(q, keys_t.transpose(-1, -2).to(q.dtype), v.to(q.dtype), key_mask, False)
         B, H, T, hd = q.shape
         beams = B // N
         q = q.view(N, beams, H, T, hd).transpose(1, 2).reshape(N, H, beams * T, hd)  # (N, H, K·T, hd)
@@ -170,12 +177,13 @@ def _attend_small(q: torch.Tensor, keys_t: torch.Tensor, v: torch.Tensor,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q kᵀ/√d + bias)·v with two batched matmuls, no dropout: q (B, H, T, hd), the keys
     transposed ``keys_t`` = kᵀ (B, H, hd, L), v (B, H, L, hd), bias (fp32) broadcastable to
-    (B, H, T, L). Scores and softmax in fp32, as SDPA keeps them. For the few query positions of a
-    decoding step this is 1.5-4x faster than SDPA's CPU kernel (measured at 850 rows, 2 threads)."""
+    (B, H, T, L). Scores and softmax in fp32, as SDPA keeps them; the result in q's dtype. For the
+    few query positions of a decoding step this is 1.5-4x faster than SDPA's CPU kernel (measured at
+    850 rows, 2 threads)."""
     scores = torch.matmul(q.float(), keys_t.float()).mul_(q.shape[-1] ** -0.5)  # (B, H, T, L)
     if bias is not None:
         scores = scores.add_(bias)
-    return torch.matmul(scores.softmax(-1).to(v.dtype), v)  # (B, H, T, hd)
+    return torch.matmul(scores.softmax(-1).to(v.dtype), v).to(q.dtype)  # (B, H, T, hd)
 
 
 def _bf16_stream() -> bool:

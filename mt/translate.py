@@ -77,7 +77,7 @@ class Translator:
         run = Run(run_dir)
         tuned = {k: v for k, v in run.read_defaults().items() if k in ("beam", "lenpen")}
         loaded = run.load_for_inference(checkpoint, decode_overrides.get("dtype"), device, average, warn=_warn)
-        prepack(loaded.model)  # its own model: weights reordered once for oneDNN where it computes fp32
+        prepack(loaded.model)  # its own model: weights reordered once where oneDNN computes (bf16; fp32 on some CPUs)
         decode = replace(loaded.config.decode, **tuned)
         decode = replace(decode, **{k: v for k, v in decode_overrides.items() if v is not None})
         if decode_overrides.get("beam") is None and nbest > decode.beam:  # --nbest N alone: a beam of N
