@@ -12,9 +12,10 @@ Two implementations of the same value:
   projection, the softmax and the gradient are computed together, block by block of at most
   ``BLOCK_ELEMENTS`` logits (one 2,048-token batch of an 8k vocabulary is one block), so that memory
   holds one block, never the (N, V) logits of a large batch. A block's logits are made by one product;
-  the softmax, the loss and the gradient then go over them ``CACHE_ROWS`` rows at a time, in fp32
-  while those rows are in the core's cache, and write the gradient over the logits, in place; two
-  more products give the gradients of the states and of the projection. Where a plain softmax
+  the softmax, the loss and the gradient then go over them ``CACHE_ROWS`` rows at a time on a CPU
+  (a GPU takes the block at once), in fp32 while those rows are in the core's cache, and write the
+  gradient over the logits, in place; two more products give the gradients of the states and of the
+  projection. Where a plain softmax
   streams N·V floats through memory five times (forward, log-softmax, NLL, backward), this reads
   and writes them once between the products: on a 2-core Xeon, whose memory streams ~10 GB/s, a
   (512, 8,000) fp32 log-softmax takes 4.5 ms from memory against 1.5 ms from cache. The gradient is
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
     from mt.model import Transformer
 
 BLOCK_ELEMENTS = 1 << 24  # logits per block (32 MB in bf16, 64 MB in fp32: 2,080 rows of an 8k vocabulary)
-CACHE_ROWS = 32  # rows of a block taken through softmax and gradient at a time (1 MB in fp32 at 8k)
+CACHE_ROWS = 32  # rows of a block taken through softmax and gradient at a time on a CPU (1 MB in fp32 at 8k)
 # Blocks have a multiple of this many rows, a last one padded up to it: oneDNN (the bf16 products on
 # a CPU) builds a kernel for each new matrix shape on first use, 12-24 ms for a (n, 256) x (256, 8,000)
 # product on a Xeon with AMX, and a block of any size would take new ones almost every batch.
@@ -82,8 +83,9 @@ class _LinearLabelSmoothedCE(torch.autograd.Function):
             keep = (t != ignore_index)[:, None]  # (n, 1)
             safe_t = t.masked_fill(~keep[:, 0], 0)[:, None]  # (n, 1): ignored rows point anywhere
             logits = mm(h_rows, w.t()).contiguous()  # (n, V); becomes the gradient, rows in place
-            for r in range(0, padded, CACHE_ROWS):
-                rows = slice(r, r + CACHE_ROWS)
+            step = CACHE_ROWS if logits.device.type == "cpu" else padded  # a GPU: the block at once
+            for r in range(0, padded, step):
+                rows = slice(r, r + step)
                 log_probs = torch.log_softmax(logits[rows].float(), dim=1)  # (c, V) fp32
                 k, y = keep[rows], safe_t[rows]  # (c, 1) each
                 token_nll = -log_probs.gather(1, y).masked_fill_(~k, 0.0)  # (c, 1)
