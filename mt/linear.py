@@ -102,16 +102,17 @@ class _Linear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-ROW_QUANTUM = 32  # inference: bf16/fp16 products take a multiple of this many rows
+ROW_QUANTUM = 32  # rows: bf16/fp16 inference products and the fused loss's blocks take a multiple of it
 
 
 def _rows_padded(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, product=F.linear,
                  *options) -> torch.Tensor:
     """``product(x, weight, bias, *options)`` (``F.linear``) with x's rows (all dimensions but the
-    last, flattened) padded with zeros to a multiple of ``ROW_QUANTUM``. oneDNN, which computes bf16 products on a CPU, builds a kernel for
-    every new matrix shape (a (M, 256) x (256, 1,024) product: 3.7 ms the first time, 0.39 ms after,
-    on a Xeon with AMX), and a decoding step's row count (the live hypotheses) takes almost every
-    value up to the batch's beams x sentences; padded, a few dozen shapes serve a whole input."""
+    last, flattened) padded with zeros to a multiple of ``ROW_QUANTUM``. oneDNN, which computes bf16
+    products on a CPU, builds a kernel for every new matrix shape (a (M, 256) x (256, 1,024) product:
+    3.7 ms the first time, 0.39 ms after, on a Xeon with AMX), and a decoding step's row count (the
+    live hypotheses) takes almost every value up to the batch's beams x sentences; padded, a few
+    dozen shapes serve a whole input."""
     K = x.shape[-1]
     M = x.numel() // K
     pad = -M % ROW_QUANTUM

@@ -15,9 +15,8 @@ Two implementations of the same value:
   the softmax, the loss and the gradient then go over them ``CACHE_ROWS`` rows at a time on a CPU
   (a GPU takes the block at once), in fp32 while those rows are in the core's cache, and write the
   gradient over the logits, in place; two more products give the gradients of the states and of the
-  projection. Where a plain softmax
-  streams N·V floats through memory five times (forward, log-softmax, NLL, backward), this reads
-  and writes them once between the products: on a 2-core Xeon, whose memory streams ~10 GB/s, a
+  projection. Where a plain softmax streams N·V floats through memory five times (forward,
+  log-softmax, NLL, backward), this reads and writes them once between the products: on a 2-core Xeon, whose memory streams ~10 GB/s, a
   (512, 8,000) fp32 log-softmax takes 4.5 ms from memory against 1.5 ms from cache. The gradient is
   known in the forward pass (the loss is a sum), so it is computed there and only scaled in backward
   (the approach of Liger-Kernel's fused linear cross-entropy).
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 
 from typing import TYPE_CHECKING
 
-from mt.linear import mm
+from mt.linear import ROW_QUANTUM, mm
 from mt.tokenizer import PAD_ID
 
 if TYPE_CHECKING:
@@ -39,10 +38,9 @@ if TYPE_CHECKING:
 
 BLOCK_ELEMENTS = 1 << 24  # logits per block (32 MB in bf16, 64 MB in fp32: 2,080 rows of an 8k vocabulary)
 CACHE_ROWS = 32  # rows of a block taken through softmax and gradient at a time on a CPU (1 MB in fp32 at 8k)
-# Blocks have a multiple of this many rows, a last one padded up to it: oneDNN (the bf16 products on
-# a CPU) builds a kernel for each new matrix shape on first use, 12-24 ms for a (n, 256) x (256, 8,000)
-# product on a Xeon with AMX, and a block of any size would take new ones almost every batch.
-ROW_QUANTUM = 32
+# Blocks have a multiple of ROW_QUANTUM rows (mt.linear's), a last one padded up to it: oneDNN builds a
+# kernel for each new matrix shape, 12-24 ms for a (n, 256) x (256, 8,000) product on a Xeon with AMX,
+# and a block of any size would take new ones almost every batch.
 
 
 def label_smoothed_loss(logits: torch.Tensor, target: torch.Tensor, epsilon: float,
