@@ -49,6 +49,21 @@ class _MaskedScale(torch.autograd.Function):
         return _apply(grad, mask, ctx.scale), None
 
 
+class _ResidualMaskedScale(torch.autograd.Function):
+    """x + y · mask · scale in one pass (``torch.addcmul``), the mask kept for the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor, p: float) -> torch.Tensor:
+        mask, ctx.scale = keep_mask(y.shape, p, y.dtype)
+        ctx.save_for_backward(mask)
+        return torch.addcmul(x, y, mask, value=ctx.scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (mask,) = ctx.saved_tensors
+        return grad, _apply(grad, mask, ctx.scale), None
+
+
 def _apply(x: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     out = x * mask
     return out if scale == 1.0 else out.mul_(scale)
@@ -63,6 +78,15 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return _MaskedScale.apply(x, p)
 
 
+def residual_dropout(x: torch.Tensor, y: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """``x + dropout(y, p, training)``, the residual connection around a sub-layer's output y. On a
+    CPU (x and y of one shape and dtype) the sum and the mask are applied in one pass, where the
+    two operations would read and write the activation twice."""
+    if not training or p == 0.0 or x.device.type != "cpu" or p >= 1.0 or x.shape != y.shape or x.dtype != y.dtype:
+        return x + dropout(y, p, training)
+    return _ResidualMaskedScale.apply(x, y, p)
+
+
 class Dropout(nn.Module):
     """``nn.Dropout`` with the CPU path above."""
 
@@ -72,6 +96,10 @@ class Dropout(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dropout(x, self.p, self.training)
+
+    def residual(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x + this dropout of y (``residual_dropout``)."""
+        return residual_dropout(x, y, self.p, self.training)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

@@ -83,9 +83,12 @@ class _LinearLabelSmoothedCE(torch.autograd.Function):
             safe_t = t.masked_fill(~keep[:, 0], 0)[:, None]  # (n, 1): ignored rows point anywhere
             logits = mm(h_rows, w.t()).contiguous()  # (n, V); becomes the gradient, rows in place
             step = CACHE_ROWS if logits.device.type == "cpu" else padded  # a GPU: the block at once
+            ignored = (~keep[:, 0]).nonzero()[:, 0].div(step, rounding_mode="floor").unique().tolist()
             for r in range(0, padded, step):
                 rows = slice(r, r + step)
-                log_probs = torch.log_softmax(logits[rows].float(), dim=1)  # (c, V) fp32
+                x = logits[rows]  # (c, V)
+                # fp32 logits are overwritten by their log-softmax (bf16 ones by the gradient, below)
+                log_probs = torch.log_softmax(x, 1, out=x) if x.dtype == torch.float32 else x.float().log_softmax(1)
                 k, y = keep[rows], safe_t[rows]  # (c, 1) each
                 token_nll = -log_probs.gather(1, y).masked_fill_(~k, 0.0)  # (c, 1)
                 smooth = -log_probs.sum(1, keepdim=True).masked_fill_(~k, 0.0)  # (c, 1): Σ_v -log p_v
@@ -95,8 +98,11 @@ class _LinearLabelSmoothedCE(torch.autograd.Function):
                     continue
                 # d loss / d logits = softmax - smoothed target, zero on ignored rows
                 grad = log_probs.exp_()
-                grad.scatter_add_(1, y, grad.new_full(y.shape, -(1.0 - epsilon)))
-                logits[rows] = grad.sub_(epsilon / V).mul_(k)
+                grad.scatter_add_(1, y, grad.new_full(y.shape, -(1.0 - epsilon))).sub_(epsilon / V)
+                if r // step in ignored:
+                    grad.mul_(k)
+                if grad.data_ptr() != x.data_ptr():  # bf16: the fp32 gradient goes back into the block
+                    x.copy_(grad)
             if grad_hidden is not None:
                 grad_hidden[start:stop] = mm(logits, w)[:n]  # (n, D)
             if grad_weight is not None:

@@ -63,6 +63,31 @@ class PackedLinear(Linear):
         return linear(x, self.weight[start:stop], self.bias[start:stop])
 
 
+def _split_heads(x: torch.Tensor, n: int, heads: int) -> tuple[torch.Tensor, ...]:
+    """(B, T, n·H·hd) -> n views (B, H, T, hd)."""
+    B, T, _ = x.shape
+    x = x.view(B, T, n, heads, x.shape[-1] // (n * heads)).permute(2, 0, 3, 1, 4)  # (n, B, H, T, hd)
+    return x.unbind(0)
+
+
+class _SplitHeads(torch.autograd.Function):
+    """``_split_heads`` whose backward copies the n gradients (B, H, T, hd) once each into the
+    (B, T, n·H·hd) gradient of x: autograd's own (of unbind, permute and view) stacks them, then copies
+    the stack again to undo the permutation, two passes over it instead of one."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, n: int, heads: int) -> tuple[torch.Tensor, ...]:
+        ctx.shape, ctx.n, ctx.heads = x.shape, n, heads
+        return _split_heads(x, n, heads)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        grad = grads[0].new_empty(ctx.shape)  # (B, T, n·D)
+        for part, g in zip(_split_heads(grad, ctx.n, ctx.heads), grads):
+            part.copy_(g)  # (B, H, T, hd) views of the gradient
+        return grad, None, None
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention with one packed input projection [W_q; W_k; W_v] of shape (3D, D)."""
 
@@ -75,10 +100,10 @@ class MultiHeadAttention(nn.Module):
         self.recorder: list[torch.Tensor] | None = None  # set by mt.attention to keep the weights
 
     def _heads(self, x: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
-        """(B, T, n·D) -> n tensors of (B, H, T, hd)."""
-        B, T, _ = x.shape
-        x = x.view(B, T, n, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (n, B, H, T, hd)
-        return x.unbind(0)
+        """(B, T, n·D) -> n tensors of (B, H, T, hd) (views of x)."""
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _SplitHeads.apply(x, n, self.n_heads)
+        return _split_heads(x, n, self.n_heads)
 
     def _attend(self, q, k, v, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
         # Spelled out when mt.attention reads the weights, and on a CPU in bf16/fp16, where SDPA's
@@ -232,8 +257,8 @@ class Sublayer(nn.Module):
 
     def forward(self, x: torch.Tensor, fn) -> torch.Tensor:
         if self.pre_norm:
-            return x + self.dropout(fn(self.norm(x)))
-        return self.norm(x + self.dropout(fn(x)))
+            return self.dropout.residual(x, fn(self.norm(x)))
+        return self.norm(self.dropout.residual(x, fn(x)))
 
 
 class EncoderLayer(nn.Module):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mt.dropout import LEVELS, Dropout, dropout
+from mt.dropout import LEVELS, Dropout, dropout, residual_dropout
 from mt.model import MultiHeadAttention
 
 
@@ -41,6 +41,29 @@ def test_dropout_gradient_uses_the_forward_mask_and_the_seed_reproduces_it():
     torch.manual_seed(3)
     assert torch.equal(dropout(x, 0.2, training=True), y)
     assert not torch.equal(dropout(x, 0.2, training=True), y)  # a fresh draw
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_residual_dropout_is_x_plus_dropout_of_y_with_the_same_mask_and_gradients(dtype):
+    x = torch.randn(64, 37).to(dtype).requires_grad_()
+    y = torch.randn(64, 37).to(dtype).requires_grad_()
+    g = torch.randn(64, 37).to(dtype)
+    torch.manual_seed(5)
+    out = residual_dropout(x, y, 0.3, training=True)
+    gx, gy = torch.autograd.grad(out, [x, y], g)
+    torch.manual_seed(5)  # the same draw: the same mask
+    dropped = dropout(y, 0.3, training=True)
+    ref = x + dropped
+    ref_gy, = torch.autograd.grad(dropped, [y], g)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    else:  # x + y·mask·scale rounded once to bf16 (the reference rounds y·scale, then the sum)
+        exact = x.double() + dropped.ne(0).double() * y.double() / (1 - round(0.3 * LEVELS) / LEVELS)
+        assert ((out.double() - exact).abs() <= exact.abs() * 2.0 ** -8 + 1e-30).all()
+    assert torch.equal(gx, g)
+    assert torch.equal(gy, ref_gy)
+    assert ((out.float() - x.float()).abs() < 1e-6).float().mean().item() > 0.2  # ~30% of y dropped
+    assert torch.equal(residual_dropout(x, y, 0.3, training=False), x + y)
 
 
 def test_dropout_is_the_identity_in_eval_and_at_zero():

@@ -421,6 +421,32 @@ def test_causal_self_attention_matches_hand_written_attention():
     torch.testing.assert_close(mha.self_attention(x, causal=True), expected, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["self", "causal", "cross"])
+def test_attention_gradients_match_hand_written_attention(kind):
+    """The heads' split (``_SplitHeads``: its own backward) gives autograd's gradients for the
+    inputs and every parameter."""
+    torch.manual_seed(2)
+    mha = MultiHeadAttention(d_model=16, n_heads=4)
+    torch.nn.init.normal_(mha.in_proj.bias)
+    x, memory = torch.randn(2, 3, 16, requires_grad=True), torch.randn(2, 5, 16, requires_grad=True)
+    key_mask = torch.tensor([[True] * 5, [True, True, False, False, False]])[:, None, None, :]
+    g = torch.randn(2, 3, 16)
+
+    def grads(out: torch.Tensor) -> list[torch.Tensor]:
+        inputs = [x] + ([memory] if kind == "cross" else []) + list(mha.parameters())
+        return torch.autograd.grad(out, inputs, g)
+
+    if kind == "cross":
+        ours = grads(mha.cross_attention(x, memory=memory, key_mask=key_mask))
+        expected = grads(reference_attention(mha, x, memory, key_mask))
+    else:
+        mask = torch.ones(3, 3, dtype=torch.bool).tril() if kind == "causal" else None
+        ours = grads(mha.self_attention(x, causal=kind == "causal"))
+        expected = grads(reference_attention(mha, x, x, mask))
+    for a, b in zip(ours, expected):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+
+
 def test_separate_vocabularies_of_equal_size_do_not_share_the_source_embedding():
     from mt.config import ModelConfig
     from mt.model import Transformer

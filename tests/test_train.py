@@ -97,6 +97,28 @@ def test_fused_linear_loss_equals_logits_then_loss_in_value_and_gradients(block_
     assert not nll.requires_grad
 
 
+def test_fused_linear_loss_under_bf16_autocast_equals_logits_then_loss():
+    """In bf16 the block holds bf16 logits, the softmax runs on fp32 copies of its rows and the
+    gradient goes back into the block: the value and gradients of the autocast F.linear + loss."""
+    gen = torch.Generator().manual_seed(6)
+    hidden = torch.randn(70, 16, generator=gen, requires_grad=True)
+    weight = (torch.randn(37, 16, generator=gen) * 0.5).requires_grad_()
+    target = torch.randint(0, 37, (70,), generator=gen)
+    target[5::9] = PAD_ID
+    results = []
+    for fused in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if fused:
+                loss, nll = linear_label_smoothed_loss(hidden, weight, target, 0.1, block_rows=64)
+            else:
+                loss, nll = label_smoothed_loss(F.linear(hidden, weight), target, 0.1)
+        results.append((loss.detach(), nll, *torch.autograd.grad(loss, [hidden, weight])))
+    for ours, ref in zip(*results):
+        assert ours.dtype == ref.dtype
+        torch.testing.assert_close(ours, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+    assert results[0][2][target == PAD_ID].abs().max() == 0
+
+
 def test_fused_linear_loss_multiplies_matrices_of_few_shapes(monkeypatch):
     """Whatever the number of target tokens, the products see blocks of a multiple of ROW_QUANTUM
     rows (oneDNN builds a kernel per new shape), and the padding rows change neither value nor
