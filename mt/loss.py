@@ -83,7 +83,9 @@ class _LinearLabelSmoothedCE(torch.autograd.Function):
             safe_t = t.masked_fill(~keep[:, 0], 0)[:, None]  # (n, 1): ignored rows point anywhere
             logits = mm(h_rows, w.t()).contiguous()  # (n, V); becomes the gradient, rows in place
             step = CACHE_ROWS if logits.device.type == "cpu" else padded  # a GPU: the block at once
-            ignored = (~keep[:, 0]).nonzero()[:, 0].div(step, rounding_mode="floor").unique().tolist()
+            # the chunks holding ignored rows (the block's padding), whose gradient rows must be zeroed
+            ignored = ((~keep[:, 0]).nonzero()[:, 0].div(step, rounding_mode="floor").unique().tolist()
+                       if need_hidden or need_weight else [])
             for r in range(0, padded, step):
                 rows = slice(r, r + step)
                 x = logits[rows]  # (c, V)
