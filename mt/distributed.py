@@ -71,6 +71,11 @@ class Dist:
             return
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        # DDP's constructor imports torch._dynamo, which imports torch._inductor; imported while a process
+        # group exists, that keeps the group alive after destroy_process_group (torch 2.13), and so its gloo
+        # threads, which then can die at the interpreter's exit with "terminate called without an active
+        # exception" (SIGABRT, seen once in CI). Imported before the group exists, it holds none.
+        import torch._dynamo  # noqa: F401
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=timeout_s))
 

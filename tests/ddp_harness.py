@@ -1,5 +1,6 @@
 """Runs ``mt.train.train`` as torchrun runs it (one process per rank) and records, per rank, what the
-tests compare: the gradients after update 1, the final weights, and the examples of every update.
+tests compare: the gradients after update 1, the final weights, the examples of every update, and the
+threads left once training has returned (Linux: their names).
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_harness.py OUT CONFIG [KEY=VALUE ...] [--resume]
 """
@@ -38,4 +39,7 @@ def fit_and_dump(self):
 
 T.Trainer.accumulate, T.Trainer.fit = record, fit_and_dump
 result = T.train(load_config(config, overrides), resume=resume, log=lambda m: print(m, file=sys.stderr), progress=False)
+if os.path.isdir("/proc/self/task"):
+    threads = [Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task")]
+    (out / f"threads{rank}.json").write_text(json.dumps(threads))
 sys.exit(128 + result.signal if result.signal else 0)
