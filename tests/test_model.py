@@ -447,6 +447,59 @@ def test_attention_gradients_match_hand_written_attention(kind):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
 
 
+def _graph_names(t: torch.Tensor) -> set[str]:
+    """The names of the autograd nodes that made t."""
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo.extend(n for n, _ in node.next_functions)
+    return {type(n).__name__ for n in seen}
+
+
+def test_fp32_cpu_training_attention_takes_the_batched_kernel_and_dropout_takes_sdpa():
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    assert "_SmallAttentionBackward" in _graph_names(MultiHeadAttention(16, 4).self_attention(x))
+    assert "_SmallAttentionBackward" not in _graph_names(MultiHeadAttention(16, 4, dropout=0.1).self_attention(x))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_small_attention_equals_sdpa_and_its_gradients_pass_gradcheck(causal):
+    """``_SmallAttention`` (fp32 on a CPU) against PyTorch's SDPA (an independent implementation) on
+    strided views of a packed projection, a key mask with a padded row, and a row with no key at all:
+    that row gets uniform weights and no gradient (masked scores are constants), not NaN."""
+    from mt.model import _SmallAttention
+
+    torch.manual_seed(4)
+    B, H, T, hd = 3, 2, 5, 4
+    x = torch.randn(B, T, 3 * H * hd, dtype=torch.float64, requires_grad=True)
+    key_mask = torch.ones(B, 1, 1, T, dtype=torch.bool)
+    key_mask[1, ..., 3:] = False
+    key_mask[2] = False  # no key at all
+
+    def heads(x):  # three (B, H, T, hd) views, as MultiHeadAttention makes them
+        return x.view(B, T, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
+
+    assert torch.autograd.gradcheck(lambda x: _SmallAttention.apply(*heads(x), key_mask, causal), (x,))
+    xf = x.detach().float().requires_grad_()
+    g = torch.randn(B, H, T, hd)
+    ours = _SmallAttention.apply(*heads(xf), key_mask, causal)
+    (grad_ours,) = torch.autograd.grad(ours, xf, g)
+    xs = xf.detach().requires_grad_()
+    q, k, v = heads(xs)
+    mask = key_mask & torch.ones(T, T, dtype=torch.bool).tril() if causal else key_mask
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q[:2], k[:2], v[:2], attn_mask=mask[:2])
+    (grad_sdpa,) = torch.autograd.grad(sdpa, xs, g[:2])
+    torch.testing.assert_close(ours[:2], sdpa, atol=ATOL, rtol=0)
+    torch.testing.assert_close(grad_ours[:2], grad_sdpa[:2], atol=ATOL, rtol=0)
+    # the row without keys: uniform weights over all (causal: none hidden then either), no q or k gradient
+    v2 = heads(xf)[2][2]  # (H, T, hd)
+    torch.testing.assert_close(ours[2], v2.mean(1, keepdim=True).expand(H, T, hd), atol=ATOL, rtol=0)
+    assert grad_ours[2].view(T, 3, H * hd)[:, :2].abs().max() == 0
+
+
 def test_separate_vocabularies_of_equal_size_do_not_share_the_source_embedding():
     from mt.config import ModelConfig
     from mt.model import Transformer
