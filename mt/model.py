@@ -193,13 +193,21 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | Non
     broadcastable to (B, H, T, S), True = attend; ``causal``: position t sees keys <= t. Masked keys
     get weight exactly 0 (a row with no key at all gets uniform weights, not NaN)."""
     scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(q.shape[-1] ** -0.5)  # (B, H, T, S)
-    hidden = torch.finfo(torch.float32).min
-    if causal:
-        T, S = scores.shape[-2:]
-        scores = scores.masked_fill(~torch.ones(T, S, dtype=torch.bool, device=q.device).tril(), hidden)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, hidden)
+    _hide_keys(scores, mask, causal)
     return scores.softmax(-1)
+
+
+def _hide_keys(scores: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor | None:
+    """Set fp32 ``scores`` (B, H, T, S) to the lowest float, in place, where a key is hidden: outside
+    ``mask`` (broadcastable, True = attend) or, ``causal``, after the query's position. Returns the
+    mask of hidden keys (broadcastable to the scores), or None when none is."""
+    T, S = scores.shape[-2:]
+    hidden = ~torch.ones(T, S, dtype=torch.bool, device=scores.device).tril() if causal else None  # (T, S)
+    if mask is not None:
+        hidden = ~mask if hidden is None else hidden | ~mask
+    if hidden is not None:
+        scores.masked_fill_(hidden, torch.finfo(torch.float32).min)
+    return hidden
 
 
 def _attend_small(q: torch.Tensor, keys_t: torch.Tensor, v: torch.Tensor,
@@ -236,11 +244,7 @@ class _SmallAttention(torch.autograd.Function):
         kc = k.contiguous().view(B * H, S, hd)
         vc = v.contiguous().view(B * H, S, hd)
         scores = torch.bmm(qs, kc.transpose(1, 2))  # (B·H, T, S)
-        hidden = ~torch.ones(T, S, dtype=torch.bool, device=q.device).tril() if causal else None  # (T, S)
-        if key_mask is not None:
-            hidden = ~key_mask if hidden is None else hidden | ~key_mask  # (B, 1, T or 1, S)
-        if hidden is not None:
-            scores.view(B, H, T, S).masked_fill_(hidden, torch.finfo(scores.dtype).min)
+        hidden = _hide_keys(scores.view(B, H, T, S), key_mask, causal)  # (B or 1, 1, T or 1, S) or None
         weights = scores.softmax(-1)  # (B·H, T, S)
         ctx.save_for_backward(qs, kc, vc, weights, hidden)
         ctx.shape = (B, H, T, S, hd)

@@ -458,7 +458,7 @@ def _graph_names(t: torch.Tensor) -> set[str]:
     return {type(n).__name__ for n in seen}
 
 
-def test_fp32_cpu_training_attention_takes_the_batched_kernel_and_dropout_takes_sdpa():
+def test_fp32_cpu_training_attention_takes_the_batched_kernel_but_not_with_attention_dropout():
     torch.manual_seed(3)
     x = torch.randn(2, 3, 16, requires_grad=True)
     assert "_SmallAttentionBackward" in _graph_names(MultiHeadAttention(16, 4).self_attention(x))
@@ -494,7 +494,7 @@ def test_small_attention_equals_sdpa_and_its_gradients_pass_gradcheck(causal):
     (grad_sdpa,) = torch.autograd.grad(sdpa, xs, g[:2])
     torch.testing.assert_close(ours[:2], sdpa, atol=ATOL, rtol=0)
     torch.testing.assert_close(grad_ours[:2], grad_sdpa[:2], atol=ATOL, rtol=0)
-    # the row without keys: uniform weights over all (causal: none hidden then either), no q or k gradient
+    # the row without keys: uniform weights over every key (future ones too when causal), no q or k gradient
     v2 = heads(xf)[2][2]  # (H, T, hd)
     torch.testing.assert_close(ours[2], v2.mean(1, keepdim=True).expand(H, T, hd), atol=ATOL, rtol=0)
     assert grad_ours[2].view(T, 3, H * hd)[:, :2].abs().max() == 0
