@@ -194,7 +194,32 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | Non
     get weight exactly 0 (a row with no key at all gets uniform weights, not NaN)."""
     scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(q.shape[-1] ** -0.5)  # (B, H, T, S)
     _hide_keys(scores, mask, causal)
-    return scores.softmax(-1)
+    return softmax(scores)
+
+
+SOFTMAX_WIDTH = 16  # PyTorch's CPU softmax loops element by element over a last dimension narrower than this
+
+
+def softmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.softmax(-1)``. On a CPU a last dimension of 2-15 is padded to ``SOFTMAX_WIDTH`` with -inf
+    first (the result is a view of the padded one): PyTorch's kernel takes those widths element by
+    element, and attention over short sentences and a decoding step's first positions meets them
+    all the time (2,560 rows of 15: 343 us against 56 padded; the backward 143 against 7 at 16;
+    AMD EPYC Zen 4, 2 threads)."""
+    n = x.shape[-1]
+    if x.device.type != "cpu" or not 1 < n < SOFTMAX_WIDTH:
+        return x.softmax(-1)
+    return F.pad(x, (0, SOFTMAX_WIDTH - n), value=-math.inf).softmax(-1)[..., :n].contiguous()
+
+
+def _softmax_backward(grad: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The gradient of the scores of ``weights`` = softmax(scores) given ``grad`` of the weights,
+    padded like ``softmax`` (with zeros, which add nothing to its sums)."""
+    n = weights.shape[-1]
+    if weights.device.type != "cpu" or not 1 < n < SOFTMAX_WIDTH:
+        return torch._softmax_backward_data(grad, weights, -1, weights.dtype)
+    pad = (0, SOFTMAX_WIDTH - n)
+    return torch._softmax_backward_data(F.pad(grad, pad), F.pad(weights, pad), -1, weights.dtype)[..., :n]
 
 
 def _hide_keys(scores: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor | None:
@@ -220,7 +245,7 @@ def _attend_small(q: torch.Tensor, keys_t: torch.Tensor, v: torch.Tensor,
     scores = torch.matmul(q.float(), keys_t.float()).mul_(q.shape[-1] ** -0.5)  # (B, H, T, L)
     if bias is not None:
         scores = scores.add_(bias)
-    return torch.matmul(scores.softmax(-1).to(v.dtype), v).to(q.dtype)  # (B, H, T, hd)
+    return torch.matmul(softmax(scores).to(v.dtype), v).to(q.dtype)  # (B, H, T, hd)
 
 
 class _SmallAttention(torch.autograd.Function):
@@ -245,7 +270,7 @@ class _SmallAttention(torch.autograd.Function):
         vc = v.contiguous().view(B * H, S, hd)
         scores = torch.bmm(qs, kc.transpose(1, 2))  # (B·H, T, S)
         hidden = _hide_keys(scores.view(B, H, T, S), key_mask, causal)  # (B or 1, 1, T or 1, S) or None
-        weights = scores.softmax(-1)  # (B·H, T, S)
+        weights = softmax(scores)  # (B·H, T, S)
         ctx.save_for_backward(qs, kc, vc, weights, hidden)
         ctx.shape = (B, H, T, S, hd)
         return torch.bmm(weights, vc).view(B, H, T, hd)
@@ -257,7 +282,7 @@ class _SmallAttention(torch.autograd.Function):
         grad = grad.contiguous().view(B * H, T, hd)  # (B·H, T, hd); bmm multiplies other layouts one by one
         grad_v = torch.bmm(weights.transpose(1, 2), grad)  # (B·H, S, hd)
         grad_w = torch.bmm(grad, vc.transpose(1, 2))  # (B·H, T, S)
-        grad_s = torch._softmax_backward_data(grad_w, weights, -1, weights.dtype)  # (B·H, T, S)
+        grad_s = _softmax_backward(grad_w, weights)  # (B·H, T, S)
         if hidden is not None and _hides_a_whole_row(hidden):
             grad_s.view(B, H, T, S).masked_fill_(hidden, 0.0)  # masked scores are constants
         grad_q = torch.bmm(grad_s, kc).mul_(hd ** -0.5)  # (B·H, T, hd)

@@ -500,6 +500,28 @@ def test_small_attention_equals_sdpa_and_its_gradients_pass_gradcheck(causal):
     assert grad_ours[2].view(T, 3, H * hd)[:, :2].abs().max() == 0
 
 
+@pytest.mark.parametrize("width", [1, 2, 7, 15, 16, 23])
+def test_softmax_padded_for_narrow_rows_equals_torch_softmax_and_its_gradient(width):
+    """``mt.model.softmax`` pads rows narrower than 16 with -inf (PyTorch's CPU kernel is slow on
+    them): the same weights and gradients as ``Tensor.softmax``, also on rows whose keys are hidden
+    (the lowest float) and on a row with every key hidden (uniform weights)."""
+    from mt.model import _softmax_backward, softmax
+
+    torch.manual_seed(5)
+    x = torch.randn(3, 4, width) * 4
+    x[1, 2, : width // 2] = torch.finfo(torch.float32).min
+    x[2, 0] = torch.finfo(torch.float32).min
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours, ref = softmax(xa), xb.softmax(-1)
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ours[2, 0], torch.full((width,), 1 / width))
+    g = torch.randn(3, 4, width)
+    (grad_ours,), (grad_ref,) = torch.autograd.grad(ours, xa, g), torch.autograd.grad(ref, xb, g)
+    torch.testing.assert_close(grad_ours, grad_ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(_softmax_backward(g, ref.detach()), grad_ref, atol=1e-6, rtol=0)
+
+
 def test_separate_vocabularies_of_equal_size_do_not_share_the_source_embedding():
     from mt.config import ModelConfig
     from mt.model import Transformer
