@@ -3,10 +3,11 @@ Hugging Face ``generate()`` on the exported weights, and CTranslate2 on the conv
 every compute type this CPU supports.
 
     python scripts/bench_decode.py -m RUN_DIR [--beam 5] [--repeats 3] [--engines mt,mt-mkl,mt-bf16,mt-int8,hf,ct2]
+                                   [--batches 64,128,256]
 
 The peers (HF and CTranslate2) run at every batch size of ``--batches`` (length-sorted sentences per
 batch; ``ct2-int8@128`` names one), and each is compared at its fastest: CTranslate2 on 2 threads
-runs 15-20% faster with 128-256 sentences per batch than with 64 (an AMD EPYC Zen 4). mt batches by
+runs 10-29% faster with 128-256 sentences per batch than with 64 (an AMD EPYC Zen 4). mt batches by
 ``--batch-tokens`` source tokens, its default.
 
 Every engine translates the same file (default: Multi30k test_2016_flickr, 1,000 lines) on
