@@ -3,12 +3,19 @@ Hugging Face ``generate()`` on the exported weights, and CTranslate2 on the conv
 every compute type this CPU supports.
 
     python scripts/bench_decode.py -m RUN_DIR [--beam 5] [--repeats 3] [--engines mt,mt-mkl,mt-bf16,mt-int8,hf,ct2]
-                                   [--batches 64,128,256]
+                                   [--batches 64,128,256] [--workers 1,2]
 
 The peers (HF and CTranslate2) run at every batch size of ``--batches`` (length-sorted sentences per
 batch; ``ct2-int8@128`` names one), and each is compared at its fastest: CTranslate2 on 2 threads
 runs 10-29% faster with 128-256 sentences per batch than with 64 (an AMD EPYC Zen 4). mt batches by
-``--batch-tokens`` source tokens, its default.
+``--batch-tokens`` source tokens, its default. The peers also run with each number of workers of
+``--workers`` (``ct2-int8@128/w2``): that many batches decoded at once, each on an equal share of
+the threads (CTranslate2's ``inter_threads``, HF's ``generate()`` on a thread per worker), and each
+is compared at its fastest there too: on 2 threads of an AMD EPYC (Zen 3, AVX2) CTranslate2 with 2
+workers of 1 thread ran 1.4-1.9x faster than with 1 of 2 threads at 64-128 sentences per batch (at
+256 a 1,000-line input makes only 4 batches: 1.0-1.2x), HF 1.3x; mt, whose operations already
+divide well between threads, gained nothing from it (a trial in ``mt translate``: 1.00x fp32,
+1.02x int8).
 
 Every engine translates the same file (default: Multi30k test_2016_flickr, 1,000 lines) on
 ``--threads`` CPU threads with the same beam size, length penalty and per-batch length limit
@@ -60,10 +67,29 @@ Engine = Callable[[list[str]], list[str]]
 CT2_TYPES = ("float32", "int8", "int8_float32", "int8_bfloat16", "bfloat16")
 
 
-def split(engine: str) -> tuple[str, int | None]:
-    """``ct2-int8@128`` -> ("ct2-int8", 128); a name without a batch size -> (name, None)."""
+def split(engine: str) -> tuple[str, int | None, int]:
+    """``ct2-int8@128/w2`` -> ("ct2-int8", 128, 2): the engine, its sentences per batch (None: mt's
+    own batching by tokens) and its workers (1 when not given; mt is always one)."""
+    engine, _, workers = engine.partition("/w")
     name, _, batch = engine.partition("@")
-    return name, int(batch) if batch else None
+    return name, int(batch) if batch else None, int(workers) if workers else 1
+
+
+def in_parallel(translate_batch: Callable, batches: list, workers: int) -> list:
+    """``translate_batch`` of every batch, in order; with several workers, that many batches at once,
+    each on a thread of its own (torch's intra-op threads set to the worker's share first; threads
+    started then take that share for their own operations)."""
+    if workers == 1:
+        return [translate_batch(b) for b in batches]
+    from concurrent.futures import ThreadPoolExecutor
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, before // workers))
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(translate_batch, batches))
+    finally:
+        torch.set_num_threads(before)
 
 
 def precision(engine: str) -> str:
@@ -89,21 +115,24 @@ def _batches(lines: list[str], tok, size: int):
         yield chunk, [ids[i] for i in chunk]
 
 
-def hf_engine(hf_dir: Path, tok, beam: int, lenpen: float, a: float, b: int, batch: int) -> Engine:
+def hf_engine(hf_dir: Path, tok, beam: int, lenpen: float, a: float, b: int, batch: int, workers: int) -> Engine:
     import transformers
 
     model = transformers.AutoModelForSeq2SeqLM.from_pretrained(hf_dir).eval()
 
+    def generate(ids: list[list[int]]) -> list[list[int]]:
+        src = pad(ids)
+        limit = int(a * max(map(len, ids)) + b)
+        with torch.inference_mode():
+            return model.generate(input_ids=src, attention_mask=(src != PAD_ID).long(), num_beams=beam,
+                                  length_penalty=lenpen, early_stopping=True, max_new_tokens=limit,
+                                  do_sample=False).tolist()
+
     def translate(lines: list[str]) -> list[str]:
         out = [""] * len(lines)
-        for chunk, ids in _batches(lines, tok, batch):
-            src = pad(ids)
-            limit = int(a * max(map(len, ids)) + b)
-            with torch.inference_mode():
-                gen = model.generate(input_ids=src, attention_mask=(src != PAD_ID).long(), num_beams=beam,
-                                     length_penalty=lenpen, early_stopping=True, max_new_tokens=limit,
-                                     do_sample=False)
-            for i, row in zip(chunk, gen.tolist()):
+        batches = list(_batches(lines, tok, batch))
+        for (chunk, _), rows in zip(batches, in_parallel(generate, [ids for _, ids in batches], workers)):
+            for i, row in zip(chunk, rows):
                 row = row[1:]
                 out[i] = tok.decode([row[: row.index(EOS_ID)] if EOS_ID in row else row])[0]
         return out
@@ -112,21 +141,27 @@ def hf_engine(hf_dir: Path, tok, beam: int, lenpen: float, a: float, b: int, bat
 
 
 def ct2_engine(ct2_dir: Path, tok, beam: int, lenpen: float, a: float, b: int, batch: int, compute_type: str,
-               threads: int) -> Engine:
+               threads: int, workers: int) -> Engine:
+    """CTranslate2 with ``workers`` translators (its ``inter_threads``) of ``threads // workers``
+    threads each; every batch is submitted at once (``asynchronous``), so that each worker takes
+    the next batch as it finishes one."""
     import ctranslate2
 
     translator = ctranslate2.Translator(str(ct2_dir), device="cpu", compute_type=compute_type,
-                                        inter_threads=1, intra_threads=threads)
+                                        inter_threads=workers, intra_threads=max(1, threads // workers))
 
     def translate(lines: list[str]) -> list[str]:
         out = [""] * len(lines)
+        pending = []
         for chunk, ids in _batches(lines, tok, batch):
             pieces = [[tok.sp.id_to_piece(i) for i in seq] for seq in ids]
             limit = int(a * max(map(len, ids)) + b)
-            results = translator.translate_batch(pieces, beam_size=beam, length_penalty=lenpen,
-                                                 max_decoding_length=limit, max_batch_size=batch)
+            pending.append((chunk, translator.translate_batch(pieces, beam_size=beam, length_penalty=lenpen,
+                                                              max_decoding_length=limit, max_batch_size=batch,
+                                                              asynchronous=True)))
+        for chunk, results in pending:
             for i, r in zip(chunk, results):
-                out[i] = tok.decode([[tok.sp.piece_to_id(p) for p in r.hypotheses[0]]])[0]
+                out[i] = tok.decode([[tok.sp.piece_to_id(p) for p in r.result().hypotheses[0]]])[0]
         return out
 
     return translate
@@ -141,19 +176,19 @@ def _serve(conn, name: str, args: argparse.Namespace, dirs: dict[str, Path]) -> 
         reference = Translator.from_run(args.model, device="cpu", beam=args.beam, dtype="fp32")  # its tokenizers and decoding settings
         d, tok = reference.decode, reference.tgt_tok
         limits = (d.lenpen, d.max_len_a, d.max_len_b)
-        if name.startswith("mt"):
+        engine_name, batch, workers = split(name)
+        if engine_name.startswith("mt"):
             keep_freed_memory()  # as every mt command does (mt/allocator.py); the peers keep the C defaults
-            if name == "mt-mkl":
+            if engine_name == "mt-mkl":
                 os.environ[GEMM_ENV] = "mkl"
                 fp32_gemm.cache_clear()
-            dtype = {"mt-bf16": "bf16", "mt-int8": "int8"}.get(name, "fp32")
-            engine = mt_engine(args.model, args.beam, args.batch_tokens, use_cache=name != "mt-nocache", dtype=dtype)
+            dtype = {"mt-bf16": "bf16", "mt-int8": "int8"}.get(engine_name, "fp32")
+            engine = mt_engine(args.model, args.beam, args.batch_tokens, use_cache=engine_name != "mt-nocache",
+                               dtype=dtype)
+        elif engine_name == "hf":
+            engine = hf_engine(dirs["hf"], tok, args.beam, *limits, batch, workers)
         else:
-            peer, batch = split(name)
-            if peer == "hf":
-                engine = hf_engine(dirs["hf"], tok, args.beam, *limits, batch)
-            else:
-                engine = ct2_engine(dirs["ct2"], tok, args.beam, *limits, batch, peer[4:], args.threads)
+            engine = ct2_engine(dirs["ct2"], tok, args.beam, *limits, batch, engine_name[4:], args.threads, workers)
         engine(lines[:100])  # warm-up
         conn.send("ready")
         while conn.recv() is not None:
@@ -183,6 +218,10 @@ def main() -> None:
     parser.add_argument("--beam", type=int, default=5)
     parser.add_argument("--batches", default="64,128,256",
                         help="sentences per batch for HF and CTranslate2: each peer runs at every size")
+    parser.add_argument("--workers", default="1,2",
+                        help="for HF and CTranslate2, batches decoded at once, each worker on an equal share of "
+                             "--threads: each peer runs at every count (``/w2`` names one: CTranslate2's "
+                             "inter_threads 2, HF's generate() on 2 threads of its own)")
     parser.add_argument("--batch-tokens", type=int, default=2048, help="source tokens per batch for mt")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
@@ -196,6 +235,7 @@ def main() -> None:
     tok, d = translator.tgt_tok, translator.decode
     names = []
     batches = [int(b) for b in args.batches.split(",")]
+    worker_counts = [int(w) for w in args.workers.split(",")]
     for name in args.engines.split(","):
         if name == "ct2":  # every compute type this CPU supports
             import ctranslate2
@@ -205,14 +245,17 @@ def main() -> None:
         else:
             peers = [name]
         for peer in peers:
-            mt_or_sized = peer.startswith("mt") or "@" in peer
-            names += [peer] if mt_or_sized else [f"{peer}@{b}" for b in batches]
+            if peer.startswith("mt"):
+                names.append(peer)
+                continue
+            sized = [peer] if "@" in peer else [f"{peer}@{b}" for b in batches]
+            names += [n if "/w" in n else f"{n}/w{w}" for n in sized for w in ([None] if "/w" in n else worker_counts)]
     notes = []
-    if "mt-bf16" in names and slow_bf16_warning(torch.device("cpu")):
-        names.remove("mt-bf16")  # emulated bf16 would take hours and say nothing about mt
+    if any(split(n)[0] == "mt-bf16" for n in names) and slow_bf16_warning(torch.device("cpu")):
+        names = [n for n in names if split(n)[0] != "mt-bf16"]  # emulated bf16 would take hours, say nothing
         notes.append("mt --dtype bf16 not measured: this CPU has no native bf16 instructions.")
-    if "mt-int8" in names and int8_unavailable():
-        names.remove("mt-int8")
+    if any(split(n)[0] == "mt-int8" for n in names) and int8_unavailable():
+        names = [n for n in names if split(n)[0] != "mt-int8"]
         notes.append(f"mt --dtype int8 not measured: {int8_unavailable()}.")
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -229,8 +272,8 @@ def main() -> None:
     else:
         os.environ[GEMM_ENV] = chosen
     fp32_gemm.cache_clear()
-    if "mt-mkl" in names and fp32_gemm()[0] == "mkl":
-        names.remove("mt-mkl")  # the same as mt here
+    if fp32_gemm()[0] == "mkl":
+        names = [n for n in names if split(n)[0] != "mt-mkl"]  # the same as mt here
     with tempfile.TemporaryDirectory() as tmp:
         dirs = {}
         if any(n.startswith(("hf", "ct2")) for n in names):
@@ -274,9 +317,11 @@ def main() -> None:
             bleu = score(outputs[name], [refs], ["bleu"])[0].score
             rows.append((name, seconds, len(lines) / seconds, tokens / seconds, bleu))
             print(f"{name}: {seconds:.2f}s, {len(lines) / seconds:.1f} sentences/s, BLEU {bleu:.2f}", flush=True)
-    def fastest(prefix: str) -> tuple[str, float] | None:
-        """The fastest row (name, sentences/s) of the engines named ``prefix`` (at any batch size)."""
-        found = [(r[0], r[2]) for r in rows if split(r[0])[0].startswith(prefix)]
+    def fastest(prefix: str, exact: bool = False) -> tuple[str, float] | None:
+        """The fastest row (name, sentences/s) of the engines named ``prefix`` (or, ``exact``, that
+        one engine), at any batch size and number of workers."""
+        found = [(r[0], r[2]) for r in rows
+                 if (split(r[0])[0] == prefix if exact else split(r[0])[0].startswith(prefix))]
         return max(found, key=lambda r: r[1]) if found else None
 
     base = (fastest("hf") or (None, None))[1]
@@ -291,7 +336,7 @@ def main() -> None:
         f"# Decoding speed: beam {args.beam}, length penalty {d.lenpen}, length limit {d.max_len_a}·src + {d.max_len_b}",
         "",
         f"Command: `python scripts/bench_decode.py -m {args.model} --beam {args.beam} --repeats {args.repeats} "
-        f"--engines {args.engines} --batches {args.batches}`  ",
+        f"--engines {args.engines} --batches {args.batches} --workers {args.workers}`  ",
         f"Input: {Path(args.src).name} ({len(lines)} lines). Machine: {cpu()}; {args.threads} threads, "
         f"torch {torch.__version__}; `--dtype auto` here: {auto} ({why.removeprefix('auto: ')}). GEMM ceiling "
         "(this run): " + ", ".join(f"{p} {c:.0f} G{'OP' if p == 'int8' else 'FLOP'}/s" for p, c in ceilings.items())
@@ -300,7 +345,9 @@ def main() -> None:
         f"median of {args.repeats} passes after a warm-up; each engine in its own process, the engines' passes "
         f"interleaved round robin. mt batches by {args.batch_tokens} source tokens; "
         f"HF and CTranslate2 by {args.batches} length-sorted sentences (each size a row; ratios against HF "
-        "at its fastest). mt's workers keep freed memory for reuse, "
+        f"at its fastest), each with {args.workers} workers decoding whole batches at once on an equal share "
+        "of the threads (CTranslate2's inter_threads; HF's generate() on a thread per worker). mt's processes "
+        "keep freed memory for reuse, "
         "as every mt command does (mt/allocator.py); HF and CTranslate2 run with the C allocator's defaults."
         + "".join(f" {n}" for n in notes),
         "",
@@ -310,15 +357,16 @@ def main() -> None:
     for name, seconds, sps, tps, bleu in rows:
         ratio = f"{sps / base:.2f}x" if base else "-"
         share = work / seconds / 1e9 / ceilings[precision(name)]
-        peer, batch = split(name)
-        label = labels[peer] + (f", {batch} sentences per batch" if batch else "")
+        peer, batch, workers = split(name)
+        share_of = max(1, args.threads // workers)
+        label = labels[peer] + (f", {batch} sentences per batch" if batch else "") + (
+            "" if peer.startswith("mt") else
+            f", {workers} worker{'s' if workers > 1 else ''} of {share_of} thread{'s' if share_of > 1 else ''}")
         table.append(f"| {label} | {seconds:.2f} | {sps:.1f} | {tps:.0f} | {ratio} | {bleu:.2f} | "
                      f"{share:.1%} ({precision(name)}) |")
-    comparisons = [("mt fp32 against CTranslate2 float32", next(((r[0], r[2]) for r in rows if r[0] == "mt"), None),
-                    fastest("ct2-float32")),
-                   ("the fastest mt mode against the fastest CTranslate2 compute type",
-                    max(((r[0], r[2]) for r in rows if r[0].startswith("mt")), key=lambda r: r[1], default=None),
-                    fastest("ct2"))]
+    comparisons = [("mt fp32 against HF", fastest("mt", exact=True), fastest("hf")),
+                   ("mt fp32 against CTranslate2 float32", fastest("mt", exact=True), fastest("ct2-float32")),
+                   ("the fastest mt mode against the fastest CTranslate2 compute type", fastest("mt"), fastest("ct2"))]
     for what, ours, theirs in comparisons:
         if ours and theirs:
             table.append(f"\n{what}, each at its fastest: {ours[0]} {ours[1]:.1f} against {theirs[0]} "
