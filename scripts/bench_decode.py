@@ -11,11 +11,11 @@ runs 10-29% faster with 128-256 sentences per batch than with 64 (an AMD EPYC Ze
 ``--batch-tokens`` source tokens, its default. The peers also run with each number of workers of
 ``--workers`` (``ct2-int8@128/w2``): that many batches decoded at once, each on an equal share of
 the threads (CTranslate2's ``inter_threads``, HF's ``generate()`` on a thread per worker), and each
-is compared at its fastest there too: on 2 threads of an AMD EPYC (Zen 3, AVX2) CTranslate2 with 2
-workers of 1 thread ran 1.4-1.9x faster than with 1 of 2 threads at 64-128 sentences per batch (at
-256 a 1,000-line input makes only 4 batches: 1.0-1.2x), HF 1.3x; mt, whose operations already
-divide well between threads, gained nothing from it (a trial in ``mt translate``: 1.00x fp32,
-1.02x int8).
+is compared at its fastest there too: on 2 threads of an AMD EPYC (Zen 3, AVX2), over two runs,
+CTranslate2 with 2 workers of 1 thread ran 1.5-1.9x faster than with 1 of 2 threads at 64 sentences
+per batch and 1.0-1.5x at 128-256 (a 1,000-line input makes only 4 batches of 256), HF 1.1-1.3x;
+mt, whose operations already divide well between threads, gained nothing from it (a trial in
+``mt translate``: 1.00x fp32, 1.02x int8).
 
 Every engine translates the same file (default: Multi30k test_2016_flickr, 1,000 lines) on
 ``--threads`` CPU threads with the same beam size, length penalty and per-batch length limit
@@ -246,6 +246,9 @@ def main() -> None:
             peers = [name]
         for peer in peers:
             if peer.startswith("mt"):
+                if "/w" in peer or "@" in peer:
+                    raise SystemExit(f"bench_decode: {peer}: mt engines take no batch size or workers "
+                                     "(mt batches by --batch-tokens, on all --threads)")
                 names.append(peer)
                 continue
             sized = [peer] if "@" in peer else [f"{peer}@{b}" for b in batches]
