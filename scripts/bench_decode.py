@@ -251,14 +251,14 @@ def main() -> None:
                                      "(mt batches by --batch-tokens, on all --threads)")
                 names.append(peer)
                 continue
-            sized = [peer] if "@" in peer else [f"{peer}@{b}" for b in batches]
-            names += [n if "/w" in n else f"{n}/w{w}" for n in sized for w in ([None] if "/w" in n else worker_counts)]
+            for sized in [peer] if "@" in peer else [f"{peer}@{b}" for b in batches]:
+                names += [sized] if "/w" in sized else [f"{sized}/w{w}" for w in worker_counts]
     notes = []
-    if any(split(n)[0] == "mt-bf16" for n in names) and slow_bf16_warning(torch.device("cpu")):
-        names = [n for n in names if split(n)[0] != "mt-bf16"]  # emulated bf16 would take hours, say nothing
+    if "mt-bf16" in names and slow_bf16_warning(torch.device("cpu")):
+        names.remove("mt-bf16")  # emulated bf16 would take hours and say nothing about mt
         notes.append("mt --dtype bf16 not measured: this CPU has no native bf16 instructions.")
-    if any(split(n)[0] == "mt-int8" for n in names) and int8_unavailable():
-        names = [n for n in names if split(n)[0] != "mt-int8"]
+    if "mt-int8" in names and int8_unavailable():
+        names.remove("mt-int8")
         notes.append(f"mt --dtype int8 not measured: {int8_unavailable()}.")
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -275,8 +275,8 @@ def main() -> None:
     else:
         os.environ[GEMM_ENV] = chosen
     fp32_gemm.cache_clear()
-    if fp32_gemm()[0] == "mkl":
-        names = [n for n in names if split(n)[0] != "mt-mkl"]  # the same as mt here
+    if "mt-mkl" in names and fp32_gemm()[0] == "mkl":
+        names.remove("mt-mkl")  # the same as mt here
     with tempfile.TemporaryDirectory() as tmp:
         dirs = {}
         if any(n.startswith(("hf", "ct2")) for n in names):
@@ -320,11 +320,10 @@ def main() -> None:
             bleu = score(outputs[name], [refs], ["bleu"])[0].score
             rows.append((name, seconds, len(lines) / seconds, tokens / seconds, bleu))
             print(f"{name}: {seconds:.2f}s, {len(lines) / seconds:.1f} sentences/s, BLEU {bleu:.2f}", flush=True)
-    def fastest(prefix: str, exact: bool = False) -> tuple[str, float] | None:
-        """The fastest row (name, sentences/s) of the engines named ``prefix`` (or, ``exact``, that
-        one engine), at any batch size and number of workers."""
-        found = [(r[0], r[2]) for r in rows
-                 if (split(r[0])[0] == prefix if exact else split(r[0])[0].startswith(prefix))]
+    def fastest(prefix: str) -> tuple[str, float] | None:
+        """The fastest row (name, sentences/s) of the engines named ``prefix`` (at any batch size and
+        number of workers)."""
+        found = [(r[0], r[2]) for r in rows if split(r[0])[0].startswith(prefix)]
         return max(found, key=lambda r: r[1]) if found else None
 
     base = (fastest("hf") or (None, None))[1]
@@ -367,8 +366,9 @@ def main() -> None:
             f", {workers} worker{'s' if workers > 1 else ''} of {share_of} thread{'s' if share_of > 1 else ''}")
         table.append(f"| {label} | {seconds:.2f} | {sps:.1f} | {tps:.0f} | {ratio} | {bleu:.2f} | "
                      f"{share:.1%} ({precision(name)}) |")
-    comparisons = [("mt fp32 against HF", fastest("mt", exact=True), fastest("hf")),
-                   ("mt fp32 against CTranslate2 float32", fastest("mt", exact=True), fastest("ct2-float32")),
+    mt_fp32 = next(((r[0], r[2]) for r in rows if r[0] == "mt"), None)
+    comparisons = [("mt fp32 against HF", mt_fp32, fastest("hf")),
+                   ("mt fp32 against CTranslate2 float32", mt_fp32, fastest("ct2-float32")),
                    ("the fastest mt mode against the fastest CTranslate2 compute type", fastest("mt"), fastest("ct2"))]
     for what, ours, theirs in comparisons:
         if ours and theirs:
