@@ -87,12 +87,12 @@ def _part(cfg: Config, corpus: CorpusConfig, training: bool, src_tok: Tokenizer,
     store = tokenized(corpus, data.src_lang, data.tgt_lang, src_tok, tgt_tok, cache_dir=data.cache_dir,
                       num_proc=data.num_proc or cores(), dedup=data.dedup and training, log=log, progress=progress)
     if training:
-        rows, lengths, report = clean(store, data.max_len, data.max_ratio)
+        rows, lengths, skews, report = clean(store, data.max_len, data.max_ratio)
     else:
-        rows, lengths, report = clean(store, cfg.model.max_positions)
+        rows, lengths, skews, report = clean(store, cfg.model.max_positions)
     if report.kept == 0:
         raise CorpusError(f"{corpus.describe()}: no pairs left after cleaning ({report})")
-    return Part(store, rows, lengths, report, corpus.weight)
+    return Part(store, rows, lengths, report, corpus.weight, skews)
 
 
 def sampling_for(cfg: Config, src_tok: Tokenizer, tgt_tok: Tokenizer, seed: int) -> Sampling | None:

@@ -115,7 +115,8 @@ def _next_log_probs(state: _DecoderState, prefix: torch.Tensor, step: int, min_l
     """(R, V) log-probabilities of the next token after ``prefix`` (R, step + 1), -inf where not
     allowed: ``<pad>``, ``<s>``, ``</s>`` before ``min_len`` tokens, anything but ``</s>`` in rows
     ``must_end`` (R,). ``step`` tokens have been generated."""
-    lprobs = F.log_softmax(state.logits(prefix).float(), dim=-1)  # (R, V)
+    logits = state.logits(prefix).float()  # (R, V), a new tensor: its log-softmax overwrites it
+    lprobs = torch.log_softmax(logits, dim=-1, out=logits)  # in place: half the memory a step streams through
     lprobs[:, PAD_ID] = -math.inf
     lprobs[:, BOS_ID] = -math.inf
     if step < min_len:

@@ -199,10 +199,11 @@ def test_clean_drops_pairs_jointly_and_counts_each_reason(tmp_path):
         (9, 9, "keep"),
     ]
     store = fake_cache(tmp_path / "c", [r[0] for r in rows], [r[1] for r in rows])
-    kept, lengths, report = clean(store, max_len=64, max_ratio=3.0)
+    kept, lengths, skews, report = clean(store, max_len=64, max_ratio=3.0)
     keep_ids = [i for i, r in enumerate(rows) if r[2] == "keep"]
     assert kept[np.arange(len(kept))].tolist() == keep_ids and kept.dropped.tolist() == sorted(set(range(12)) - set(keep_ids))
     assert lengths.tolist() == [max(rows[i][:2]) for i in keep_ids]
+    assert skews.dtype == np.uint8 and skews.tolist() == [rows[i][0] - rows[i][1] + 64 for i in keep_ids]
     assert report.total == 12 and report.kept == 4
     assert report.dropped == {"empty": 3, "with control characters": 0, "duplicates": 0, "longer than 64 tokens": 2,
                               "length ratio above 3": 3}
@@ -213,7 +214,7 @@ def test_clean_drops_pairs_jointly_and_counts_each_reason(tmp_path):
     assert batch.src[0].tolist() == list(range(10, 73)) + [EOS_ID] and batch.src[1, :9].tolist()[-1] == EOS_ID
 
     # max_ratio 0 disables the ratio filter
-    kept, _, report = clean(store, max_len=64, max_ratio=0)
+    kept, _, _, report = clean(store, max_len=64, max_ratio=0)
     assert report.kept == 7 and report.dropped["length ratio above 0"] == 0
 
 
@@ -228,7 +229,7 @@ def test_clean_counts_across_chunks_exactly(tmp_path, monkeypatch):
     assert [len(c[1]) for c in store.chunks(7)][:2] == [7, 7]
     parts = clean(store, max_len=64, max_ratio=2.0)
     assert np.array_equal(whole[0].dropped, parts[0].dropped) and np.array_equal(whole[1], parts[1])
-    assert whole[2] == parts[2] and len(whole[0]) == whole[2].kept
+    assert np.array_equal(whole[2], parts[2]) and whole[3] == parts[3] and len(whole[0]) == whole[3].kept
 
 
 def test_pairs_with_control_characters_are_dropped_jointly_and_counted(tmp_path, tokenizer):
@@ -237,7 +238,7 @@ def test_pairs_with_control_characters_are_dropped_jointly_and_counted(tmp_path,
     corpus = CorpusConfig(src=str(write(tmp_path / "c.de", [t[0] for t in texts])),
                           tgt=str(write(tmp_path / "c.en", [t[1] for t in texts])))
     store = tokenized(corpus, "de", "en", tokenizer, tokenizer, cache_dir=str(tmp_path / "cache"))
-    kept, _, report = clean(store, max_len=64, max_ratio=0)
+    kept, _, _, report = clean(store, max_len=64, max_ratio=0)
     assert kept[np.arange(len(kept))].tolist() == [0, 3]
     assert report.dropped["with control characters"] == 4
 
@@ -255,8 +256,10 @@ def test_kept_rows_map_kept_pairs_to_rows():
 
 
 def test_clean_keeps_everything_untouched(tmp_path):
-    kept, lengths, report = clean(fake_cache(tmp_path / "c", [3, 4], [4, 3]), max_len=10, max_ratio=2.0)
+    kept, lengths, skews, report = clean(fake_cache(tmp_path / "c", [3, 4], [4, 3]), max_len=10, max_ratio=2.0)
     assert kept is None and lengths.tolist() == [4, 4] and report.kept == 2 and str(report) == "2/2 pairs kept"
+    assert skews.tolist() == [9, 11]  # 3 - 4 + 10, 4 - 3 + 10
+    assert clean(fake_cache(tmp_path / "d", [3], [4]), max_len=129)[2].dtype == np.uint16  # skews up to 256
 
 
 # --------------------------------------------------------------------------------------------------
@@ -320,7 +323,7 @@ def test_sampler_state_seed_wins_even_after_use(lengths):
     src_len, tgt_len = lengths
     source = TokenBatchSampler(np.maximum(src_len, tgt_len), max_tokens=256, seed=11)
     state = source.state_dict()
-    assert state == {"version": 2, "seed": 11, "max_tokens": 256, "num_examples": 500}
+    assert state == {"version": 3, "seed": 11, "max_tokens": 256, "num_examples": 500, "order": "length"}
 
     target = TokenBatchSampler(np.maximum(src_len, tgt_len), max_tokens=256, seed=1)
     before = target.batches(2)  # computed (and cached) under seed 1
@@ -341,12 +344,16 @@ def test_sampler_load_state_dict_rejects_other_data(lengths):
         TokenBatchSampler(np.maximum(src_len, tgt_len), max_tokens=256).load_state_dict({**state, "version": 99})
 
 
-def _reference_batches(lengths, max_tokens, seed, epoch, shuffle=True) -> list[np.ndarray]:
-    """The sampler as it was written first: a Python loop over every example (the oracle)."""
+def _reference_batches(lengths, max_tokens, seed, epoch, shuffle=True, skews=None) -> list[np.ndarray]:
+    """The sampler as it was written first: a Python loop over every example (the oracle); with
+    ``skews``, examples ordered by (length, skew) with a lexicographic sort."""
     lengths = np.asarray(lengths).astype(np.int64)
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(lengths)) if shuffle else np.arange(len(lengths))
-    order = order[np.argsort(lengths[order], kind="stable")]
+    if skews is None:
+        order = order[np.argsort(lengths[order], kind="stable")]
+    else:
+        order = order[np.lexsort((np.asarray(skews)[order], lengths[order]))]  # stable: ties keep the shuffle
     result, start, longest = [], 0, 0
     for i, n in enumerate(lengths[order]):
         longest = max(longest, n)
@@ -368,10 +375,37 @@ def test_vectorised_sampler_gives_exactly_the_reference_batches():
         lengths = rng.integers(1, longest, size=n).astype(np.uint16)
         for shuffle in (True, False):
             for epoch in (0, 3):
-                expected = _reference_batches(lengths, max_tokens, trial, epoch, shuffle)
-                got = TokenBatchSampler(lengths, max_tokens, shuffle=shuffle, seed=trial).batches(epoch)
+                skews = rng.integers(0, 2 * longest, size=n).astype(np.uint16) if trial % 2 else None
+                expected = _reference_batches(lengths, max_tokens, trial, epoch, shuffle, skews)
+                got = TokenBatchSampler(lengths, max_tokens, shuffle=shuffle, seed=trial, skews=skews).batches(epoch)
                 assert len(got) == len(expected), (trial, shuffle, epoch)
                 assert all(np.array_equal(x, y) for x, y in zip(got, expected)), (trial, shuffle, epoch)
+
+
+def test_skews_pad_less_in_the_same_batches(lengths):
+    """Ordered by (length, skew), the batches are as many and hold as many examples each, but both
+    sides pad less; a state saved by version 2 (by length alone) resumes with length-only batches."""
+    src_len, tgt_len = lengths
+    longest, skews = np.maximum(src_len, tgt_len), src_len - tgt_len + 60
+
+    def padded(batches):
+        return sum(len(b) * src_len[b].max() for b in batches), sum(len(b) * tgt_len[b].max() for b in batches)
+
+    plain = TokenBatchSampler(longest, max_tokens=256, seed=3).batches(0)
+    skewed = TokenBatchSampler(longest, max_tokens=256, seed=3, skews=skews).batches(0)
+    assert sorted(map(len, plain)) == sorted(map(len, skewed))
+    (plain_src, plain_tgt), (skewed_src, skewed_tgt) = padded(plain), padded(skewed)
+    assert skewed_src < 0.95 * plain_src and skewed_tgt < 0.95 * plain_tgt
+
+    sampler = TokenBatchSampler(longest, max_tokens=256, seed=1, skews=skews)
+    assert sampler.state_dict()["order"] == "length, skew"
+    sampler.batches(0)  # cached in the skew order
+    sampler.load_state_dict({"version": 2, "seed": 3, "max_tokens": 256, "num_examples": 500})
+    assert sampler.state_dict() == {"version": 3, "seed": 3, "max_tokens": 256, "num_examples": 500, "order": "length"}
+    assert all(np.array_equal(x, y) for x, y in zip(sampler.batches(0), plain))
+    with pytest.raises(ValueError, match="order='length, skew' but this run's examples can be ordered by 'length' only"):
+        TokenBatchSampler(longest, max_tokens=256).load_state_dict(TokenBatchSampler(
+            longest, max_tokens=256, skews=skews).state_dict())
 
 
 def test_sort_by_length_is_stable_across_chunks():
@@ -456,7 +490,7 @@ def test_tokenized_cache_is_compact_exact_and_built_once(tmp_path, monkeypatch, 
         assert (single / name).read_bytes() == (many / name).read_bytes() == (store.path / name).read_bytes(), name
 
     # and the ids come back out of ParallelData as a padded batch
-    _, lengths, report = clean(store, max_len=1000)
+    _, lengths, _, report = clean(store, max_len=1000)
     parallel = ParallelData([Part(store, None, lengths, report)])
     batch = parallel.batch(np.array([1, 0]))
     assert batch.tgt_out[0, : len(tokenizer.encode([tgt[1]])[0])].tolist() == tokenizer.encode([tgt[1]])[0]
@@ -520,7 +554,7 @@ def test_dedup_marks_later_copies_of_a_pair(tmp_path, tokenizer):
     tgt = write(tmp_path / "d.en", ["A dog.", "Two cats.", "A dog.", "One dog.", "Two cats."])
     corpus = CorpusConfig(src=str(src), tgt=str(tgt))
     store = tokenized(corpus, "de", "en", tokenizer, tokenizer, cache_dir=str(tmp_path / "cache"), dedup=True)
-    kept, _, report = clean(store, max_len=64)
+    kept, _, _, report = clean(store, max_len=64)
     assert kept[np.arange(3)].tolist() == [0, 1, 3] and report.dropped["duplicates"] == 2 and store.meta["duplicates"] == 2
     plain = tokenized(corpus, "de", "en", tokenizer, tokenizer, cache_dir=str(tmp_path / "cache"))
     assert plain.path != store.path and clean(plain, max_len=64)[0] is None
