@@ -445,7 +445,8 @@ def average(
 def export(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by mt train.")],
     out_dir: Annotated[Path, typer.Argument(help="Directory to write.")],
-    to: Annotated[str, typer.Option("--to", help="hf (transformers M2M100) or ctranslate2.")] = "hf",
+    to: Annotated[str, typer.Option("--to", help="hf (transformers: M2M100, FSMT for model.norm=post) "
+                                                 "or ctranslate2.")] = "hf",
     checkpoint: Checkpoint = None,
     average: Average = 0,
     quantization: Annotated[Optional[str], typer.Option("--quantization", help="ctranslate2 only: int8, int8_float32, bfloat16...")] = None,

@@ -1,13 +1,20 @@
-"""Export a run to Hugging Face transformers (``M2M100ForConditionalGeneration``) and CTranslate2.
+"""Export a run to Hugging Face transformers and CTranslate2.
 
-``mt``'s default model is M2M100's architecture one-to-one (see ``mt/model.py``), so the export only
-renames and splits tensors: our packed attention projection [W_q; W_k; W_v] becomes ``q_proj``,
-``k_proj``, ``v_proj``; our pre-norm ``Sublayer`` norms become ``self_attn_layer_norm``,
-``encoder_attn_layer_norm`` and ``final_layer_norm``; the shared embedding becomes ``model.shared``
-and the tied ``lm_head``. The decoder starts from ``<s>`` (id 0), so ``decoder_start_token_id`` = 0.
+A pre-norm model (``model.norm=pre``, the default) is M2M100's architecture one-to-one
+(``M2M100ForConditionalGeneration``, see ``mt/model.py``); a post-norm one (``model.norm=post``) is
+fairseq's Transformer, which transformers ports as FSMT (``FSMTForConditionalGeneration``: LayerNorm
+after each sub-layer, no final LayerNorm, fairseq's sinusoidal table with positions from
+``padding_idx + 1``, exactly ours). Either way the export only renames and splits tensors: our packed
+attention projection [W_q; W_k; W_v] becomes ``q_proj``, ``k_proj``, ``v_proj``; our ``Sublayer``
+norms become ``self_attn_layer_norm``, ``encoder_attn_layer_norm`` and ``final_layer_norm``; the
+shared embedding becomes every embedding and the tied output projection. The decoder starts from
+``<s>`` (id 0), so ``decoder_start_token_id`` = 0.
 
-Not exportable (M2M100 has no such variant): ``model.norm=post``, separate vocabularies, untied
-embeddings (``model.share_embeddings=false``).
+CTranslate2 converts M2M100 itself; for FSMT, which it has no loader for, ``_fsmt_loader`` gives it one
+(its BART loader with post-norm layers, no embedding LayerNorm and FSMT's module names).
+
+Not exportable (neither has such a variant): separate vocabularies, untied embeddings
+(``model.share_embeddings=false``).
 
 Needs the optional extra ``mt[export]`` (transformers, safetensors; ctranslate2 for ``--to ctranslate2``).
 """
@@ -40,12 +47,9 @@ def _require(module: str, package: str = ""):
 
 
 def check_exportable(cfg: Config, src_vocab: int, tgt_vocab: int) -> None:
-    m = cfg.model
-    if m.norm != "pre":
-        raise ExportError("model.norm=post cannot be exported: M2M100 is pre-norm")
-    if not m.share_embeddings or not cfg.tokenizer.joint or src_vocab != tgt_vocab:
+    if not cfg.model.share_embeddings or not cfg.tokenizer.joint or src_vocab != tgt_vocab:
         raise ExportError("only joint vocabularies with model.share_embeddings=true can be exported "
-                          "(M2M100 shares one embedding between encoder, decoder and output)")
+                          "(the export shares one embedding between encoder, decoder and output)")
 
 
 def _check_out_dir(out_dir: str | Path) -> None:
@@ -54,25 +58,53 @@ def _check_out_dir(out_dir: str | Path) -> None:
         raise ExportError(f"{out_dir}: exists and is not an empty directory; choose a new one")
 
 
-def hf_config(cfg: Config, vocab: int):
-    """The ``M2M100Config`` of our model shape and decoding defaults."""
-    transformers = _require("transformers")
+def _shape(cfg: Config) -> dict:
+    """The config keys M2M100 and FSMT share, from our model shape and special ids."""
     m = cfg.model
-    return transformers.M2M100Config(
-        vocab_size=vocab, d_model=m.d_model, max_position_embeddings=m.max_positions,
+    return dict(
+        d_model=m.d_model, max_position_embeddings=m.max_positions,
         encoder_layers=m.encoder_layers, decoder_layers=m.decoder_layers,
         encoder_attention_heads=m.n_heads, decoder_attention_heads=m.n_heads,
         encoder_ffn_dim=m.ffn_dim, decoder_ffn_dim=m.ffn_dim, activation_function=m.activation,
         dropout=m.dropout, attention_dropout=m.attention_dropout, activation_dropout=m.activation_dropout,
         encoder_layerdrop=0.0, decoder_layerdrop=0.0, scale_embedding=m.scale_embedding,
         pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, decoder_start_token_id=BOS_ID,
-        tie_word_embeddings=True, architectures=["M2M100ForConditionalGeneration"],
+        tie_word_embeddings=True,
     )
 
 
+def hf_config(cfg: Config, vocab: int):
+    """The ``M2M100Config`` of our model shape (pre-norm, whatever ``model.norm`` says: the training
+    benchmark's peer)."""
+    transformers = _require("transformers")
+    return transformers.M2M100Config(vocab_size=vocab, architectures=["M2M100ForConditionalGeneration"],
+                                     **_shape(cfg))
+
+
+def fsmt_config(cfg: Config, vocab: int):
+    """The ``FSMTConfig`` of our post-norm model shape: fairseq's Transformer as transformers ports it."""
+    transformers = _require("transformers")
+    return transformers.FSMTConfig(
+        langs=[cfg.data.src_lang, cfg.data.tgt_lang], src_vocab_size=vocab, tgt_vocab_size=vocab,
+        max_length=cfg.model.max_positions, architectures=["FSMTForConditionalGeneration"],
+        use_cache=False,  # FSMT drops the causal mask from a forward with the cache on; generate() still uses it
+        **_shape(cfg),
+    )
+
+
+def hf_model(cfg: Config, vocab: int):
+    """A randomly initialised transformers model of our architecture: M2M100 (pre-norm) or FSMT (post-norm)."""
+    transformers = _require("transformers")
+    if cfg.model.norm == "pre":
+        return transformers.M2M100ForConditionalGeneration(hf_config(cfg, vocab))
+    return transformers.FSMTForConditionalGeneration(fsmt_config(cfg, vocab))
+
+
 def hf_state_dict(state: dict[str, torch.Tensor], cfg: Config) -> dict[str, torch.Tensor]:
-    """Our parameter names and shapes -> M2M100ForConditionalGeneration's."""
+    """Our parameter names and shapes -> M2M100ForConditionalGeneration's (pre-norm) or
+    FSMTForConditionalGeneration's (post-norm)."""
     D = cfg.model.d_model
+    pre = cfg.model.norm == "pre"
     out = {}
 
     def attention(ours: str, theirs: str) -> None:
@@ -88,8 +120,8 @@ def hf_state_dict(state: dict[str, torch.Tensor], cfg: Config) -> dict[str, torc
             out[f"{theirs}.{p}"] = state[f"{ours}.{p}"]
 
     embedding = state["tgt_embed.weight"]
-    for name in ("model.shared.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight",
-                 "lm_head.weight"):
+    tied = ("model.shared.weight", "lm_head.weight") if pre else ("model.decoder.output_projection.weight",)
+    for name in ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight") + tied:
         out[name] = embedding
     for i in range(cfg.model.encoder_layers):
         ours, theirs = f"encoder_layers.{i}", f"model.encoder.layers.{i}"
@@ -107,8 +139,9 @@ def hf_state_dict(state: dict[str, torch.Tensor], cfg: Config) -> dict[str, torc
         copy(f"{ours}.ffn_block.norm", f"{theirs}.final_layer_norm")
         copy(f"{ours}.ffn.fc1", f"{theirs}.fc1")
         copy(f"{ours}.ffn.fc2", f"{theirs}.fc2")
-    copy("encoder_norm", "model.encoder.layer_norm")
-    copy("decoder_norm", "model.decoder.layer_norm")
+    if pre:  # post-norm has no final LayerNorm
+        copy("encoder_norm", "model.encoder.layer_norm")
+        copy("decoder_norm", "model.decoder.layer_norm")
     return out
 
 
@@ -127,7 +160,7 @@ def to_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str | None = Non
     tokenizer_files = hf_tokenizer(spm_path, cfg.model.max_positions)  # one that cannot be made stops us here
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    hf = transformers.M2M100ForConditionalGeneration(hf_config(cfg, tgt_tok.vocab_size))
+    hf = hf_model(cfg, tgt_tok.vocab_size)
     missing, unexpected = hf.load_state_dict(hf_state_dict(model.state_dict(), cfg), strict=False)
     missing = [k for k in missing if "embed_positions" not in k]
     if missing or unexpected:  # a mapping bug, never a user error
@@ -137,6 +170,7 @@ def to_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str | None = Non
     hf.generation_config = transformers.GenerationConfig(
         decoder_start_token_id=BOS_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
         num_beams=d.beam, length_penalty=d.lenpen, early_stopping=True, max_length=cfg.model.max_positions,
+        use_cache=True,  # FSMT's config turns it off for forward() (fsmt_config)
     )
     hf.save_pretrained(out_dir, safe_serialization=True)
     atomic_copy(spm_path, out_dir / "sentencepiece.model")
@@ -219,11 +253,45 @@ class _Vocabulary:
         return self.pieces[index]
 
 
+def _fsmt_loader():
+    """A CTranslate2 loader for ``FSMTForConditionalGeneration``: its BART loader (the same layer and
+    module names) with post-norm layers, no embedding LayerNorm, FSMT's output projection, and the
+    sinusoidal table from position ``padding_idx + 1`` on (CTranslate2 counts positions from 0)."""
+    from ctranslate2.converters import transformers as ct2
+    from ctranslate2.specs import transformer_spec
+
+    class FSMTLoader(ct2.BartLoader):
+        @property
+        def architecture_name(self) -> str:
+            return "FSMTForConditionalGeneration"
+
+        def get_model_spec(self, model):
+            c = model.config
+            spec = transformer_spec.TransformerSpec.from_config(
+                (c.encoder_layers, c.decoder_layers), c.encoder_attention_heads, pre_norm=False,
+                activation=ct2._SUPPORTED_ACTIVATIONS[c.activation_function], layernorm_embedding=False)
+            self.set_encoder(spec.encoder, model.model.encoder)
+            self.set_decoder(spec.decoder, model.model.decoder)
+            self.set_linear(spec.decoder.projection, model.model.decoder.output_projection)
+            return spec
+
+        def set_position_encodings(self, spec, module):
+            spec.encodings = module.weight[module.padding_idx + 1:]
+
+    return FSMTLoader
+
+
 def to_ctranslate2(run_dir: str | Path, out_dir: str | Path, checkpoint: str | None = None, average: int = 0,
                    quantization: str | None = None) -> Path:
-    """Convert through the HF export with CTranslate2's own ``TransformersConverter``."""
+    """Convert through the HF export with CTranslate2's own ``TransformersConverter`` (and, for a
+    post-norm model, our FSMT loader registered with it: CTranslate2 has none)."""
     ctranslate2 = _require("ctranslate2")
     import tempfile
+
+    from ctranslate2.converters import transformers as ct2
+
+    if "FSMTConfig" not in getattr(ct2, "_MODEL_LOADERS", {}):
+        ct2.register_loader("FSMTConfig")(_fsmt_loader())
 
     class Converter(ctranslate2.converters.TransformersConverter):
         def load_tokenizer(self, tokenizer_class, model_name_or_path, **kwargs):

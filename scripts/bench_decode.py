@@ -1,6 +1,8 @@
 """Decoding speed side by side: `mt translate` (fp32, bf16, int8; optionally without its KV cache),
-Hugging Face ``generate()`` on the exported weights, and CTranslate2 on the converted weights in
-every compute type this CPU supports.
+Hugging Face ``generate()`` on the exported weights (``mt export``: M2M100 for a pre-norm run, FSMT
+for a post-norm one, whose attention is plain matrix products, not SDPA: compare HF ratios only
+between runs of one norm), and CTranslate2 on the converted weights in every compute type this
+CPU supports.
 
     python scripts/bench_decode.py -m RUN_DIR [--beam 5] [--repeats 3] [--engines mt,mt-mkl,mt-bf16,mt-int8,hf,ct2]
                                    [--batches 64,128,256] [--workers 1,2]

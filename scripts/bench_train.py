@@ -4,11 +4,13 @@ and each against the machine's matmul ceiling in that precision.
     python scripts/bench_train.py [--config configs/multi30k_de_en.yaml] [--steps 8] [--repeats 3]
 
 The peer is ``M2M100ForConditionalGeneration`` built from ``mt.export.hf_config`` (the same pre-norm
-encoder-decoder, random init, SDPA attention). Both run a full training step on the same
-token-bucketed Multi30k batches: forward, label-smoothed cross-entropy, backward, gradient clipping,
-fused AdamW step. Each timed pass is a process of its own (so peak RSS is its own) that does
-``--warmup`` steps and an untimed pass over the ``--steps`` batches, then one timed pass over the same
-batches (oneDNN, which computes bf16 products on a CPU, builds a kernel for each new matrix shape on
+encoder-decoder, random init, SDPA attention), also for a config with ``model.norm: post``: mt's
+post-norm model does the same work but for the two final LayerNorms it lacks, and transformers'
+post-norm port (FSMT) computes attention with plain matrix products, not SDPA. Both run a full
+training step on the same token-bucketed Multi30k batches: forward, label-smoothed cross-entropy,
+backward, gradient clipping, fused AdamW step. Each timed pass is a process of its own (so peak RSS
+is its own) that does ``--warmup`` steps and an untimed pass over the ``--steps`` batches, then one
+timed pass over the same batches (oneDNN, which computes bf16 products on a CPU, builds a kernel for each new matrix shape on
 first use, 4-24 ms each on a Xeon with AMX; a training run meets its shapes again epoch after epoch,
 about 20 batch sizes per epoch at 2,048 tokens, so the timed pass finds them built, as a run's later
 epochs do); the passes of every engine and

@@ -1,5 +1,6 @@
-"""Oracle tests: the Hugging Face M2M100 export computes what `mt` computes (logits, greedy and beam
-outputs), and CTranslate2 on the converted weights translates like `mt`.
+"""Oracle tests: the Hugging Face export (M2M100 for a pre-norm model, FSMT for a post-norm one)
+computes what `mt` computes (logits, greedy and beam outputs), and CTranslate2 on the converted weights
+translates like `mt`. Every test runs on a pre-norm and a post-norm run.
 
 Skipped only when the optional extra (`pip install 'mt[export]'`) is missing; `make test` installs it.
 """
@@ -25,12 +26,13 @@ ctranslate2 = pytest.importorskip("ctranslate2", reason="the optional extra mt[e
 from mt.export import ExportError, to_ctranslate2, to_hf  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, multi30k_head) -> Path:
-    """A small de->en run trained in-test long enough that its outputs end with </s> on every CPU: after
-    200 steps all 200 beam outputs below end before 40 tokens under ATEN_CPU_CAPABILITY=default, avx2
-    and avx512, 1 or 2 threads (after 100 steps 180-181: too close to any floor)."""
-    tmp = tmp_path_factory.mktemp("export")
+@pytest.fixture(scope="module", params=["pre", "post"])
+def run_dir(request, tmp_path_factory, multi30k_head) -> Path:
+    """A small de->en run (model.norm pre or post) trained in-test long enough that its outputs end
+    with </s> on every CPU: after 200 steps all 200 beam outputs below end before 40 tokens under
+    ATEN_CPU_CAPABILITY=default, avx2 and avx512, 1 or 2 threads (after 100 steps 180-181: too close
+    to any floor)."""
+    tmp = tmp_path_factory.mktemp(f"export_{request.param}")
     for lang in ("de", "en"):
         (tmp / f"train.{lang}").write_text("\n".join(multi30k_head("train", lang, 4000)) + "\n", encoding="utf-8")
     cfg = config_from_dict({
@@ -38,7 +40,7 @@ def run_dir(tmp_path_factory, multi30k_head) -> Path:
                  "cache_dir": str(tmp / "cache")},
         "tokenizer": {"vocab_size": 500},
         "model": {"d_model": 64, "n_heads": 4, "ffn_dim": 128, "encoder_layers": 2, "decoder_layers": 2,
-                  "dropout": 0.0, "max_positions": 256},
+                  "dropout": 0.0, "max_positions": 256, "norm": request.param},
         "train": {"run_dir": str(tmp / "run"), "max_steps": 200, "valid_every": 200, "max_tokens": 2048,
                   "lr": 3e-3, "warmup_steps": 20, "num_threads": 0},
         "decode": {"beam": 5, "lenpen": 1.0},
@@ -61,14 +63,24 @@ def test_sources(multi30k_head, exported) -> list[list[int]]:
     return src_tok.encode(multi30k_head("test_2016_flickr", "de", 48))
 
 
-def test_export_directory_loads_offline_as_m2m100(exported):
+def test_export_directory_loads_offline_as_m2m100_or_fsmt(exported):
     out, hf, model, _, _ = exported
-    assert isinstance(hf, transformers.M2M100ForConditionalGeneration)
     assert {p.name for p in out.iterdir()} >= {"model.safetensors", "config.json", "generation_config.json",
                                                "sentencepiece.model"}
     assert hf.config.decoder_start_token_id == BOS_ID and hf.config.pad_token_id == PAD_ID
-    assert hf.lm_head.weight.data_ptr() == hf.model.shared.weight.data_ptr()  # tied, as in mt
-    assert sum(p.numel() for p in hf.parameters()) == model.num_parameters()
+    embed = hf.model.decoder.embed_tokens.weight
+    assert hf.model.encoder.embed_tokens.weight.data_ptr() == embed.data_ptr()  # one embedding, as in mt
+    if model.cfg.norm == "pre":
+        assert isinstance(hf, transformers.M2M100ForConditionalGeneration)
+        assert hf.lm_head.weight.data_ptr() == embed.data_ptr()
+        positions = hf.model.encoder.embed_positions.weights
+    else:
+        assert isinstance(hf, transformers.FSMTForConditionalGeneration)
+        assert hf.model.decoder.output_projection.weight.data_ptr() == embed.data_ptr()
+        positions = hf.model.encoder.embed_positions.weight
+    assert torch.equal(positions[: len(model.positions)], model.positions)  # the same sinusoidal table
+    trained = [p for name, p in hf.named_parameters() if "embed_positions" not in name]  # FSMT's are parameters
+    assert sum(p.numel() for p in trained) == model.num_parameters()
 
 
 def test_hf_logits_equal_mt_logits(exported, test_sources, multi30k_head):
@@ -207,15 +219,14 @@ def test_ctranslate2_float32_agrees_with_mt(run_dir, tmp_path, multi30k_head):
     assert sum(ours[i] == theirs[i] for i in ended) >= 0.9 * len(ended)  # near-ties are rare
 
 
-def test_post_norm_and_separate_vocabularies_are_refused(tmp_path, run_dir):
+def test_separate_vocabularies_are_refused(tmp_path, run_dir):
     import shutil
 
     import yaml
 
     from mt import checkpoint as ckpt
 
-    for section, key, value, message in (("model", "norm", "post", "model.norm=post"),
-                                          ("tokenizer", "joint", False, "only joint vocabularies"),
+    for section, key, value, message in (("tokenizer", "joint", False, "only joint vocabularies"),
                                           ("model", "share_embeddings", False, "only joint vocabularies")):
         bad = tmp_path / f"{key}"
         shutil.copytree(run_dir, bad)
@@ -225,7 +236,7 @@ def test_post_norm_and_separate_vocabularies_are_refused(tmp_path, run_dir):
         with pytest.raises(ExportError, match=message):
             to_hf(bad, tmp_path / f"out_{key}")
         assert not (tmp_path / f"out_{key}").exists()
-    assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["norm"] == "pre"
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["share_embeddings"] is True
 
 
 def test_export_refuses_a_non_empty_output_directory(run_dir, tmp_path):
