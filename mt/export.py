@@ -13,8 +13,8 @@ shared embedding becomes every embedding and the tied output projection. The dec
 CTranslate2 converts M2M100 itself; for FSMT, which it has no loader for, ``_fsmt_loader`` gives it one
 (its BART loader with post-norm layers, no embedding LayerNorm and FSMT's module names).
 
-Not exportable (neither has such a variant): separate vocabularies, untied embeddings
-(``model.share_embeddings=false``).
+Not exportable: separate vocabularies, untied embeddings (``model.share_embeddings=false``). M2M100
+has one embedding for both sides and the output; FSMT could hold two, but the export keeps one.
 
 Needs the optional extra ``mt[export]`` (transformers, safetensors; ctranslate2 for ``--to ctranslate2``).
 """
