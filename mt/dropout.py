@@ -27,11 +27,15 @@ def keep_mask(shape: torch.Size, p: float, dtype: torch.dtype) -> tuple[torch.Te
     n = shape.numel()
     dropped = round(p * LEVELS)
     bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(1 << 63), None)  # the full 64-bit range
-    kept = bits.view(torch.int16)[:n].view(shape) >= dropped - LEVELS // 2  # int16 in [-2¹⁵, 2¹⁵)
+    # int16 in [-2¹⁵, 2¹⁵) against the threshold, the 0/1 result written in dtype at once (a bool mask
+    # cast afterwards takes a second pass and a temporary: a (2,041, 256) bf16 mask, random bits
+    # included, 0.89 -> 0.52 ms on 2 threads of an AMD EPYC Zen 4)
+    kept = torch.ge(bits.view(torch.int16)[:n].view(shape), dropped - LEVELS // 2,
+                    out=torch.empty(shape, dtype=dtype))
     scale = LEVELS / (LEVELS - dropped)
     if torch.finfo(dtype).bits >= 32:
-        return kept.to(dtype).mul_(scale), 1.0
-    return kept.to(dtype), scale
+        return kept.mul_(scale), 1.0
+    return kept, scale
 
 
 class _MaskedScale(torch.autograd.Function):

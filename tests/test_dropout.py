@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mt.dropout import LEVELS, Dropout, dropout, residual_dropout
+from mt.dropout import LEVELS, Dropout, dropout, keep_mask, residual_dropout
 from mt.model import MultiHeadAttention
 
 
@@ -27,6 +27,23 @@ def test_dropout_drops_p_of_the_elements_and_keeps_the_expectation(p, dtype):
     rows = (~kept).float().view(-1)[: n // 4 * 4].view(-1, 4).mean(0)
     assert ((rows - dropped).abs() < 5 * (dropped * (1 - dropped) / (n / 4)) ** 0.5).all()
     assert abs(y.double().mean().item() - x.double().mean().item()) < 0.01
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_keep_mask_is_the_16_bit_threshold_of_the_draw_written_in_the_dtype(dtype):
+    shape, p = torch.Size([7, 13, 5]), 0.3  # 455 elements: the last 64-bit draw is used in part
+    torch.manual_seed(11)
+    mask, scale = keep_mask(shape, p, dtype)
+    torch.manual_seed(11)  # the same draw, spelled out: 16 bits per element, kept above the threshold
+    bits = torch.empty(114, dtype=torch.int64).random_(-(1 << 63), None).view(torch.int16)[:455].view(shape)
+    dropped = round(p * LEVELS)
+    kept = bits.long() + LEVELS // 2 >= dropped  # the bits as an unsigned 16-bit number in [0, 2¹⁶)
+    factor = LEVELS / (LEVELS - dropped)
+    assert mask.dtype == dtype and mask.shape == shape
+    if dtype == torch.float32:  # the factor folded into the mask
+        assert scale == 1.0 and torch.equal(mask, kept.float() * factor)
+    else:  # 0/1, the factor apart (a rounded bf16 factor would bias the expectation)
+        assert scale == factor and torch.equal(mask, kept.to(dtype))
 
 
 def test_dropout_gradient_uses_the_forward_mask_and_the_seed_reproduces_it():
