@@ -27,9 +27,15 @@ for lang in fr en; do  # (head closes the pipe early: not an error)
     $DATA/train.$lang.gz "$PAIRS" > "$RUNS/train$PAIRS.$lang"
 done
 
+# the parent (the longest step) is reused from an earlier run of this script only if it was trained from
+# the same recipe, tokenizer and budget: its stamp beside it names them; a changed recipe retrains it
 parent=$RUNS/parent_de_en
-[ -f "$parent/checkpoints/last.pt" ] || "$MT" train configs/multi30k_de_en.yaml -o "$parent" -q \
-  tokenizer.src_model="$spm" train.max_time="$PARENT_TIME"
+stamp="$(sha256sum configs/multi30k_de_en.yaml "$spm" | cut -c1-16 | paste -sd ' ') $PARENT_TIME"
+if [ ! -f "$parent/checkpoints/last.pt" ] || [ "$(cat "$parent.stamp" 2>/dev/null)" != "$stamp" ]; then
+  rm -rf "$parent" "$parent.stamp"
+  "$MT" train configs/multi30k_de_en.yaml -o "$parent" -q tokenizer.src_model="$spm" train.max_time="$PARENT_TIME"
+  echo "$stamp" > "$parent.stamp"
+fi
 
 # the child task: fr->en on PAIRS pairs; no decoding search (beam 5, lenpen 1.0 for both)
 child=(data.src_lang=fr data.train.src="$RUNS/train$PAIRS.fr" data.train.tgt="$RUNS/train$PAIRS.en"
@@ -52,12 +58,14 @@ read -r parent_bleu parent_chrf < <(bleu "$parent" de)
 read -r scratch_bleu scratch_chrf < <(bleu "$RUNS/fr_en_scratch" fr)
 read -r ft_bleu ft_chrf < <(bleu "$RUNS/fr_en_finetuned" fr)
 cpu=$(lscpu | grep -o 'avx512_bf16\|amx_bf16\|avx2' | sort -u | paste -sd ' ')
+precision() { sed -n 's/^  precision: //p' "$1/config.yaml"; }  # what train.precision auto chose
 minutes=$(( ($(date +%s) - start) / 60 ))
 
 cat > "$OUT" <<EOF
 # Fine-tuning: French→English from $PAIRS pairs, from scratch vs from a German→English parent
 
-Produced by \`scripts/finetune_example.sh\` in $minutes minutes (2 threads, fp32; CPU flags \`$cpu\`).
+Produced by \`scripts/finetune_example.sh\` in $minutes minutes (2 threads; CPU flags \`$cpu\`; precision: auto, which trained the
+parent in $(precision "$parent") and the children in $(precision "$RUNS/fr_en_finetuned")).
 A joint SentencePiece model (8,000 pieces) is trained on the de, en and fr sides of Multi30k train;
 the parent is the reference recipe (\`configs/multi30k_de_en.yaml\`) on all 29,000 de→en pairs for
 $PARENT_TIME; each child trains on the first $PAIRS fr→en pairs for $CHILD_TIME (warmup 50, beam 5,
