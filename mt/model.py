@@ -15,9 +15,9 @@ sinusoidal positions whose first token sits at position ``PAD_ID + 1`` (= 2), Re
 projections with biases, shared embeddings and an output projection without bias.
 
 The decoder has an incremental API for search: ``init_cache`` computes the cross-attention keys and
-values once per source and pre-allocates the self-attention cache; each ``decode`` call with the
-cache appends the new positions' keys/values; ``DecoderCache.reorder_beams`` follows the beams and
-``select_sentences`` drops finished sentences.
+values once per source; each ``decode`` call with the cache appends the new positions'
+self-attention keys/values; ``DecoderCache.reorder_beams`` follows the beams and ``select_sentences``
+drops finished sentences.
 """
 
 from __future__ import annotations
@@ -381,23 +381,26 @@ class DecoderLayer(nn.Module):
 
 class LayerCache:
     """One decoder layer's incremental state: the cross-attention K/V computed once per source
-    sentence, and pre-allocated self-attention K/V for every row (``beam`` rows per sentence) that
-    grow by the decoded positions.
+    sentence, and the self-attention K/V of every row (``beam`` rows per sentence) for the decoded
+    positions.
 
-    Self-attention K/V live in two buffers of shape (2, R, H, capacity, hd) (keys, values): selecting
-    rows (beam reordering, dropping sentences) gathers the filled part of one buffer into the other
-    and swaps them, so a beam step allocates no new cache memory; when at most a quarter of the rows
-    change (beams that keep their rows, finished sentences replaced by the last ones), only those
-    are copied, in place, through the other buffer. Selecting more rows than there are (a search
-    that starts with one row per sentence, then branches into beams) grows the buffers."""
+    Self-attention K/V are one contiguous (2, R, H, L, hd) tensor (keys, values) of exactly the
+    decoded length L, never a slice of a longer buffer: a decoding step's attention multiplies by
+    them as they are, and the CPU's batched products over slices of a longer buffer run 1.5-3.5x
+    slower (MKL through ``torch.matmul``, L = 16-32, capacities 1.25-4x L, 2 threads of an AMD EPYC
+    Zen 4). Selecting rows (beams following their parents, finished sentences leaving) is only
+    recorded; the next ``append`` gathers the selected rows and adds the new positions in one copy
+    into a tensor one step longer. Two flat buffers, used in turn and grown geometrically, hold
+    these tensors, so a step allocates no new memory once they are large enough."""
 
-    def __init__(self, cross: tuple[torch.Tensor, torch.Tensor], capacity: int, beam: int = 1):
+    def __init__(self, cross: tuple[torch.Tensor, torch.Tensor], beam: int = 1):
         self.cross = cross  # keys transposed (N, H, hd, S), values (N, H, S, hd)
         N, H, _, hd = cross[1].shape
-        self._buffers = [cross[1].new_empty(2, N * beam, H, capacity, hd) for _ in range(2)]
-        self._active = 0
         self.rows = N * beam
-        self.length = 0
+        self._storage = [cross[1].new_empty(0), cross[1].new_empty(0)]
+        self._kv = self._storage[0].new_empty(2, self.rows, H, 0, hd)  # (2, R, H, L, hd)
+        self._active = 0  # the storage that holds self._kv
+        self._pending: torch.Tensor | None = None  # (R,) rows of self._kv that the rows continue
 
     @property
     def beam(self) -> int:
@@ -405,73 +408,57 @@ class LayerCache:
         N = self.cross[0].shape[0]
         return self.rows // N if N else 0
 
+    @property
+    def length(self) -> int:
+        return self._kv.shape[3]
+
+    def _renewed(self, extra: int) -> torch.Tensor:
+        """The selected rows and ``extra`` new positions, in the spare storage: (2, R, H, L + extra, hd)
+        with the first L positions filled."""
+        _, _, H, L, hd = self._kv.shape
+        shape = (2, self.rows, H, L + extra, hd)
+        spare = 1 - self._active
+        numel = math.prod(shape)
+        if self._storage[spare].numel() < numel:
+            self._storage[spare] = self._kv.new_empty(max(numel, 2 * self._storage[spare].numel()))
+        out = self._storage[spare][:numel].view(shape)
+        if L:
+            if self._pending is None:
+                out[:, :, :, :L] = self._kv
+            else:
+                torch.index_select(self._kv, 1, self._pending, out=out[:, :, :, :L])
+        self._kv, self._active, self._pending = out, spare, None
+        return out
+
     def append(self, k: torch.Tensor, v: torch.Tensor) -> int:
         """Store k, v (R, H, T, hd) after the cached positions; return the previous length."""
-        past, T = self.length, k.shape[2]
-        capacity = self._buffers[0].shape[3]
-        if past + T > capacity:  # grow geometrically, keeping what is cached
-            grown = max(past + T, 2 * capacity)
-            old = self._buffers[self._active]
-            self._buffers = [old.new_empty(*old.shape[:3], grown, old.shape[4]) for _ in range(2)]
-            self._buffers[self._active][:, :, :, :past] = old[:, :, :, :past]
-        buffer = self._buffers[self._active]
-        buffer[0, : self.rows, :, past: past + T] = k
-        buffer[1, : self.rows, :, past: past + T] = v
-        self.length = past + T
+        past = self.length
+        kv = self._renewed(k.shape[2])
+        kv[0, :, :, past:] = k
+        kv[1, :, :, past:] = v
         return past
 
     def keys(self) -> torch.Tensor:
-        return self._buffers[self._active][0, : self.rows, :, : self.length]  # (R, H, L, hd)
+        if self._pending is not None:
+            self._renewed(0)
+        return self._kv[0]  # (R, H, L, hd)
 
     def values(self) -> torch.Tensor:
-        return self._buffers[self._active][1, : self.rows, :, : self.length]
+        if self._pending is not None:
+            self._renewed(0)
+        return self._kv[1]
 
-    def select_rows(self, rows: torch.Tensor, moved: torch.Tensor | None = None) -> None:
-        """Self-attention state of rows ``rows`` (R',), in that order (repeats allowed). ``moved``
-        (only when R' <= R; see ``moved_rows``): the rows i with rows[i] != i; only those are copied,
-        in place, and the buffer keeps its first R' rows."""
-        needed = rows.shape[0] if moved is None else moved.shape[0]
-        spare = self._buffers[1 - self._active]
-        if needed > spare.shape[1]:
-            self._buffers[1 - self._active] = spare = spare.new_empty(2, needed, *spare.shape[2:])
-        if moved is not None:  # gather the moved rows into the spare buffer, then write them back
-            filled = self._buffers[self._active][:, : self.rows, :, : self.length]  # (2, R, H, L, hd)
-            scratch = spare[:, : moved.shape[0], :, : self.length]
-            torch.index_select(filled, 1, rows[moved], out=scratch)
-            filled[:, moved] = scratch
-            self.rows = rows.shape[0]
-            return
-        source = self._buffers[self._active][:, : self.rows, :, : self.length]
-        target = spare[:, : rows.shape[0], :, : self.length]
-        torch.index_select(source, 1, rows, out=target)
-        self._active, self.rows = 1 - self._active, rows.shape[0]
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """From now on row i holds the self-attention state of row ``rows[i]`` (repeats allowed; more
+        rows than before branch into beams). Copied at the next ``append``."""
+        self._pending = rows if self._pending is None else self._pending[rows]
+        self.rows = rows.shape[0]
 
-    def select_sentences(self, index: torch.Tensor, moved: torch.Tensor | None = None) -> None:
-        """Keep sentences ``index`` (N',) with all their beams. ``moved``: see ``moved_rows``
-        (sentences that keep their place are then not copied)."""
+    def select_sentences(self, index: torch.Tensor) -> None:
+        """Keep sentences ``index`` (N',) with all their beams, in that order."""
         beam = self.beam
-        rows = sentence_rows(index, beam)
-        if moved is None:
-            self.cross = (self.cross[0].index_select(0, index), self.cross[1].index_select(0, index))
-            self.select_rows(rows)
-            return
-        for tensor in self.cross:
-            tensor[moved] = tensor.index_select(0, index[moved])
-        self.cross = (self.cross[0][: index.shape[0]], self.cross[1][: index.shape[0]])
-        self.select_rows(rows, sentence_rows(moved, beam))  # a moved sentence moves all its rows
-
-
-def moved_rows(rows: torch.Tensor, current: int) -> torch.Tensor | None:
-    """For a selection ``rows`` (R',) of ``current`` rows: the positions i with rows[i] != i, when
-    copying only those in place beats gathering all rows anew (at most a quarter of them move and
-    R' <= current); else None. Writing rows back in place costs ~4x gathering them (index_put
-    against index_select, CPU, 2 threads), so the break-even lies at 15-30% of the rows moved,
-    depending on how much of the cache fits in the CPU's caches; a beam step moves 15-27% (quartiles,
-    beam 5, Multi30k)."""
-    if rows.shape[0] > current:
-        return None
-    moved = (rows != torch.arange(rows.shape[0], device=rows.device)).nonzero().squeeze(1)
-    return moved if 4 * moved.shape[0] <= rows.shape[0] else None
+        self.cross = (self.cross[0].index_select(0, index), self.cross[1].index_select(0, index))
+        self.select_rows(sentence_rows(index, beam))
 
 
 def sentence_rows(index: torch.Tensor, beam: int) -> torch.Tensor:
@@ -499,18 +486,14 @@ class DecoderCache:
     def reorder_beams(self, rows: torch.Tensor) -> None:
         """Row i continues from row ``rows[i]``, which must belong to the same sentence (beam search);
         ``rows`` lists the same number of rows for every sentence, e.g. K copies of a sentence's one
-        row to branch into K beams. Rows that continue themselves are not copied."""
-        moved = moved_rows(rows, self.layers[0].rows)
+        row to branch into K beams."""
         for layer in self.layers:
-            layer.select_rows(rows, moved)
+            layer.select_rows(rows)
 
     def select_sentences(self, index: torch.Tensor) -> None:
-        """Keep sentences ``index`` (N',), in that order (drop finished ones, reorder a batch).
-        Sentences that keep their place are not copied (``search`` fills the places of finished
-        sentences with the last ones)."""
-        moved = moved_rows(index, self.src_mask.shape[0])
+        """Keep sentences ``index`` (N',), in that order (drop finished ones, reorder a batch)."""
         for layer in self.layers:
-            layer.select_sentences(index, moved)
+            layer.select_sentences(index)
         self.src_mask = self.src_mask.index_select(0, index)
 
     def reorder(self, index: torch.Tensor) -> None:
@@ -625,10 +608,10 @@ class Transformer(nn.Module):
         """Teacher-forced logits (B, T, V) for src (B, S) and decoder input tgt_in (B, T)."""
         return self.decode(tgt_in, self.encode(src))
 
-    def init_cache(self, enc: EncoderOut, capacity: int = 64, beam: int = 1) -> DecoderCache:
+    def init_cache(self, enc: EncoderOut, beam: int = 1) -> DecoderCache:
         """Start incremental decoding of ``beam`` rows per source sentence: cross-attention K/V from
-        ``enc`` (once per sentence), empty self-attention buffers (one per row)."""
-        layers = [LayerCache(layer.cross_attn.cross_kv(enc.memory), capacity, beam) for layer in self.decoder_layers]
+        ``enc`` (once per sentence), an empty self-attention state (one per row)."""
+        layers = [LayerCache(layer.cross_attn.cross_kv(enc.memory), beam) for layer in self.decoder_layers]
         return DecoderCache(layers, enc.src_mask)
 
     def num_parameters(self) -> int:

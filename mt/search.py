@@ -3,9 +3,8 @@ search lives outside the model and drives ``init_cache`` / ``decode(cache=...)``
 
 Both searches are batched over sentences and beams: one decoder call per step for the whole batch,
 rows of size B·K (B at beam search's first step, where all K beams of a sentence would be the same;
-the rows then branch into beams). Cross-attention keys/values are computed once per source. A beam's
-best continuation stays in the beam's row, so only the rows of the other continuations copy their
-self-attention cache. Candidates come from a two-stage top-k (vocabulary blocks, then tokens), never a
+the rows then branch into beams). Cross-attention keys/values are computed once per source.
+Candidates come from a two-stage top-k (vocabulary blocks, then tokens), never a
 top-k over whole rows of the vocabulary. Sentences whose search is over leave the running batch, so
 each sentence's result does not depend on the others.
 
@@ -24,7 +23,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from mt.model import EncoderOut, Transformer, sentence_rows
 from mt.tokenizer import BOS_ID, EOS_ID, PAD_ID
@@ -52,9 +50,9 @@ class _DecoderState:
     or (``use_cache=False``, for comparison and tests) the encoder output, re-running the decoder on
     the whole prefix every step."""
 
-    def __init__(self, model: Transformer, enc: EncoderOut, capacity: int, use_cache: bool, beam: int = 1):
+    def __init__(self, model: Transformer, enc: EncoderOut, use_cache: bool, beam: int = 1):
         self.model, self.beam, self.sentences = model, beam, enc.memory.shape[0]
-        self.cache = model.init_cache(enc, capacity=capacity, beam=beam) if use_cache else None
+        self.cache = model.init_cache(enc, beam=beam) if use_cache else None
         if self.cache is None:
             rows = torch.arange(enc.memory.shape[0], device=enc.memory.device).repeat_interleave(beam)
             enc = EncoderOut(enc.memory.index_select(0, rows), enc.src_mask.index_select(0, rows))
@@ -84,30 +82,6 @@ class _DecoderState:
 
     def _select(self, rows: torch.Tensor) -> None:
         self.enc = EncoderOut(self.enc.memory.index_select(0, rows), self.enc.src_mask.index_select(0, rows))
-
-
-def _stay_in_rows(parent: torch.Tensor) -> torch.Tensor:
-    """Where the new beams go. parent (B, K): the row (within its sentence) that each new beam
-    continues, in score order -> order (B, K): new beam order[b, r] goes to row r. The best child of
-    each parent takes the parent's row; the other children take the rows left without a child, in
-    order; so a row continued by its own best child keeps its cache where it is."""
-    B, K = parent.shape
-    children = F.one_hot(parent, K)  # (B, K new beams, K rows)
-    first = children.cumsum(1).gather(2, parent[:, :, None]).squeeze(2) == 1  # (B, K): best child of its parent
-    childless = children.sum(1) == 0  # (B, K rows)
-    free = (torch.arange(K, device=parent.device) + K * ~childless).argsort(dim=1)  # childless rows first, ascending
-    nth_other = ((~first).long().cumsum(1) - 1).clamp(min=0)  # (B, K) rank among the other children
-    row = torch.where(first, parent, free.gather(1, nth_other))  # (B, K): the row of each new beam
-    return row.argsort(dim=1)
-
-
-def _keep_in_place(done: torch.Tensor) -> torch.Tensor:
-    """done (B,) bool -> the running sentences to keep (B',): each in its place where it can stay,
-    the last ones moving into the places of finished ones (so that the cache copies only those)."""
-    n = int((~done).sum())
-    index = torch.arange(n, device=done.device)
-    index[done[:n].nonzero().squeeze(1)] = (~done[n:]).nonzero().squeeze(1) + n
-    return index
 
 
 def _next_log_probs(state: _DecoderState, prefix: torch.Tensor, step: int, min_len: int,
@@ -159,7 +133,7 @@ def greedy_search(model: Transformer, src: torch.Tensor, *, max_len_a: float = 1
     """Pick the most probable token at every step. src (B, S) -> one hypothesis per sentence."""
     B = src.shape[0]
     max_len = _max_lengths(src, max_len_a, max_len_b, model.cfg.max_positions)
-    state = _DecoderState(model, model.encode(src), int(max_len.max()), use_cache)
+    state = _DecoderState(model, model.encode(src), use_cache)
     alive = torch.arange(B, device=src.device)  # original index of each running row
     prefix = torch.full((B, 1), BOS_ID, dtype=torch.long, device=src.device)  # (R, step + 1)
     scores = torch.zeros(B, device=src.device)
@@ -176,7 +150,7 @@ def greedy_search(model: Transformer, src: torch.Tensor, *, max_len_a: float = 1
         done = last == EOS_ID
         if done.any():
             final[alive[done]] = scores[done]
-            keep = _keep_in_place(done)
+            keep = (~done).nonzero().squeeze(1)
             alive, prefix, scores = alive[keep], prefix[keep], scores[keep]
             state.select_sentences(keep)
     results = []
@@ -198,7 +172,7 @@ def beam_search(model: Transformer, src: torch.Tensor, *, beam: int = 5, lenpen:
     max_len = _max_lengths(src, max_len_a, max_len_b, model.cfg.max_positions)
     # the first step runs one row per sentence (all its beams would be the same), then branches into K
     width = 1 if model.tgt_vocab >= K else K  # rows per running sentence
-    state = _DecoderState(model, model.encode(src), int(max_len.max()), use_cache, beam=width)
+    state = _DecoderState(model, model.encode(src), use_cache, beam=width)
     alive = torch.arange(B, device=device)  # (B') original sentence index of each running sentence
     scores = torch.full((B, width), -math.inf, device=device)
     scores[:, 0] = 0.0  # only one live hypothesis at the start
@@ -229,8 +203,6 @@ def beam_search(model: Transformer, src: torch.Tensor, *, beam: int = 5, lenpen:
         # the K best candidates that do not end continue
         rank = torch.arange(top_scores.shape[1], device=device) + is_eos * top_scores.shape[1]
         pick = rank.topk(K, dim=1, largest=False).indices  # (B', K), in score order
-        if width == K:  # in row order instead: each beam's best continuation stays in its row
-            pick = pick.gather(1, _stay_in_rows(top_beam.gather(1, pick)))
         scores = top_scores.gather(1, pick)
         rows = (torch.arange(Ba, device=device) * width)[:, None] + top_beam.gather(1, pick)  # (B', K)
         rows = rows.view(-1)
@@ -242,7 +214,7 @@ def beam_search(model: Transformer, src: torch.Tensor, *, beam: int = 5, lenpen:
         # its length limit, or with no open hypothesis left
         done = (n_finished[alive] >= K) | (max_len[alive] <= step) | torch.isneginf(scores).all(dim=1)
         if done.any():
-            keep = _keep_in_place(done)
+            keep = (~done).nonzero().squeeze(1)
             alive, scores, prefix = alive[keep], scores[keep], prefix[sentence_rows(keep, K)]
             state.select_sentences(keep)
     return [hyps[:nbest] for hyps in finished]

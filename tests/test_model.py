@@ -108,7 +108,7 @@ def test_incremental_decoding_one_token_at_a_time_equals_full_decoding(model, ba
     _, src, tgt_in = batch
     enc = model.encode(src)
     full = model.decode(tgt_in, enc)
-    cache = model.init_cache(enc, capacity=2)  # small: the buffers must grow on the way
+    cache = model.init_cache(enc)  # the state grows on the way
     steps = [model.decode(tgt_in[:, t: t + 1], cache=cache) for t in range(tgt_in.shape[1])]
     assert cache.length == tgt_in.shape[1]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=ATOL, rtol=0)
@@ -121,7 +121,7 @@ def test_incremental_decoding_in_chunks_equals_full_decoding(model, batch, chunk
     assert sum(chunks) == tgt_in.shape[1]
     enc = model.encode(src)
     full = model.decode(tgt_in, enc)
-    cache = model.init_cache(enc, capacity=4)
+    cache = model.init_cache(enc)
     out, start = [], 0
     for n in chunks:
         out.append(model.decode(tgt_in[:, start: start + n], cache=cache))
@@ -135,7 +135,7 @@ def test_cache_reorder_then_continue_equals_full_decoding_of_reordered_batch(mod
     _, src, tgt_in = batch
     index = torch.tensor(index)
     enc = model.encode(src)
-    cache = model.init_cache(enc, capacity=3)
+    cache = model.init_cache(enc)
     model.decode(tgt_in[:, :4], cache=cache)
     cache.reorder(index)
     assert cache.src_mask.shape[0] == len(index)
@@ -150,7 +150,7 @@ def test_cache_branches_one_row_into_beams_then_drops_a_sentence(model, batch):
     _, src, tgt_in = batch
     B, K = src.shape[0], 3
     enc = model.encode(src)
-    cache = model.init_cache(enc, capacity=2)
+    cache = model.init_cache(enc)
     first = model.decode(tgt_in[:, :1], cache=cache)
     rows = torch.arange(B).repeat_interleave(K)  # (B·K,) sentence-major
     cache.reorder_beams(rows)
@@ -169,26 +169,23 @@ def test_cache_branches_one_row_into_beams_then_drops_a_sentence(model, batch):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("rows, in_place", [([0, 1, 2, 3, 4, 5], True), ([0, 1, 1, 3, 4, 5], True),
-                                            ([0, 0, 2, 3, 3, 5], False), ([1, 0, 2, 5, 4, 3], False),
-                                            ([2, 2, 2, 3, 3, 3], False)])
-def test_beam_reorder_copies_only_moved_rows_and_equals_a_full_gather(model, batch, rows, in_place):
-    """reorder_beams copies in place the rows that continue another row when at most a quarter of
-    them do (most beam steps) and gathers everything into the spare buffer otherwise; both give the
-    rows asked for."""
+@pytest.mark.parametrize("rows", [[0, 1, 2, 3, 4, 5], [0, 1, 1, 3, 4, 5], [0, 0, 2, 3, 3, 5], [1, 0, 2, 5, 4, 3],
+                                  [2, 2, 2, 3, 3, 3]])
+def test_beam_reorder_gathers_the_rows_into_a_contiguous_state(model, batch, rows):
+    """After reorder_beams every layer's keys/values are those of the rows asked for, contiguous
+    (a decoding step multiplies by them as they are), and decoding continues as for those rows."""
     _, src, tgt_in = batch
     src, tgt_in, K = src[:2], tgt_in[:2], 3
     enc = model.encode(src)
-    cache = model.init_cache(enc, capacity=8, beam=K)
+    cache = model.init_cache(enc, beam=K)
     beams = tgt_in.repeat_interleave(K, dim=0)  # (2·K, T)
     beams[:, 2] = torch.arange(4, 4 + 2 * K)  # every row its own prefix
     model.decode(beams[:, :3], cache=cache)
     keys = [layer.keys().clone() for layer in cache.layers]
-    active = [layer._active for layer in cache.layers]
     rows = torch.tensor(rows)
     cache.reorder_beams(rows)
-    assert [layer._active == a for layer, a in zip(cache.layers, active)] == [in_place] * len(active)
     for layer, before in zip(cache.layers, keys):
+        assert layer.keys().is_contiguous() and layer.values().is_contiguous()
         torch.testing.assert_close(layer.keys(), before[rows], atol=0, rtol=0)
     out = model.decode(beams[rows, 3:5], cache=cache)
     full = model.decode(beams[rows, :5], EncoderOut(enc.memory[rows // K], enc.src_mask[rows // K]))
@@ -196,23 +193,22 @@ def test_beam_reorder_copies_only_moved_rows_and_equals_a_full_gather(model, bat
 
 
 @torch.no_grad()
-def test_in_place_reorder_right_after_branching_grows_the_spare_buffer(model, batch):
-    """After branching 3 rows into 3x3 the spare buffer still has 3 rows; the next reorder moves 4
-    rows in place (through the spare buffer) and the cache grows its capacity afterwards."""
+def test_branching_then_reordering_then_several_positions_at_once(model, batch):
+    """Branch 3 rows into 3x6, reorder, then decode 3 positions in one call: the selections made
+    before an append are gathered with it, and the state grows to the new rows and positions."""
     _, src, tgt_in = batch
     B, K = 3, 6
     enc = model.encode(src)
-    cache = model.init_cache(enc, capacity=2)
+    cache = model.init_cache(enc)
     model.decode(tgt_in[:, :1], cache=cache)
     cache.reorder_beams(torch.arange(B).repeat_interleave(K))
     cont = torch.randint(4, V, (B * K, 4), generator=torch.Generator().manual_seed(6))
     model.decode(cont[:, :1], cache=cache)
     rows = torch.arange(B * K)
-    rows[[1, 2, 7, 13]] = torch.tensor([0, 0, 6, 12])  # 4 of 18 rows move: more than the spare buffer's 3
-    active = cache.layers[0]._active
+    rows[[1, 2, 7, 13]] = torch.tensor([0, 0, 6, 12])
     cache.reorder_beams(rows)
-    assert cache.layers[0]._active == active  # in place
-    out = model.decode(cont[rows, 1:4], cache=cache)  # 2 + 3 positions: past the capacity of 2
+    out = model.decode(cont[rows, 1:4], cache=cache)
+    assert cache.length == 5 and all(layer.keys().shape[:3] == (B * K, model.cfg.n_heads, 5) for layer in cache.layers)
     prefix = torch.cat([tgt_in.repeat_interleave(K, dim=0)[:, :1], cont[:, :1]], dim=1)[rows]
     rows_src = torch.arange(B).repeat_interleave(K)
     full = model.decode(torch.cat([prefix, cont[rows, 1:4]], dim=1),
@@ -221,26 +217,42 @@ def test_in_place_reorder_right_after_branching_grows_the_spare_buffer(model, ba
 
 
 @torch.no_grad()
-def test_dropping_a_sentence_in_place_keeps_every_beam(model, batch):
-    """select_sentences([0, 1, 2, 4]) moves sentence 4's beams (and cross-attention state) into
-    sentence 3's place without gathering the rest; decoding then continues as for those sentences
-    alone."""
+def test_a_reorder_and_a_dropped_sentence_before_one_step_compose(model, batch):
+    """Beam search reorders the beams, then drops finished sentences, both before the next step:
+    the cache applies both selections (one gather) and keeps every beam of the sentences kept."""
     _, src, tgt_in = batch
     src, tgt_in = torch.cat([src, src[:2]]), torch.cat([tgt_in, tgt_in[:2]])  # 5 sentences
     K, index = 2, torch.tensor([0, 1, 2, 4])
     enc = model.encode(src)
-    cache = model.init_cache(enc, capacity=8, beam=K)
+    cache = model.init_cache(enc, beam=K)
     beams = tgt_in.repeat_interleave(K, dim=0)
     beams[:, 2] = torch.arange(4, 4 + 5 * K)  # every row its own prefix
     model.decode(beams[:, :3], cache=cache)
-    active = cache.layers[0]._active
+    swap = torch.arange(5 * K).view(5, K).flip(1).reshape(-1)  # every sentence's beams swap rows
+    cache.reorder_beams(swap)
     cache.select_sentences(index)
-    assert cache.layers[0]._active == active  # in place
     assert cache.beam == K and cache.layers[0].cross[1].shape[0] == 4
-    rows = sentence_rows(index, K)
+    rows = swap[sentence_rows(index, K)]
     out = model.decode(beams[rows, 3:6], cache=cache)
     full = model.decode(beams[rows, :6], EncoderOut(enc.memory[rows // K], enc.src_mask[rows // K]))
     torch.testing.assert_close(out, full[:, 3:6], atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_decoding_steps_stop_allocating_once_the_buffers_are_large_enough(model, batch):
+    """The state moves between two flat buffers that grow geometrically: 24 steps of one position
+    reallocate each buffer only a few times."""
+    _, src, _ = batch
+    cache = model.init_cache(model.encode(src), beam=2)
+    tokens = torch.randint(4, V, (2 * src.shape[0], 24), generator=torch.Generator().manual_seed(7))
+    layer = cache.layers[0]
+    swap = torch.arange(2 * src.shape[0]).view(-1, 2).flip(1).reshape(-1)  # the beams of each sentence swap
+    buffers = {}  # every buffer the layer used, kept alive so that no two share an id
+    for t in range(24):
+        model.decode(tokens[:, t: t + 1], cache=cache)
+        cache.reorder_beams(swap)
+        buffers.update((id(b), b) for b in layer._storage)
+    assert cache.length == 24 and len(buffers) <= 12
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ from mt.config import ModelConfig
 from mt.int8 import unavailable as int8_unavailable
 from mt.batch import pad
 from mt.model import Transformer
-from mt.search import BLOCK, _keep_in_place, _stay_in_rows, _top_candidates, beam_search, greedy_search
+from mt.search import BLOCK, _top_candidates, beam_search, greedy_search
 from mt.tokenizer import BOS_ID, EOS_ID
 from tolerance import score_close, score_slack
 
@@ -210,23 +210,6 @@ def test_two_stage_top_k_search_equals_one_stage(monkeypatch):
     monkeypatch.setattr(mt.search, "BLOCK", 7)  # 320 % 7 != 0: one stage
     same(beam_search(model, src, beam=4, nbest=2), blocks)
     assert len({tuple(n[0].tokens) for n in blocks}) > 3  # the sentences really differ
-
-
-def test_finished_sentences_leave_their_places_to_the_last_running_ones():
-    done = torch.tensor([False, True, False, True, False, False, True])
-    assert _keep_in_place(done).tolist() == [0, 4, 2, 5]
-    assert _keep_in_place(torch.tensor([True, True])).tolist() == []
-    assert _keep_in_place(torch.tensor([False, False, True])).tolist() == [0, 1]
-
-
-def test_each_beams_best_continuation_stays_in_its_row():
-    # parents of the new beams, in score order: row 0 gets two children, row 1 two, row 2 one
-    parent = torch.tensor([[0, 0, 2, 1, 1], [4, 4, 4, 4, 4], [3, 1, 0, 4, 2]])
-    order = _stay_in_rows(parent)
-    assert order.tolist() == [[0, 3, 2, 1, 4], [1, 2, 3, 4, 0], [2, 1, 4, 0, 3]]
-    # every row of a parent with children is continued by that parent's best (first) child
-    placed = parent.gather(1, order)
-    assert placed.tolist() == [[0, 1, 2, 0, 1], [4, 4, 4, 4, 4], [0, 1, 2, 3, 4]]
 
 
 def test_nbest_larger_than_beam_is_refused(random_model):
