@@ -389,9 +389,11 @@ class LayerCache:
     them as they are, and the CPU's batched products over slices of a longer buffer run 1.5-3.5x
     slower (MKL through ``torch.matmul``, L = 16-32, capacities 1.25-4x L, 2 threads of an AMD EPYC
     Zen 4). Selecting rows (beams following their parents, finished sentences leaving) is only
-    recorded; the next ``append`` gathers the selected rows and adds the new positions in one copy
-    into a tensor one step longer. Two flat buffers, used in turn and grown geometrically, hold
-    these tensors, so a step allocates no new memory once they are large enough."""
+    recorded; the next ``append`` gathers the selected rows and adds its T new positions in one copy
+    into a tensor T positions longer (``keys``/``values`` gather them too, when asked first). Two
+    flat buffers, used in turn and grown geometrically, hold these tensors, so a step allocates no
+    new memory once they are large enough; a tensor ``keys``/``values`` returned is therefore a view
+    that the next append but one overwrites."""
 
     def __init__(self, cross: tuple[torch.Tensor, torch.Tensor], beam: int = 1):
         self.cross = cross  # keys transposed (N, H, hd, S), values (N, H, S, hd)
@@ -399,7 +401,7 @@ class LayerCache:
         self.rows = N * beam
         self._storage = [cross[1].new_empty(0), cross[1].new_empty(0)]
         self._kv = self._storage[0].new_empty(2, self.rows, H, 0, hd)  # (2, R, H, L, hd)
-        self._active = 0  # the storage that holds self._kv
+        self._active = 0  # the storage that holds self._kv (after the first append)
         self._pending: torch.Tensor | None = None  # (R,) rows of self._kv that the rows continue
 
     @property
@@ -439,18 +441,21 @@ class LayerCache:
         return past
 
     def keys(self) -> torch.Tensor:
+        """(R, H, L, hd), a view of a buffer (see the class): clone it to keep it."""
         if self._pending is not None:
             self._renewed(0)
         return self._kv[0]  # (R, H, L, hd)
 
     def values(self) -> torch.Tensor:
+        """(R, H, L, hd), a view of a buffer (see the class): clone it to keep it."""
         if self._pending is not None:
             self._renewed(0)
         return self._kv[1]
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """From now on row i holds the self-attention state of row ``rows[i]`` (repeats allowed; more
-        rows than before branch into beams). Copied at the next ``append``."""
+        rows than before branch into beams). Copied at the next ``append`` (or ``keys``/``values``);
+        ``rows`` is kept until then and must not change."""
         self._pending = rows if self._pending is None else self._pending[rows]
         self.rows = rows.shape[0]
 

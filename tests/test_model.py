@@ -130,7 +130,7 @@ def test_incremental_decoding_in_chunks_equals_full_decoding(model, batch, chunk
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("index", [[2, 0, 0, 1], [1, 2], [2], [0, 2], [2, 1], [0, 1]])  # the last 3 copy in place
+@pytest.mark.parametrize("index", [[2, 0, 0, 1], [1, 2], [2], [0, 2], [2, 1], [0, 1]])
 def test_cache_reorder_then_continue_equals_full_decoding_of_reordered_batch(model, batch, index):
     _, src, tgt_in = batch
     index = torch.tensor(index)
@@ -239,20 +239,43 @@ def test_a_reorder_and_a_dropped_sentence_before_one_step_compose(model, batch):
 
 
 @torch.no_grad()
+def test_branching_into_beams_and_dropping_a_sentence_before_the_next_step(model, batch):
+    """Beam search's first step can both branch every sentence into K beams and end one (a length
+    limit of 1): both selections apply at the next append."""
+    _, src, tgt_in = batch
+    B, K, index = src.shape[0], 3, torch.tensor([0, 2])
+    enc = model.encode(src)
+    cache = model.init_cache(enc)
+    model.decode(tgt_in[:, :1], cache=cache)
+    cache.reorder_beams(torch.arange(B).repeat_interleave(K))
+    cache.select_sentences(index)
+    assert cache.beam == K and cache.layers[0].rows == 2 * K
+    cont = torch.randint(4, V, (2 * K, 2), generator=torch.Generator().manual_seed(8))
+    out = model.decode(cont, cache=cache)
+    rows = index.repeat_interleave(K)
+    full = model.decode(torch.cat([tgt_in[rows, :1], cont], dim=1), EncoderOut(enc.memory[rows], enc.src_mask[rows]))
+    torch.testing.assert_close(out, full[:, 1:3], atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
 def test_decoding_steps_stop_allocating_once_the_buffers_are_large_enough(model, batch):
-    """The state moves between two flat buffers that grow geometrically: 24 steps of one position
-    reallocate each buffer only a few times."""
+    """The state lives in two flat buffers, used in turn, that grow geometrically: 24 steps of one
+    position reallocate them only a few times, and none in the last steps."""
     _, src, _ = batch
     cache = model.init_cache(model.encode(src), beam=2)
     tokens = torch.randint(4, V, (2 * src.shape[0], 24), generator=torch.Generator().manual_seed(7))
     layer = cache.layers[0]
     swap = torch.arange(2 * src.shape[0]).view(-1, 2).flip(1).reshape(-1)  # the beams of each sentence swap
     buffers = {}  # every buffer the layer used, kept alive so that no two share an id
+    counts = []
     for t in range(24):
         model.decode(tokens[:, t: t + 1], cache=cache)
+        assert layer.keys().data_ptr() == layer._storage[layer._active].data_ptr()  # the state is in a buffer
         cache.reorder_beams(swap)
         buffers.update((id(b), b) for b in layer._storage)
-    assert cache.length == 24 and len(buffers) <= 12
+        counts.append(len(buffers))
+    assert cache.length == 24 and counts[-1] <= 12
+    assert counts[18] == counts[-1]  # lengths 19-24 fit the buffers that length 18 made
 
 
 @torch.no_grad()
