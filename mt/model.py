@@ -387,8 +387,8 @@ class LayerCache:
     Self-attention K/V are one contiguous (2, R, H, L, hd) tensor (keys, values) of exactly the
     decoded length L, never a slice of a longer buffer: a decoding step's attention multiplies by
     them as they are, and the CPU's batched products over slices of a longer buffer run 1.6-4.5x
-    slower (MKL through ``torch.matmul``, L = 16-32, capacities 1.25-4x L, in two microbenchmarks, 2 threads of an AMD EPYC
-    Zen 4). Selecting rows (beams following their parents, finished sentences leaving) is only
+    slower (MKL through ``torch.matmul``, L = 16-32, capacities 1.25-4x L, two microbenchmarks on 2
+    threads of an AMD EPYC Zen 4). Selecting rows (beams following their parents, finished sentences leaving) is only
     recorded; the next ``append`` gathers the selected rows and adds its T new positions in one copy
     into a tensor T positions longer (``keys``/``values`` gather them too, when asked first). Two
     flat buffers, used in turn and grown geometrically, hold these tensors, so a step allocates no
