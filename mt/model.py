@@ -388,12 +388,12 @@ class LayerCache:
     decoded length L, never a slice of a longer buffer: a decoding step's attention multiplies by
     them as they are, and the CPU's batched products over slices of a longer buffer run 1.6-4.5x
     slower (MKL through ``torch.matmul``, L = 16-32, capacities 1.25-4x L, two microbenchmarks on 2
-    threads of an AMD EPYC Zen 4). Selecting rows (beams following their parents, finished sentences leaving) is only
-    recorded; the next ``append`` gathers the selected rows and adds its T new positions in one copy
-    into a tensor T positions longer (``keys``/``values`` gather them too, when asked first). Two
-    flat buffers, used in turn and grown geometrically, hold these tensors, so a step allocates no
-    new memory once they are large enough; a tensor ``keys``/``values`` returned is therefore a view
-    that the next append but one overwrites."""
+    threads of an AMD EPYC Zen 4). Selecting rows (beams following their parents, finished
+    sentences leaving) is only recorded; the next ``append`` gathers the selected rows and adds its
+    T new positions in one copy into a tensor T positions longer (``keys``/``values`` gather them
+    too, when asked first). Two flat buffers, used in turn and grown geometrically, hold these
+    tensors, so a step allocates no new memory once they are large enough; a tensor
+    ``keys``/``values`` returned is therefore a view that the next append but one overwrites."""
 
     def __init__(self, cross: tuple[torch.Tensor, torch.Tensor], beam: int = 1):
         self.cross = cross  # keys transposed (N, H, hd, S), values (N, H, S, hd)
